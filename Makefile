@@ -1,0 +1,31 @@
+# `make demo` runs the main job on an embedded default; `make test` runs the whole test suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+RECIPE ?= recipes/sentiment/lora.yaml
+
+.PHONY: demo test lint install clean
+
+$(STAMP): pyproject.toml constraints.txt requirements-assets.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	$(BIN)/pip install -q --no-deps -c constraints.txt -r requirements-assets.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/lightning-adapt fit --config $(RECIPE)
+
+lint: $(STAMP)
+	$(BIN)/ruff check lightning_adapt tests benchmarks
+	$(BIN)/ruff format --check lightning_adapt tests benchmarks
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) lightning_logs .pytest_cache .mypy_cache .ruff_cache
