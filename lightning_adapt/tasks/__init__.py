@@ -1,0 +1,7 @@
+"""Ready-made LightningModules that the recipes use and users can copy."""
+
+from lightning_adapt.tasks.base import TaskModule
+from lightning_adapt.tasks.causal_lm import CausalLMTask
+from lightning_adapt.tasks.classification import SequenceClassificationTask
+
+__all__ = ["CausalLMTask", "SequenceClassificationTask", "TaskModule"]

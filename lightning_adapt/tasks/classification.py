@@ -1,0 +1,103 @@
+"""Sequence classification with a Hugging Face encoder and a new classification head."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from typing_extensions import override
+
+from lightning_adapt.tasks.base import TaskModule
+
+
+class SequenceClassificationTask(TaskModule):
+    """Fine-tune ``AutoModelForSequenceClassification`` on batches of ``input_ids``/``attention_mask``/``labels``.
+
+    Logs ``train_loss`` per step and ``val_loss``, ``val_acc`` (micro accuracy) and ``val_f1`` (macro F1)
+    per validation epoch. ``predict`` returns class probabilities.
+    """
+
+    main_metric = "val_acc"
+
+    def __init__(
+        self,
+        model_name_or_path: str = "minilm",
+        num_labels: int = 3,
+        learning_rate: float = 5e-5,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 0,
+    ) -> None:
+        """
+        Args:
+            model_name_or_path: a packaged model (``minilm``) or a local Hugging Face directory (no downloads).
+            num_labels: number of classes of the new head (must equal the data's labels).
+            learning_rate: AdamW learning rate (typical: 5e-5 full fine-tuning, 5e-4 LoRA).
+            weight_decay: AdamW weight decay.
+            warmup_steps: linear learning-rate warmup steps, then constant.
+        """
+        if num_labels < 2:
+            raise ValueError(f"model.num_labels={num_labels} must be >= 2. Fix: set it to the number of classes.")
+        super().__init__(model_name_or_path, learning_rate, weight_decay, warmup_steps)
+        self.save_hyperparameters()
+        from transformers import AutoModelForSequenceClassification
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the "newly initialized classifier" notice is expected here
+        try:
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                self.source_path, num_labels=num_labels, local_files_only=True
+            )
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes
+        self.val_acc = MulticlassAccuracy(num_classes=num_labels, average="micro")
+        self.val_f1 = MulticlassF1Score(num_classes=num_labels, average="macro")
+
+    @override
+    def forward(self, batch: dict[str, torch.Tensor]) -> Any:
+        return self.model(**batch)
+
+    @override
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss: torch.Tensor = self(batch).loss
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    @override
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        out = self(batch)
+        preds = out.logits.argmax(-1)
+        self.val_acc.update(preds, batch["labels"])
+        self.val_f1.update(preds, batch["labels"])
+        self._val_loss.append(out.loss.detach() * len(preds))
+        self._val_count += len(preds)
+
+    @override
+    def on_validation_epoch_start(self) -> None:
+        self._val_loss: list[torch.Tensor] = []
+        self._val_count = 0
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        metrics = {
+            "val_loss": torch.stack(self._val_loss).sum() / max(self._val_count, 1),
+            "val_acc": self.val_acc.compute(),
+            "val_f1": self.val_f1.compute(),
+        }
+        self.val_acc.reset()
+        self.val_f1.reset()
+        self.record_validation(metrics)
+
+    @override
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        out = self(batch)
+        preds = out.logits.argmax(-1)
+        self.log("test_acc", (preds == batch["labels"]).float().mean(), batch_size=len(preds))
+        self.log("test_loss", out.loss, batch_size=len(preds))
+
+    @override
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return torch.softmax(self.model(**inputs).logits.float(), dim=-1)

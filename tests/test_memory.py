@@ -1,0 +1,207 @@
+"""The memory estimator: exact parameter counts against real (meta-device) models, the article's figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from lightning_adapt.estimate_cli import estimate_command, main
+from lightning_adapt.memory import (
+    ARTICLE_ASSUMPTIONS,
+    PRESETS,
+    Assumptions,
+    ModelShape,
+    activation_bytes,
+    estimate,
+    format_table,
+    linear_shapes,
+    load_model_shape,
+    quantized_bytes,
+    smallest_gpu,
+)
+
+GQA = dict(
+    hidden_size=256, intermediate_size=688, num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2,
+    vocab_size=1000,
+)  # fmt: skip
+
+
+def _numel(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
+
+
+def _meta_numel(model_cls: Any, config: Any) -> int:
+    with torch.device("meta"):
+        return _numel(model_cls(config))
+
+
+@pytest.mark.parametrize(
+    ("cfg", "model_cls", "config_cls"),
+    [
+        (PRESETS["llama-2-7b"], LlamaForCausalLM, LlamaConfig),
+        (PRESETS["llama-2-70b"], LlamaForCausalLM, LlamaConfig),
+        (GQA, LlamaForCausalLM, LlamaConfig),
+        ({**GQA, "tie_word_embeddings": True}, LlamaForCausalLM, LlamaConfig),
+        ({**GQA, "head_dim": 64, "attention_bias": True, "mlp_bias": True}, LlamaForCausalLM, LlamaConfig),
+        ({**GQA, "model_type": "qwen2", "tie_word_embeddings": True}, Qwen2ForCausalLM, Qwen2Config),
+        (dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, vocab_size=500, n_positions=128), GPT2LMHeadModel,
+         GPT2Config),
+        (dict(model_type="bert", hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              vocab_size=500, max_position_embeddings=128), BertModel, BertConfig),
+    ],  # fmt: skip
+    ids=["llama-2-7b", "llama-2-70b-gqa", "gqa", "gqa-tied", "head_dim-bias", "qwen2-tied", "gpt2", "bert"],
+)
+def test_parameter_count_matches_model_built_from_config(cfg: dict[str, Any], model_cls: Any, config_cls: Any) -> None:
+    fields = {k: v for k, v in cfg.items() if k != "model_type"}
+    assert ModelShape.from_config(cfg).total_params == _meta_numel(model_cls, config_cls(**fields))
+
+
+def test_llama_2_7b_figures_match_the_article() -> None:
+    shape = load_model_shape("llama-2-7b")
+    assert shape.total_params == 6_738_415_616
+    full, lora, qlora = (estimate(shape, m) for m in ("full", "lora", "qlora"))
+    assert full.weights_bytes == 2 * 6_738_415_616  # 13.5 GB bf16
+    assert lora.trainable_params == qlora.trainable_params == 16 * (4096 + 4096) * 4 * 32  # 16.8M
+    assert 0.0024 <= lora.trainable_params / lora.total_params < 0.0025
+    assert lora.optimizer_bytes == 8 * lora.trainable_params  # 134 MB fp32 Adam
+    assert lora.gradient_bytes == lora.adapter_bytes == 2 * lora.trainable_params  # 34 MB bf16
+    embeddings_and_head = 2 * 2 * 32000 * 4096  # stay bf16 under QLoRA
+    assert qlora.base_weights_bytes > embeddings_and_head
+    assert 3.5e9 <= qlora.base_weights_bytes <= 3.9e9
+    assert full.total_bytes == full.weights_bytes + full.optimizer_bytes + full.gradient_bytes
+    assert full.optimizer_bytes == 8 * full.trainable_params
+
+
+def test_article_assumptions_reproduce_each_cell_up_to_its_7b_rounding() -> None:
+    shape = load_model_shape("llama-2-7b")
+    scale = 7e9 / shape.total_params  # the article rounds 6.74B to 7B
+    full, lora, qlora = (estimate(shape, m, ARTICLE_ASSUMPTIONS[m]) for m in ("full", "lora", "qlora"))
+    assert full.optimizer_bytes * scale == pytest.approx(28e9, rel=0.01)
+    assert full.gradient_bytes * scale == pytest.approx(14e9, rel=0.01)
+    assert full.total_bytes * scale == pytest.approx(56e9, rel=0.01)
+    assert lora.optimizer_bytes == pytest.approx(130e6, rel=0.05)
+    assert lora.gradient_bytes == pytest.approx(34e6, rel=0.02)
+    sixteen = estimate(shape, "full", Assumptions(master_weights=True))  # the text's ~16 B/param
+    assert sixteen.total_bytes == 16 * shape.total_params
+
+
+def test_llama_65b_qlora_fits_48_gb() -> None:
+    e = estimate(load_model_shape("llama-65b"), "qlora")
+    assert e.weights_bytes + e.optimizer_bytes + e.gradient_bytes < 48e9
+    assert e.smallest_gpu is not None and e.smallest_gpu.startswith("40 GB")
+
+
+@pytest.mark.parametrize(
+    ("quant", "bits"), [("nf4-dq", 4 + 8 / 64 + 32 / (64 * 256)), ("nf4", 4.5), ("int8", 8 + 32 / 4096)]
+)
+def test_quantized_bits_per_weight(quant: Any, bits: float) -> None:
+    assert quantized_bytes(4096, 4096, quant) * 8 / 4096**2 == pytest.approx(bits, rel=1e-6)
+
+
+def test_optimizer_kinds_and_master_copy() -> None:
+    shape = load_model_shape("llama-2-7b")
+    n = estimate(shape, "lora").trainable_params
+    per_param = {
+        k: estimate(shape, "lora", Assumptions(optimizer=k)).optimizer_bytes / n
+        for k in ("adamw-fp32", "adamw-16bit", "adamw-8bit")
+    }
+    assert per_param == {"adamw-fp32": 8, "adamw-16bit": 4, "adamw-8bit": 2 + 8 / 256}
+    master = estimate(shape, "lora", Assumptions(master_weights=True)).optimizer_bytes
+    assert master == 12 * n
+    fp32_adapters = Assumptions(master_weights=True, adapter_dtype="fp32")  # already fp32: no copy
+    assert estimate(shape, "lora", fp32_adapters).optimizer_bytes == 8 * n
+
+
+def test_targets_all_linear_and_suffix_matching() -> None:
+    shape = load_model_shape("llama-2-70b")
+    assert linear_shapes(shape)["k_proj"] == (8192, 1024, 80)  # GQA: 8 kv heads × 128
+    rank = 8
+    expected = sum(rank * (i + o) * c for i, o, c in linear_shapes(shape).values())
+    assert estimate(shape, "lora", Assumptions(rank=rank, targets=("all-linear",))).trainable_params == expected
+    gpt2 = ModelShape.from_config(dict(n_embd=64, n_layer=2, n_head=4, vocab_size=500, n_positions=128))
+    both = estimate(gpt2, "lora", Assumptions(rank=4, targets=("c_proj",))).trainable_params
+    assert both == 4 * (64 + 64) * 2 + 4 * (256 + 64) * 2  # attn.c_proj and mlp.c_proj
+
+
+def test_activations_only_when_asked_and_checkpointing_shrinks_them() -> None:
+    shape = load_model_shape("llama-2-7b")
+    assert estimate(shape, "lora").activation_bytes == 0
+    e = estimate(shape, "lora", Assumptions(batch_size=2, seq_len=1024))
+    per_block = 6 * 4096 + 2 * 4096 + 4 * 11008
+    assert e.activation_bytes == 2 * 2048 * 32 * per_block + 6 * 2048 * 32000
+    assert e.total_bytes == e.weights_bytes + e.optimizer_bytes + e.gradient_bytes + e.activation_bytes
+    assert activation_bytes(shape, 2, 1024, True) < e.activation_bytes / 5
+
+
+def test_smallest_gpu_boundaries() -> None:
+    assert smallest_gpu(24 * 2**30) == "24 GB (RTX 4090, L4, A10G)"
+    assert smallest_gpu(24 * 2**30 + 1) == "40 GB (A100 40GB)"
+    assert smallest_gpu(80 * 2**30 + 1) is None
+
+
+def test_config_json_path_and_folder(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({**GQA, "model_type": "mistral"}))
+    folder, file = load_model_shape(str(tmp_path)), load_model_shape(str(tmp_path / "config.json"))
+    assert folder.linears == file.linears and folder.others == file.others
+    assert load_model_shape(str(tmp_path)).total_params == _meta_numel(LlamaForCausalLM, LlamaConfig(**GQA))
+
+
+@pytest.mark.parametrize(
+    ("call", "needles"),
+    [
+        (lambda: load_model_shape("llama-99b"), ["model='llama-99b'", "llama-2-7b", "Fix"]),
+        (lambda: ModelShape.from_config({"hidden_size": 8}), ["intermediate_size", "num_hidden_layers"]),
+        (lambda: Assumptions(rank=0, batch_size=4), ["rank=0", "batch_size and seq_len"]),
+        (lambda: Assumptions(optimizer="sgd"), ["optimizer='sgd'", "adamw-8bit"]),  # type: ignore[arg-type]
+        (
+            lambda: estimate(load_model_shape("llama-2-7b"), "lora", Assumptions(targets=("query", "q_proj"))),
+            ["targets=", "query", "gate_proj", "all-linear"],
+        ),
+    ],
+    ids=["preset", "config-fields", "rank-and-batch", "optimizer", "target"],
+)
+def test_errors_name_argument_value_and_allowed(call: Any, needles: list[str]) -> None:
+    with pytest.raises(ValueError) as err:
+        call()
+    assert all(n in str(err.value) for n in needles), str(err.value)
+
+
+def test_cli_prints_table_and_assumptions(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["--model", "llama-2-7b"])
+    out = capsys.readouterr().out
+    assert "| component | full | lora r=16 | qlora r=16 |" in out
+    assert "| trainable params | 6.74B (100%) | 16.8M (0.249%) | 16.8M (0.249%) |" in out
+    assert "nf4-dq" in out and "Smallest GPU for qlora: 24 GB" in out
+    assert "| optimizer states | 53.91 GB | 134.2 MB | 134.2 MB |" in out
+    assert format_table([estimate(load_model_shape("llama-2-7b"), "lora")]).startswith("| component | lora r=16 |")
+
+
+def test_cli_json_integer_fields(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["--method", "qlora", "--json"])
+    one = json.loads(capsys.readouterr().out)
+    for key in ("weights_bytes", "trainable_params", "optimizer_bytes", "gradient_bytes", "total_bytes"):
+        assert type(one[key]) is int, key
+    assert one["assumptions"]["quant"] == "nf4-dq"
+    estimate_command(method="all", json=True)
+    every = json.loads(capsys.readouterr().out)
+    assert set(every) == {"full", "lora", "qlora"} and every["lora"]["trainable_params"] == 16_777_216
+
+
+def test_cli_errors_exit_with_one_message(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--targets", "qkv"])
+    assert "targets='qkv'" in str(exit_info.value) and "all-linear" in str(exit_info.value)
