@@ -11,6 +11,7 @@ import sys
 from typing import Literal, get_args
 
 from lightning_adapt.memory import (
+    DTYPE_BYTES,
     Assumptions,
     Dtype,
     Estimate,
@@ -85,12 +86,38 @@ def estimate_command(
     print(_report(estimates, assumptions))
 
 
+def describe(a: Assumptions, method: Method) -> list[str]:
+    """One line per assumption that changes ``method``'s figures, with its bytes per parameter."""
+    opt = f"{a.optimizer}: {_OPTIMIZER_NOTE[a.optimizer]}"
+    opt += " + fp32 master copy 4 B" if a.master_weights else ""
+    base = f"block linears {a.quant} ({_QUANT_NOTE[a.quant]}), rest {a.base_dtype}"
+    if method != "qlora":
+        base = f"base weights {a.base_dtype} ({DTYPE_BYTES[a.base_dtype]} B/param)"
+    lines = [f"{method}: {base}"]
+    if method != "full":
+        lines.append(f"  LoRA r={a.rank} on {','.join(a.targets)}, adapters {a.adapter_dtype}")
+    lines.append(f"  optimizer {opt}; gradients in the trainable params' dtype")
+    return lines
+
+
+_OPTIMIZER_NOTE = {
+    "adamw-fp32": "two fp32 moments, 8 B/trainable param",
+    "adamw-16bit": "two 16-bit moments, 4 B/trainable param",
+    "adamw-8bit": "two 8-bit moments + fp32 absmax per 256, ~2.03 B/trainable param",
+}
+_QUANT_NOTE = {
+    "nf4-dq": "4 + 8/64 + 32/(64·256) ≈ 4.127 bits",
+    "nf4": "4 + 32/64 = 4.5 bits",
+    "int8": "8 bits + fp32 row scale",
+}
+
+
 def _report(estimates: list[Estimate], assumptions: Assumptions) -> str:
     e0 = estimates[0]
     lines = [f"Training memory for {e0.model} ({e0.total_params:,} parameters; GB = 10^9 bytes)", ""]
     lines += [format_table(estimates), "", "Assumptions:"]
     for e in estimates:
-        lines += assumptions.describe(e.method)
+        lines += describe(assumptions, e.method)
     if not any(e.activation_bytes for e in estimates):
         lines.append("Activations not included: pass --batch_size and --seq_len to add them.")
     lines.append("GPU capacity is GiB as marketed; leave ~1 GB for the CUDA context and fragmentation.")

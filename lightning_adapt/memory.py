@@ -33,29 +33,24 @@ NF4_BLOCK, DQ_BLOCK = 64, 256
 GPU_GIB = (24, 40, 48, 80)
 GPU_EXAMPLES = {24: "RTX 4090, L4, A10G", 40: "A100 40GB", 48: "RTX A6000, L40S", 80: "A100 80GB, H100"}
 
-_LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32)
+_LLAMA_FIELDS: tuple[str, ...] = ("hidden_size", "intermediate_size", "num_hidden_layers")
+_LLAMA_FIELDS += ("num_attention_heads", "num_key_value_heads", "vocab_size")
 PRESETS: dict[str, dict[str, Any]] = {
-    "llama-2-7b": {**_LLAMA_7B, "num_key_value_heads": 32, "vocab_size": 32000},
-    "llama-2-13b": dict(
-        hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40, vocab_size=32000
-    ),
-    "llama-2-70b": dict(
-        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-        num_key_value_heads=8, vocab_size=32000,
-    ),  # fmt: skip
-    "llama-65b": dict(
-        hidden_size=8192, intermediate_size=22016, num_hidden_layers=80, num_attention_heads=64, vocab_size=32000
-    ),
-    "mistral-7b": {**_LLAMA_7B, "intermediate_size": 14336, "num_key_value_heads": 8, "vocab_size": 32000},
-    "llama-3-8b": {**_LLAMA_7B, "intermediate_size": 14336, "num_key_value_heads": 8, "vocab_size": 128256},
+    name: {"model_type": "llama", **dict(zip(_LLAMA_FIELDS, row, strict=True))}
+    for name, row in {  # the published config.json values of each model
+        "llama-2-7b": (4096, 11008, 32, 32, 32, 32000),
+        "llama-2-13b": (5120, 13824, 40, 40, 40, 32000),
+        "llama-2-70b": (8192, 28672, 80, 64, 8, 32000),
+        "llama-65b": (8192, 22016, 80, 64, 64, 32000),
+        "mistral-7b": (4096, 14336, 32, 32, 8, 32000),
+        "llama-3-8b": (4096, 14336, 32, 32, 8, 128256),
+    }.items()
 }
-for _cfg in PRESETS.values():
-    _cfg.setdefault("model_type", "llama")
 
 
 @dataclass(frozen=True)
 class LinearSpec:
-    """``count`` linear layers named ``name`` (dotted suffix inside a block) of ``in_features → out_features``."""
+    """``count`` linears named ``name`` (dotted suffix inside a block), ``in_features → out_features``."""
 
     name: str
     in_features: int
@@ -96,12 +91,14 @@ class ModelShape:
         missing = [f for f in need if cfg.get(f) is None]
         if missing:
             raise ValueError(
-                f"model={name!r}: config is missing field(s) {', '.join(missing)} needed for a {family} shape "
-                f"(requires {', '.join(need)}). Fix: pass a Hugging Face config.json of a Llama/Mistral/Qwen2, "
-                f"GPT-2 or BERT model, or a preset: {', '.join(PRESETS)}."
+                f"model={name!r}: config lacks {', '.join(missing)}, needed for a {family} shape "
+                f"(requires {', '.join(need)}). Fix: pass a Hugging Face config.json of a "
+                f"Llama/Mistral/Qwen2, GPT-2 or BERT model, or a preset: {', '.join(PRESETS)}."
             )
         if cfg.get("num_local_experts") or cfg.get("num_experts"):
-            raise ValueError(f"model={name!r}: mixture-of-experts configs are not supported; use a dense model.")
+            raise ValueError(
+                f"model={name!r}: mixture-of-experts configs are not supported; use a dense one."
+            )
         return _BUILDERS[family](cfg, name)
 
 
@@ -137,43 +134,32 @@ def _llama(cfg: Mapping[str, Any], name: str) -> ModelShape:
 def _gpt2(cfg: Mapping[str, Any], name: str) -> ModelShape:
     d, n_layers, vocab, positions = (int(cfg[k]) for k in _REQUIRED["gpt2"])
     i = int(cfg.get("n_inner") or 4 * d)
-    linears = (
-        LinearSpec("c_attn", d, 3 * d, n_layers, True),
-        LinearSpec("attn.c_proj", d, d, n_layers, True),
-        LinearSpec("c_fc", d, i, n_layers, True),
-        LinearSpec("mlp.c_proj", i, d, n_layers, True),
-    )
-    others = (("wte", vocab * d, 1), ("wpe", positions * d, 1), ("layer_norms", 2 * d, 2 * n_layers + 1))
+    rows = (("c_attn", d, 3 * d), ("attn.c_proj", d, d), ("c_fc", d, i), ("mlp.c_proj", i, d))
+    linears = tuple(LinearSpec(*row, n_layers, True) for row in rows)
+    others = (("wte", vocab * d, 1), ("wpe", positions * d, 1), ("layer_norms", d, 4 * n_layers + 2))
     return ModelShape(name, "gpt2", d, n_layers, i, d, False, vocab, linears, others)
 
 
 def _bert(cfg: Mapping[str, Any], name: str) -> ModelShape:
     d, i, n_layers, _, vocab = (int(cfg[k]) for k in _REQUIRED["bert"][:5])
     positions, types = int(cfg["max_position_embeddings"]), int(cfg.get("type_vocab_size", 2))
-    linears = (
-        LinearSpec("query", d, d, n_layers, True),
-        LinearSpec("key", d, d, n_layers, True),
-        LinearSpec("value", d, d, n_layers, True),
-        LinearSpec("attention.output.dense", d, d, n_layers, True),
-        LinearSpec("intermediate.dense", d, i, n_layers, True),
-        LinearSpec("output.dense", i, d, n_layers, True),
+    rows = [(name, d, d) for name in ("query", "key", "value", "attention.output.dense")]
+    rows += [("intermediate.dense", d, i), ("output.dense", i, d)]
+    linears = tuple(LinearSpec(*row, n_layers, True) for row in rows)
+    others = tuple(
+        (n, size * d, 1) for n, size in (("word", vocab), ("position", positions), ("type", types))
     )
-    embeddings = ("embeddings", (vocab + positions + types) * d, 1)
-    others = (embeddings, ("layer_norms", 2 * d, 2 * n_layers + 1), ("pooler.dense", d * d + d, 1))
+    others += (("layer_norms", d, 4 * n_layers + 2), ("pooler.weight", d * d, 1), ("pooler.bias", d, 1))
     return ModelShape(name, "bert", d, n_layers, i, d, False, 0, linears, others)
 
 
 _REQUIRED: dict[str, tuple[str, ...]] = {
     "llama": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"),
     "gpt2": ("n_embd", "n_layer", "vocab_size", "n_positions"),
-    "bert": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-    + ("max_position_embeddings",),
+    "bert": (*_LLAMA_FIELDS[:4], "vocab_size", "max_position_embeddings"),
 }
-_BUILDERS: dict[str, Callable[[Mapping[str, Any], str], ModelShape]] = {
-    "llama": _llama,
-    "gpt2": _gpt2,
-    "bert": _bert,
-}
+_Builder = Callable[[Mapping[str, Any], str], "ModelShape"]
+_BUILDERS: dict[str, _Builder] = {"llama": _llama, "gpt2": _gpt2, "bert": _bert}
 
 
 def load_model_shape(name_or_path: str) -> ModelShape:
@@ -185,8 +171,8 @@ def load_model_shape(name_or_path: str) -> ModelShape:
         path = path / "config.json"
     if not path.is_file():
         raise ValueError(
-            f"model={name_or_path!r} is neither a preset nor an existing config.json (or folder holding one). "
-            f"Presets: {', '.join(PRESETS)}. Fix: pick a preset or pass the path of a Hugging Face config.json."
+            f"model={name_or_path!r} is neither a preset nor a config.json (or a folder holding one). "
+            f"Presets: {', '.join(PRESETS)}. Fix: pick a preset or pass a Hugging Face config.json path."
         )
     return ModelShape.from_config(json.loads(path.read_text()), name_or_path)
 
@@ -197,7 +183,7 @@ def linear_shapes(shape: ModelShape) -> dict[str, tuple[int, int, int]]:
 
 
 def resolve_targets(shape: ModelShape, targets: tuple[str, ...]) -> tuple[LinearSpec, ...]:
-    """Linears matched by whole names or dotted suffixes (``c_proj`` matches ``attn.c_proj``), or ``all-linear``."""
+    """Linears matched by whole name or dotted suffix (``c_proj`` matches ``attn.c_proj``), or all-linear."""
     if targets == ("all-linear",):
         return shape.linears
     unknown = [t for t in targets if not any(_matches(s.name, t) for s in shape.linears)]
@@ -226,7 +212,7 @@ class Assumptions:
             ``adamw-16bit`` 4 B, ``adamw-8bit`` 2 B + an fp32 absmax per 256 values per moment.
         master_weights: Keep an fp32 master copy of 16-bit trainable parameters (+4 B/param).
         quant: QLoRA base storage of block linears: ``nf4-dq`` 4.127 bits, ``nf4`` 4.5 bits, ``int8``
-            8 bits + one fp32 scale per output row. Embeddings, norms, biases and the head stay ``base_dtype``.
+            8 bits + one fp32 scale per output row. Embeddings, norms, biases, head stay ``base_dtype``.
         batch_size: With ``seq_len``, adds an activation estimate (see :func:`activation_bytes`).
         seq_len: Tokens per sequence.
         activation_checkpointing: Keep only each block's input; recompute one block at a time.
@@ -249,46 +235,19 @@ class Assumptions:
             problems.append(f"rank={self.rank} must be a positive integer (e.g. 8, 16, 64)")
         if not self.targets:
             problems.append("targets is empty; name linears like 'q_proj,v_proj' or use 'all-linear'")
-        for arg, value, allowed in _LITERAL_ARGS:
-            if getattr(self, value) not in get_args(allowed):
-                problems.append(f"{arg}={getattr(self, value)!r} is not one of {', '.join(get_args(allowed))}")
+        for arg, allowed in _LITERAL_ARGS.items():
+            if (value := getattr(self, arg)) not in get_args(allowed):
+                problems.append(f"{arg}={value!r} is not one of {', '.join(get_args(allowed))}")
         if (self.batch_size is None) != (self.seq_len is None):
-            problems.append("batch_size and seq_len go together; give both for an activation estimate or neither")
+            problems.append("batch_size and seq_len go together: give both (activation estimate) or neither")
         for arg in ("batch_size", "seq_len"):
             if (v := getattr(self, arg)) is not None and v <= 0:
                 problems.append(f"{arg}={v} must be a positive integer")
         if problems:
             raise ValueError("invalid estimate options: " + "; ".join(problems) + ".")
 
-    def describe(self, method: Method) -> list[str]:
-        """One line per assumption that changes ``method``'s figures, with its bytes per parameter."""
-        opt = f"{self.optimizer}: {_OPTIMIZER_NOTE[self.optimizer]}"
-        opt += " + fp32 master copy 4 B" if self.master_weights else ""
-        lines = [f"{method}: base weights {self.base_dtype} ({DTYPE_BYTES[self.base_dtype]} B/param)"]
-        if method == "qlora":
-            lines[0] = f"{method}: block linears {self.quant} ({_QUANT_NOTE[self.quant]}), rest {self.base_dtype}"
-        if method != "full":
-            lines.append(f"  LoRA r={self.rank} on {','.join(self.targets)}, adapters {self.adapter_dtype}")
-        lines.append(f"  optimizer {opt}; gradients in the trainable params' dtype")
-        return lines
 
-
-_LITERAL_ARGS = (
-    ("base_dtype", "base_dtype", Dtype),
-    ("adapter_dtype", "adapter_dtype", Dtype),
-    ("optimizer", "optimizer", Optimizer),
-    ("quant", "quant", Quant),
-)
-_OPTIMIZER_NOTE = {
-    "adamw-fp32": "two fp32 moments, 8 B/trainable param",
-    "adamw-16bit": "two 16-bit moments, 4 B/trainable param",
-    "adamw-8bit": "two 8-bit moments + fp32 absmax per 256, ~2.03 B/trainable param",
-}
-_QUANT_NOTE = {
-    "nf4-dq": "4 + 8/64 + 32/(64·256) ≈ 4.127 bits",
-    "nf4": "4 + 32/64 = 4.5 bits",
-    "int8": "8 bits + fp32 row scale",
-}
+_LITERAL_ARGS = {"base_dtype": Dtype, "adapter_dtype": Dtype, "optimizer": Optimizer, "quant": Quant}
 
 
 def quantized_bytes(in_features: int, out_features: int, quant: Quant) -> int:
@@ -358,7 +317,8 @@ def estimate(shape: ModelShape, method: Method, assumptions: Assumptions | None 
     base_bytes = DTYPE_BYTES[a.base_dtype]
     dense = shape.total_params * base_bytes
     if method == "full":
-        tensors = [((s.in_features + s.bias) * s.out_features, s.count) for s in shape.linears]
+        tensors = [(s.in_features * s.out_features, s.count) for s in shape.linears]
+        tensors += [(s.out_features, s.count) for s in shape.linears if s.bias]
         tensors += [(numel, count) for _, numel, count in shape.others]
         return _finish(shape, method, a, dense, 0, tensors, a.base_dtype)
     adapted = resolve_targets(shape, a.targets)
@@ -366,20 +326,17 @@ def estimate(shape: ModelShape, method: Method, assumptions: Assumptions | None 
     adapter = sum(n * c for n, c in tensors) * DTYPE_BYTES[a.adapter_dtype]
     if method == "qlora":
         weights = sum(s.in_features * s.out_features * s.count for s in shape.linears)
-        quantized = sum(quantized_bytes(s.in_features, s.out_features, a.quant) * s.count for s in shape.linears)
+        quantized = sum(
+            quantized_bytes(s.in_features, s.out_features, a.quant) * s.count for s in shape.linears
+        )
         dense += quantized - weights * base_bytes
     return _finish(shape, method, a, dense, adapter, tensors, a.adapter_dtype)
 
 
 def _finish(
-    shape: ModelShape,
-    method: Method,
-    a: Assumptions,
-    base: int,
-    adapter: int,
-    tensors: list[tuple[int, int]],
-    dtype: Dtype,
-) -> Estimate:
+    shape: ModelShape, method: Method, a: Assumptions, base: int, adapter: int,
+    tensors: list[tuple[int, int]], dtype: Dtype,
+) -> Estimate:  # fmt: skip
     trainable = sum(n * c for n, c in tensors)
     opt = sum(optimizer_bytes(n, a.optimizer, a.master_weights, dtype) * c for n, c in tensors)
     grads = trainable * DTYPE_BYTES[dtype]
@@ -394,7 +351,7 @@ def _finish(
 
 
 def smallest_gpu(total_bytes: int) -> str | None:
-    """The smallest common GPU (24/40/48/80 GiB) holding ``total_bytes``, before CUDA context and fragmentation."""
+    """The smallest common GPU (24/40/48/80 GiB) holding ``total_bytes`` (no CUDA context, fragmentation)."""
     for gib in GPU_GIB:
         if total_bytes <= gib * 2**30:
             return f"{gib} GB ({GPU_EXAMPLES[gib]})"
@@ -403,17 +360,19 @@ def smallest_gpu(total_bytes: int) -> str | None:
 
 def format_bytes(n: int) -> str:
     """Decimal units as the article uses them: ``13.48 GB``, ``134.2 MB``."""
-    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}" if unit in ("TB", "GB") else f"{n / scale:.1f} {unit}"
-    return f"{n} B"
+    return _scaled(n, (" TB", " GB", " MB", " kB", " B"))
 
 
 def format_params(n: int) -> str:
-    for unit, scale in (("B", 10**9), ("M", 10**6), ("k", 10**3)):
-        if n >= scale:
-            return f"{n / scale:.2f}{unit}" if unit == "B" else f"{n / scale:.1f}{unit}"
-    return str(n)
+    """``6.74B``, ``16.8M``."""
+    return _scaled(n, ("T", "B", "M", "k", ""))
+
+
+def _scaled(n: int, units: tuple[str, ...]) -> str:
+    for power, unit in zip((12, 9, 6, 3), units, strict=False):
+        if n >= 10**power:
+            return f"{n / 10**power:.{2 if power >= 9 else 1}f}{unit}"
+    return f"{n}{units[-1]}"
 
 
 def format_table(estimates: list[Estimate]) -> str:

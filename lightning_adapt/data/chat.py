@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ def read_chat_pairs(data_dir: str, categories: list[str] | None) -> list[tuple[s
             raise DataError(f"data.data_dir: {file} is not a readable chatterbot YAML file ({err}).") from err
         for turns in conversations:
             texts = [str(t).strip() for t in turns if isinstance(t, (str, int, float))]
-            pairs.extend((a, b) for a, b in zip(texts, texts[1:]) if a and b)
+            pairs.extend((a, b) for a, b in itertools.pairwise(texts) if a and b)
     if not pairs:
         raise DataError(
             f"data.data_dir={data_dir!r} (categories={categories}) holds no conversations. Fix: point it at "
@@ -122,7 +123,11 @@ class ChatDataModule(L.LightningDataModule):
         train_idx, val_idx = split_indices(len(pairs), self.val_size, self.train_size, self.seed)
         for name, idx in (("train", train_idx), ("val", val_idx)):
             self._splits[name] = [
-                {**encode_pair(self.tokenizer, *pairs[i], self.max_length), "prompt": pairs[i][0], "reference": pairs[i][1]}
+                {
+                    **encode_pair(self.tokenizer, *pairs[i], self.max_length),
+                    "prompt": pairs[i][0],
+                    "reference": pairs[i][1],
+                }
                 for i in idx
             ]
 

@@ -28,11 +28,13 @@ class TaskModule(L.LightningModule):
         super().__init__()
         problems = []
         if learning_rate <= 0:
-            problems.append(f"model.learning_rate={learning_rate} must be > 0 (e.g. 5e-5 full, 2e-4 LoRA)")
+            problems.append(
+                f"model.learning_rate={learning_rate} must be > 0. Fix: use e.g. 5e-5 for full fine-tuning, 2e-4 for LoRA"
+            )
         if weight_decay < 0:
-            problems.append(f"model.weight_decay={weight_decay} must be >= 0")
+            problems.append(f"model.weight_decay={weight_decay} must be >= 0. Fix: use 0 or a positive value")
         if warmup_steps < 0:
-            problems.append(f"model.warmup_steps={warmup_steps} must be >= 0")
+            problems.append(f"model.warmup_steps={warmup_steps} must be >= 0. Fix: use 0 or a positive value")
         if problems:
             raise ValueError("; ".join(problems))
         self.model_name_or_path = model_name_or_path
@@ -64,14 +66,18 @@ class TaskModule(L.LightningModule):
     def on_fit_end(self) -> None:
         if not self.trainer.is_global_zero:
             return
-        lines = ["", f"=== lightning-adapt: fine-tuned {self.model_name_or_path} ({type(self.model).__name__})"]
+        lines = [
+            "",
+            f"=== lightning-adapt: fine-tuned {self.model_name_or_path} ({type(self.model).__name__})",
+        ]
         for key, after in self.last_val.items():
             before = self.baseline.get(key)
             start = f"{before:.4f} before training -> " if before is not None else ""
             lines.append(f"  {key}: {start}{after:.4f} after {self.trainer.global_step} steps")
         ckpt = self.trainer.checkpoint_callback
-        if ckpt is not None and getattr(ckpt, "best_model_path", ""):
-            lines.append(f"  checkpoint: {ckpt.best_model_path}")  # type: ignore[attr-defined]
+        best = str(getattr(ckpt, "best_model_path", "") or "")
+        if best:
+            lines.append(f"  checkpoint: {best}")
         if self.trainer.log_dir:
             lines.append(f"  logs: {self.trainer.log_dir}")
         rank_zero_info("\n".join(lines))

@@ -47,9 +47,7 @@ class CausalLMTask(TaskModule):
         self.save_hyperparameters()
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.model = AutoModelForCausalLM.from_pretrained(
-            self.source_path, dtype=torch.float32, local_files_only=True
-        )
+        self.model = AutoModelForCausalLM.from_pretrained(self.source_path, dtype=torch.float32, local_files_only=True)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes
         self.tokenizer = AutoTokenizer.from_pretrained(self.source_path, local_files_only=True)
         self.max_new_tokens = max_new_tokens
@@ -95,5 +93,5 @@ class CausalLMTask(TaskModule):
         texts = self.tokenizer.batch_decode(generated[:, prompt_len:], skip_special_tokens=True)
         return [
             {"prompt": p, "response": t.strip(), "reference": r}
-            for p, t, r in zip(batch["prompt"], texts, batch["reference"])
+            for p, t, r in zip(batch["prompt"], texts, batch["reference"], strict=True)
         ]

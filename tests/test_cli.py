@@ -1,0 +1,103 @@
+"""The lightning-adapt CLI: every recipe runs, --print_config round-trips, bad input exits cleanly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_adapt.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "recipes").rglob("*.yaml"))
+
+
+def _tiny_budget(tmp_path: Path) -> list[str]:
+    return [
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=2",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--data.init_args.val_size=8",
+        "--data.init_args.train_size=16",
+    ]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_fits(recipe: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    full = Path(recipe).stem.startswith("full")  # a full checkpoint of SmolLM2 is 1.6 GB: not written here
+    main(["fit", "--config", recipe, *_tiny_budget(tmp_path), f"--trainer.enable_checkpointing={not full}"])
+    metrics = list(tmp_path.rglob("metrics.csv"))
+    assert metrics, "the CSV logger wrote metrics"
+    assert "val_loss" in metrics[0].read_text().splitlines()[0]
+    assert full or list(tmp_path.rglob("*.ckpt")), "a checkpoint was written"
+
+
+def test_recipes_of_a_task_differ_only_in_adapter_keys() -> None:
+    for task_dir in {Path(r).parent for r in RECIPES}:
+        configs = {p.stem: yaml.safe_load((ROOT / p).read_text()) for p in (ROOT / task_dir).glob("*.yaml")}
+        full = configs["full"]
+        for name, config in configs.items():
+            assert config["model"]["class_path"] == full["model"]["class_path"], name
+            assert config["data"] == full["data"], f"{task_dir}/{name}.yaml uses other data than full.yaml"
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_print_config_round_trips(
+    recipe: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", recipe, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    saved = tmp_path / "printed.yaml"
+    saved.write_text(printed)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(saved), "--print_config"])
+    assert capsys.readouterr().out == printed
+    config = yaml.safe_load(printed)
+    assert config["model"]["class_path"].startswith("lightning_adapt.tasks.")
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("--model.init_args.model_name_or_path=not-a-model", "model.model_name_or_path='not-a-model'"),
+        ("--data.init_args.csv_path=/nonexistent/tweets.csv", "data.csv_path='/nonexistent/tweets.csv'"),
+        ("--model.init_args.learning_rate=-1", "model.learning_rate=-1.0"),
+    ],
+)
+def test_bad_input_exits_with_one_clear_message(
+    override: str,
+    expected: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    recipe = str(ROOT / "recipes/sentiment/full.yaml")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", recipe, override])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Fix" in err
+    assert "Traceback" not in err
+    assert not list(tmp_path.rglob("*")), "nothing was written"
+
+
+def test_help_documents_recipe_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "fit",
+                "--model",
+                "lightning_adapt.tasks.SequenceClassificationTask",
+                "--model.help",
+                "lightning_adapt.tasks.SequenceClassificationTask",
+            ]
+        )
+    assert "num_labels" in capsys.readouterr().out
