@@ -22,7 +22,11 @@ from lightning_adapt.models import ModelNotFoundError
 
 #: Top-level recipe keys and the callback class each one configures (``class_path``/``init_args``);
 #: a key left out of the config adds nothing.
-RECIPE_KEYS: dict[str, str] = {}
+RECIPE_KEYS: dict[str, str] = {
+    "quantize": "lightning_adapt.callbacks.quantize.QuantizeBaseCallback",
+    "lora": "lightning_adapt.callbacks.lora.LoRAInjectionCallback",
+    "paged_optimizer": "lightning_adapt.plugins.paged_optimizer.PagedOptimizerPlugin",
+}
 
 
 def _load_class(class_path: str) -> type[Callback]:

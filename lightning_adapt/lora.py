@@ -20,11 +20,12 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, cast, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,7 @@ __all__ = [
     "linear_like_types",
     "lora_modules",
     "merge_lora",
+    "validate_lora_args",
 ]
 
 InitMethod = Literal["kaiming", "gaussian"]
@@ -62,29 +64,42 @@ class _LayerKind:
     write: Callable[[nn.Module, torch.Tensor], None] | None  # None: quantized, cannot merge in place
 
 
+def _weight(layer: nn.Module) -> torch.Tensor:
+    weight = getattr(layer, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{type(layer).__name__} has no weight tensor.")
+    return weight
+
+
 def _read_linear(layer: nn.Module) -> torch.Tensor:
-    return layer.weight.float()  # type: ignore[operator, union-attr]
+    return _weight(layer).float()
 
 
 def _write_linear(layer: nn.Module, weight: torch.Tensor) -> None:
-    layer.weight.data.copy_(weight)  # type: ignore[union-attr, operator]
+    _weight(layer).data.copy_(weight)
 
 
 def _read_conv1d(layer: nn.Module) -> torch.Tensor:
-    return layer.weight.float().T  # type: ignore[operator, union-attr]  # Conv1D stores (in, out)
+    return _weight(layer).float().T  # Conv1D stores its weight as (in, out)
 
 
 def _write_conv1d(layer: nn.Module, weight: torch.Tensor) -> None:
-    layer.weight.data.copy_(weight.T)  # type: ignore[union-attr, operator]
+    _weight(layer).data.copy_(weight.T)
 
 
 def _read_quantized(layer: nn.Module) -> torch.Tensor:
     from lightning_adapt.quant import dequantize_weight  # quant imports bitsandbytes: keep it lazy
 
-    return dequantize_weight(layer).float()
+    weight: torch.Tensor = dequantize_weight(layer)
+    return weight.float()
 
 
 def _layer_kinds() -> dict[type, _LayerKind]:
+    return _build_layer_kinds("bitsandbytes" in sys.modules)
+
+
+@functools.cache
+def _build_layer_kinds(with_bitsandbytes: bool) -> dict[type, _LayerKind]:
     """The dispatch table. Looked up along the MRO, so the bitsandbytes classes (subclasses of
     ``nn.Linear``) win over ``nn.Linear``. bitsandbytes entries appear only once it is imported:
     a quantized layer cannot exist before that, and importing it costs seconds."""
@@ -96,7 +111,7 @@ def _layer_kinds() -> dict[type, _LayerKind]:
     except ImportError:  # pragma: no cover - transformers is a dependency, but the math must not need it
         pass
     bnb = sys.modules.get("bitsandbytes")
-    if bnb is not None:
+    if with_bitsandbytes and bnb is not None:
         for cls_name in ("Linear4bit", "Linear8bitLt"):
             cls = getattr(bnb.nn, cls_name, None)
             if isinstance(cls, type):
@@ -131,16 +146,20 @@ def base_weight(layer: nn.Module) -> torch.Tensor:
 
 def _dims(layer: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) without dequantizing."""
-    if isinstance(getattr(layer, "in_features", None), int):
-        return int(layer.in_features), int(layer.out_features)  # type: ignore[arg-type]
-    nx, nf = layer.weight.shape  # type: ignore[union-attr]  # Conv1D: weight (in, out)
+    in_features, out_features = getattr(layer, "in_features", None), getattr(layer, "out_features", None)
+    if isinstance(in_features, int) and isinstance(out_features, int):
+        return in_features, out_features
+    nx, nf = _weight(layer).shape  # Conv1D: weight (in, out); a 4-bit weight is packed, hence in_features
     return int(nx), int(nf)
 
 
 # --------------------------------------------------------------------------- the wrapper
 
 
-def _validate(base_layer: nn.Module, r: object, alpha: object, dropout: object, init: object) -> None:
+def validate_lora_args(
+    r: object, alpha: object, dropout: object, init: object = "kaiming", base_layer: nn.Module | None = None
+) -> None:
+    """Raise one ``ValueError`` listing every invalid LoRA argument (argument, value, allowed, fix)."""
     problems: list[str] = []
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         problems.append(f"r={r!r}: the rank must be an int >= 1 (typical 8-64); set e.g. r=8.")
@@ -150,7 +169,7 @@ def _validate(base_layer: nn.Module, r: object, alpha: object, dropout: object, 
         problems.append(f"dropout={dropout!r}: must satisfy 0 <= dropout < 1; use 0.0 to disable it.")
     if init not in _INITS:
         problems.append(f"init={init!r}: must be one of {_INITS}; PEFT's default is 'kaiming'.")
-    if _kind(base_layer) is None:
+    if base_layer is not None and _kind(base_layer) is None:
         allowed = [t.__name__ for t in linear_like_types()]
         problems.append(
             f"base_layer={type(base_layer).__name__}: LoRA wraps linear-like layers only ({allowed}); "
@@ -190,7 +209,7 @@ class LoRALinear(nn.Module):
         use_rslora: bool = False,
         use_dora: bool = False,
     ) -> None:
-        _validate(base_layer, r, alpha, dropout, init)
+        validate_lora_args(r, alpha, dropout, init, base_layer)
         super().__init__()
         self.base_layer = base_layer.requires_grad_(False)
         self.r = r
@@ -211,10 +230,10 @@ class LoRALinear(nn.Module):
         self.lora_magnitude_vector: nn.Parameter | None = None
         if use_dora:
             with torch.no_grad():
-                magnitude = torch.linalg.norm(base_weight(base_layer).to(device), dim=1)
+                magnitude = torch.linalg.vector_norm(base_weight(base_layer).to(device), dim=1)
             self.lora_magnitude_vector = nn.Parameter(magnitude)
         # Row norm of W + ΔW captured at merge time: the only way to undo a DoRA merge exactly.
-        self.register_buffer("_merged_norm", None, persistent=False)
+        self._merged_norm: torch.Tensor | None = None
 
     @property
     def in_features(self) -> int:
@@ -230,16 +249,20 @@ class LoRALinear(nn.Module):
 
     def adapter_params(self) -> list[nn.Parameter]:
         """The trainable adapter parameters: ``lora_A.weight``, ``lora_B.weight`` (+ DoRA magnitude)."""
-        params = [self.lora_A.weight, self.lora_B.weight]
-        return params if self.lora_magnitude_vector is None else [*params, self.lora_magnitude_vector]
+        params = [cast(nn.Parameter, self.lora_A.weight), cast(nn.Parameter, self.lora_B.weight)]
+        if self.lora_magnitude_vector is not None:
+            params.append(self.lora_magnitude_vector)
+        return params
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling · B @ A`` as an ``(out, in)`` fp32 tensor (plain LoRA update, not DoRA-aware)."""
-        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+        delta: torch.Tensor = self.lora_B.weight.float() @ self.lora_A.weight.float()
+        return self.scaling * delta
 
     def _row_norm(self, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         # Detached: DoRA §4.3 / PEFT treat ‖W + ΔW‖ as a constant for the gradient.
-        return torch.linalg.norm(weight + delta.detach(), dim=1).detach()
+        norm: torch.Tensor = torch.linalg.vector_norm(weight + delta.detach(), dim=1)
+        return norm.detach()
 
     def merged_weight(self) -> torch.Tensor:
         """The ``(out, in)`` fp32 weight equivalent to the adapted layer (DoRA-aware)."""
@@ -300,7 +323,8 @@ class LoRALinear(nn.Module):
         else:  # W x must see the same dropped-out input as the adapter path, as in PEFT
             x = self.lora_dropout(x)
             base_result = F.linear(x, weight)
-        return (scale - 1) * base_result + scale * self.lora_B(self.lora_A(x)) * self.scaling
+        lora_result: torch.Tensor = self.lora_B(self.lora_A(x))
+        return (scale - 1) * base_result + scale * lora_result * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result: torch.Tensor = self.base_layer(x)
@@ -308,7 +332,7 @@ class LoRALinear(nn.Module):
             return result
         x_lora = x.to(self.lora_A.weight.dtype)
         if self.lora_magnitude_vector is None:
-            update = self.lora_B(self.lora_A(self.lora_dropout(x_lora))) * self.scaling
+            update: torch.Tensor = self.lora_B(self.lora_A(self.lora_dropout(x_lora))) * self.scaling
         else:
             update = self._dora_delta(x_lora, result)
         return result + update.to(result.dtype)
@@ -345,9 +369,7 @@ def _plain_module(layer: LoRALinear) -> nn.Module:
     weight = layer.merged_weight()
     bias = getattr(layer.base_layer, "bias", None)
     dtype = _compute_dtype(layer)
-    linear = nn.Linear(
-        layer.in_features, layer.out_features, bias=bias is not None, device=weight.device, dtype=dtype
-    )
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device=weight.device, dtype=dtype)
     linear.weight.copy_(weight)
     if bias is not None:
         linear.bias.copy_(bias)

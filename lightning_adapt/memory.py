@@ -96,9 +96,7 @@ class ModelShape:
                 f"Llama/Mistral/Qwen2, GPT-2 or BERT model, or a preset: {', '.join(PRESETS)}."
             )
         if cfg.get("num_local_experts") or cfg.get("num_experts"):
-            raise ValueError(
-                f"model={name!r}: mixture-of-experts configs are not supported; use a dense one."
-            )
+            raise ValueError(f"model={name!r}: mixture-of-experts configs are not supported; use a dense one.")
         return _BUILDERS[family](cfg, name)
 
 
@@ -146,9 +144,7 @@ def _bert(cfg: Mapping[str, Any], name: str) -> ModelShape:
     rows = [(name, d, d) for name in ("query", "key", "value", "attention.output.dense")]
     rows += [("intermediate.dense", d, i), ("output.dense", i, d)]
     linears = tuple(LinearSpec(*row, n_layers, True) for row in rows)
-    others = tuple(
-        (n, size * d, 1) for n, size in (("word", vocab), ("position", positions), ("type", types))
-    )
+    others = tuple((n, size * d, 1) for n, size in (("word", vocab), ("position", positions), ("type", types)))
     others += (("layer_norms", d, 4 * n_layers + 2), ("pooler.weight", d * d, 1), ("pooler.bias", d, 1))
     return ModelShape(name, "bert", d, n_layers, i, d, False, 0, linears, others)
 
@@ -326,9 +322,7 @@ def estimate(shape: ModelShape, method: Method, assumptions: Assumptions | None 
     adapter = sum(n * c for n, c in tensors) * DTYPE_BYTES[a.adapter_dtype]
     if method == "qlora":
         weights = sum(s.in_features * s.out_features * s.count for s in shape.linears)
-        quantized = sum(
-            quantized_bytes(s.in_features, s.out_features, a.quant) * s.count for s in shape.linears
-        )
+        quantized = sum(quantized_bytes(s.in_features, s.out_features, a.quant) * s.count for s in shape.linears)
         dense += quantized - weights * base_bytes
     return _finish(shape, method, a, dense, adapter, tensors, a.adapter_dtype)
 

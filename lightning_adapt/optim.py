@@ -118,6 +118,16 @@ def _scale_lr(group: dict[str, Any], lr: float) -> None:
         group["initial_lr"] = lr
 
 
+def _new_trainable(params: Iterable[Tensor], seen: set[int]) -> list[Tensor]:
+    """Trainable ``params`` whose id is not in ``seen``, in order, each once; adds them to ``seen``."""
+    kept: list[Tensor] = []
+    for param in params:
+        if param.requires_grad and id(param) not in seen:
+            seen.add(id(param))
+            kept.append(param)
+    return kept
+
+
 def rebuild_param_groups(
     groups: Sequence[Mapping[str, Any]],
     parameters: Iterable[torch.nn.Parameter],
@@ -150,16 +160,8 @@ def rebuild_param_groups(
         ValueError: if no parameter is trainable.
     """
     seen: set[int] = set()
-    new_groups: list[dict[str, Any]] = []
-    for group in groups:
-        kept = [p for p in group["params"] if p.requires_grad and id(p) not in seen]
-        seen.update(id(p) for p in kept)
-        new_groups.append({**group, "params": kept})
-    orphans: list[torch.nn.Parameter] = []
-    for param in parameters:
-        if param.requires_grad and id(param) not in seen:
-            seen.add(id(param))
-            orphans.append(param)
+    new_groups = [{**group, "params": _new_trainable(group["params"], seen)} for group in groups]
+    orphans = _new_trainable(parameters, seen)
     if not new_groups:
         new_groups.append({"params": []})
     new_groups[0]["params"].extend(orphans)
@@ -176,9 +178,7 @@ def rebuild_param_groups(
     return new_groups
 
 
-def build_optimizer(
-    name: str, groups: list[dict[str, Any]], min_8bit_size: int = 4096
-) -> torch.optim.Optimizer:
+def build_optimizer(name: str, groups: list[dict[str, Any]], min_8bit_size: int = 4096) -> torch.optim.Optimizer:
     """Build the ``bitsandbytes.optim`` optimizer ``name`` over ``groups``.
 
     Keys missing from a group take the bitsandbytes class defaults.

@@ -83,44 +83,44 @@ class QuantConfig:
 
 
 def _config_problems(cfg: QuantConfig) -> list[str]:
-    problems: list[str] = []
-    if cfg.mode not in _MODES:
-        problems.append(f"mode={cfg.mode!r} is not supported; allowed: {_MODES}. Fix: pass mode='nf4' for QLoRA.")
-    if not isinstance(cfg.double_quant, bool):
-        problems.append(f"double_quant={cfg.double_quant!r} must be a bool. Fix: pass True or False.")
-    if cfg.compute_dtype not in _COMPUTE_DTYPES:
-        problems.append(
+    int8, four_bit = cfg.mode == "int8", cfg.mode in ("nf4", "fp4")
+    rules = [
+        (
+            cfg.mode not in _MODES,
+            f"mode={cfg.mode!r} is unknown; allowed: {_MODES}. Fix: mode='nf4' (QLoRA).",
+        ),
+        (not isinstance(cfg.double_quant, bool), f"double_quant={cfg.double_quant!r}; allowed: True, False."),
+        (
+            cfg.compute_dtype not in _COMPUTE_DTYPES,
             f"compute_dtype={cfg.compute_dtype} is not supported by bitsandbytes {cfg.mode} layers; "
-            f"allowed: {_COMPUTE_DTYPES}. Fix: pass compute_dtype=torch.bfloat16."
-        )
-    if cfg.mode == "int8":
-        if cfg.double_quant is True:
-            problems.append(
-                "double_quant=True does not apply to mode='int8' (one fp32 scale per row, no block "
-                "constants to quantize); allowed: False. Fix: pass double_quant=False."
-            )
-        if cfg.quant_storage != torch.uint8:
-            problems.append(
-                f"quant_storage={cfg.quant_storage} applies to 4-bit modes only (int8 codes are torch.int8); "
-                "allowed: torch.uint8 (the default). Fix: drop quant_storage or use mode='nf4'."
-            )
-        if cfg.blocksize != 64:
-            problems.append(
-                f"blocksize={cfg.blocksize!r} applies to 4-bit modes only (int8 scales whole rows); "
-                "allowed: 64 (the default). Fix: drop blocksize or use mode='nf4'."
-            )
-        return problems
-    if isinstance(cfg.blocksize, bool) or cfg.blocksize not in _BLOCKSIZES:
-        problems.append(
+            f"allowed: {_COMPUTE_DTYPES}. Fix: compute_dtype=torch.bfloat16.",
+        ),
+        (
+            int8 and cfg.double_quant is True,
+            "double_quant=True does not apply to mode='int8' (one fp32 scale per row, no block constants "
+            "to quantize); allowed: False. Fix: double_quant=False.",
+        ),
+        (
+            int8 and cfg.quant_storage != torch.uint8,
+            f"quant_storage={cfg.quant_storage} applies to 4-bit modes only (int8 codes are torch.int8); "
+            "allowed: torch.uint8 (the default). Fix: drop quant_storage, or use mode='nf4'.",
+        ),
+        (
+            int8 and cfg.blocksize != 64,
+            f"blocksize={cfg.blocksize!r} applies to 4-bit modes only (int8 scales whole rows); "
+            "allowed: 64 (the default). Fix: drop blocksize, or use mode='nf4'.",
+        ),
+        (
+            four_bit and (isinstance(cfg.blocksize, bool) or cfg.blocksize not in _BLOCKSIZES),
             f"blocksize={cfg.blocksize!r} is not supported by bitsandbytes; allowed: {_BLOCKSIZES}. "
-            "Fix: pass blocksize=64 (QLoRA's value)."
-        )
-    if cfg.quant_storage not in _STORAGE_DTYPES:
-        problems.append(
-            f"quant_storage={cfg.quant_storage} is not supported; allowed: {_STORAGE_DTYPES}. "
-            "Fix: pass quant_storage=torch.uint8."
-        )
-    return problems
+            "Fix: blocksize=64 (QLoRA's value).",
+        ),
+        (
+            four_bit and cfg.quant_storage not in _STORAGE_DTYPES,
+            f"quant_storage={cfg.quant_storage}; allowed: {_STORAGE_DTYPES}. Fix: quant_storage=torch.uint8.",
+        ),
+    ]
+    return [message for bad, message in rules if bad]
 
 
 def is_quantized(module: nn.Module) -> bool:
@@ -135,58 +135,35 @@ def is_quantized(module: nn.Module) -> bool:
     return False
 
 
-def _quantize_4bit(linear: nn.Linear, cfg: QuantConfig, bnb: Any) -> nn.Module:
+def _shape(linear: nn.Linear) -> tuple[int, int, bool]:
+    return linear.in_features, linear.out_features, linear.bias is not None
+
+
+def _quantize_4bit(linear: nn.Linear, cfg: QuantConfig, bnb: Any) -> Any:
     weight = linear.weight.detach()
-    if weight.dtype not in _COMPUTE_DTYPES:
-        weight = weight.float()
-    packed, state = bnb.functional.quantize_4bit(
-        weight.contiguous(),
-        blocksize=cfg.blocksize,
-        compress_statistics=cfg.double_quant,
-        quant_type=cfg.mode,
-        quant_storage=cfg.quant_storage,
-    )
-    layer = bnb.nn.Linear4bit(
-        linear.in_features,
-        linear.out_features,
-        bias=linear.bias is not None,
-        compute_dtype=cfg.compute_dtype,
-        compress_statistics=cfg.double_quant,
-        quant_type=cfg.mode,
-        quant_storage=cfg.quant_storage,
-        device="meta",  # no throwaway fp weight: the real one is assigned below
-    )
-    layer.weight = bnb.nn.Params4bit(
-        packed,
-        requires_grad=False,
-        quant_state=state,
-        blocksize=cfg.blocksize,
-        compress_statistics=cfg.double_quant,
-        quant_type=cfg.mode,
-        quant_storage=cfg.quant_storage,
-        module=layer,
-        bnb_quantized=True,
-    )
+    weight = weight if weight.dtype in _COMPUTE_DTYPES else weight.float()
+    opts = {
+        "compress_statistics": cfg.double_quant,
+        "quant_type": cfg.mode,
+        "quant_storage": cfg.quant_storage,
+    }
+    packed, state = bnb.functional.quantize_4bit(weight.contiguous(), blocksize=cfg.blocksize, **opts)
+    # built on meta so no throwaway fp weight is allocated; the real one is assigned below
+    layer = bnb.nn.Linear4bit(*_shape(linear), compute_dtype=cfg.compute_dtype, device="meta", **opts)
+    layer.weight = bnb.nn.Params4bit(packed, False, state, cfg.blocksize, module=layer, bnb_quantized=True, **opts)
     layer.quant_state = state
     return layer
 
 
-def _quantize_int8(linear: nn.Linear, cfg: QuantConfig, bnb: Any) -> nn.Module:
+def _quantize_int8(linear: nn.Linear, cfg: QuantConfig, bnb: Any) -> Any:
     # bitsandbytes' own Int8Params quantizes from fp16; do the same so results match its layers.
     codes, scales, _ = bnb.functional.int8_vectorwise_quant(linear.weight.detach().to(torch.float16))
-    layer = bnb.nn.Linear8bitLt(
-        linear.in_features,
-        linear.out_features,
-        bias=linear.bias is not None,
-        has_fp16_weights=False,
-        threshold=0.0,
-        device="meta",
-    )
+    layer = bnb.nn.Linear8bitLt(*_shape(linear), has_fp16_weights=False, threshold=0.0, device="meta")
     layer.weight = bnb.nn.Int8Params(codes, requires_grad=False, has_fp16_weights=False, CB=codes, SCB=scales)
     return layer
 
 
-_QUANTIZERS: dict[str, Callable[[nn.Linear, QuantConfig, Any], nn.Module]] = {
+_QUANTIZERS: dict[str, Callable[[nn.Linear, QuantConfig, Any], Any]] = {
     "nf4": _quantize_4bit,
     "fp4": _quantize_4bit,
     "int8": _quantize_int8,
@@ -202,18 +179,18 @@ def quantize_linear(linear: nn.Linear, config: QuantConfig) -> nn.Module:
     after which dequantization is silently wrong.
     """
     if linear.weight.device.type == "meta":
-        raise ValueError("quantize_linear needs real weights, got a Linear on the meta device; load them first.")
-    layer = _QUANTIZERS[config.mode](linear, config, require_bitsandbytes())
+        raise ValueError("quantize_linear needs real weights, got a Linear on the meta device: load them first.")
+    layer: nn.Module = _QUANTIZERS[config.mode](linear, config, require_bitsandbytes())
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.detach().to(config.compute_dtype), requires_grad=False)
     if hasattr(layer, "support_avx512bf16_for_cpu"):
-        layer.support_avx512bf16_for_cpu = False
-    layer.original_dtype = linear.weight.dtype
+        layer.support_avx512bf16_for_cpu = False  # type: ignore[assignment]
+    layer.original_dtype = linear.weight.dtype  # type: ignore[assignment]
     layer.train(linear.training)
     return layer.requires_grad_(False)
 
 
-def _int8_scales(module: nn.Module) -> torch.Tensor:
+def _int8_scales(module: Any) -> torch.Tensor:
     # Before the first forward the scales live on the weight, afterwards on the matmul state.
     scales = getattr(module.weight, "SCB", None)
     return module.state.SCB if scales is None else scales  # type: ignore[no-any-return]
@@ -227,21 +204,21 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
     if not is_quantized(module):
         if isinstance(module, nn.Linear):
             return module.weight.detach().float()
-        raise TypeError(f"dequantize_weight expects a quantized or plain Linear, got {type(module).__name__}.")
+        raise TypeError(f"dequantize_weight expects a quantized or plain Linear, got {type(module).__name__}")
     bnb = require_bitsandbytes()
-    weight = module.weight
+    weight: Any = module.weight
     if isinstance(module, bnb.nn.Linear4bit):
         state = weight.quant_state
         if getattr(state, "packing_format_for_cpu", False):
             raise RuntimeError(
                 "This Linear4bit was repacked by bitsandbytes' CPU AVX512-BF16 path; its codes no longer "
-                "dequantize correctly. Quantize with lightning_adapt.quant.quantize_linear, which disables it."
+                "dequantize correctly. Use lightning_adapt.quant.quantize_linear (it disables that)."
             )
         return bnb.functional.dequantize_4bit(weight.data, state).float()  # type: ignore[no-any-return]
     return bnb.functional.int8_vectorwise_dequant(weight.data, _int8_scales(module)).float()  # type: ignore[no-any-return]
 
 
-def _state_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
+def _state_tensors(module: Any) -> Iterator[torch.Tensor]:
     bnb = require_bitsandbytes()
     yield module.weight.data
     if isinstance(module, bnb.nn.Linear4bit):
@@ -261,19 +238,17 @@ def quant_storage_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in _state_tensors(module))
 
 
-def _layer_label(module: nn.Module) -> str:
+def _layer_label(module: Any) -> str:
     weight = module.weight
     if hasattr(weight, "quant_type"):
         return str(weight.quant_type) + ("+dq" if weight.compress_statistics else "")
     return "int8"
 
 
-def _original_dtype(module: nn.Module) -> torch.dtype:
-    dtype = getattr(module, "original_dtype", None)
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    state = getattr(module.weight, "quant_state", None)
-    return state.dtype if state is not None else torch.float16  # type: ignore[no-any-return]
+def _original_dtype(module: Any) -> torch.dtype:
+    # set by quantize_linear; for layers quantized elsewhere: the dtype bnb quantized from
+    fallback = getattr(getattr(module.weight, "quant_state", None), "dtype", torch.float16)
+    return getattr(module, "original_dtype", fallback)  # type: ignore[no-any-return]
 
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
@@ -301,8 +276,9 @@ class QuantSummary:
 
     def format(self) -> str:
         """One human line, e.g. ``quantized 154 Linear layers (nf4+dq): 12.3 MB (4.127 bits/param) ...``."""
+        label, size = self.label or "none", self.quantized_bytes / 1e6
         return (
-            f"quantized {self.layers} Linear layers ({self.label or 'none'}): {self.quantized_bytes / 1e6:.1f} MB "
+            f"quantized {self.layers} Linear layers ({label}): {size:.1f} MB "
             f"({self.bits_per_param:.3f} bits/param) vs {self.original_bytes / 1e6:.1f} MB "
             f"{self.original_dtype or 'original'}, saves {self.saved_bytes / 1e6:.1f} MB"
         )
@@ -315,8 +291,8 @@ def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def summarize(model: nn.Module) -> QuantSummary:
     """A :class:`QuantSummary` over every quantized layer currently in ``model``."""
-    layers = [module for _, module in quantized_layers(model)]
-    params = [module.in_features * module.out_features for module in layers]
+    layers: list[Any] = [module for _, module in quantized_layers(model)]
+    params: list[int] = [module.in_features * module.out_features for module in layers]
     dtypes = [_original_dtype(module) for module in layers]
     original = sum(n * torch.empty((), dtype=d).element_size() for n, d in zip(params, dtypes, strict=True))
     return QuantSummary(
@@ -334,11 +310,11 @@ def _tied_linear_names(model: nn.Module) -> set[str]:
     for name, module in model.named_modules(remove_duplicate=False):
         for param in module.parameters(recurse=False):
             owners.setdefault(id(param), set()).add(name)
-    tied: set[str] = set()
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and len(owners.get(id(module.weight), ())) > 1:
-            tied.add(name)
-    return tied
+    return {
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and len(owners.get(id(module.weight), ())) > 1
+    }
 
 
 def default_skip_names(model: nn.Module) -> set[str]:
@@ -393,7 +369,8 @@ def _check_skip_entries(model: nn.Module, skip_modules: Sequence[str], candidate
     names = [name for name, _ in model.named_modules()]
     unknown = [entry for entry in skip_modules if not any(_matches(name, entry) for name in names)]
     if unknown:
-        shown = ", ".join(candidates[:40]) + (f", ... ({len(candidates)} in all)" if len(candidates) > 40 else "")
+        more = f", ... ({len(candidates)} in all)" if len(candidates) > 40 else ""
+        shown = ", ".join(candidates[:40]) + more
         raise ValueError(
             f"skip_modules={list(skip_modules)!r}: {unknown!r} match no module (whole dotted names, exact or "
             f"'.suffix'). Quantizable Linear layers: {shown or 'none'}. Fix: use one of these names."
@@ -449,7 +426,7 @@ def frozen_state_keys(model: nn.Module) -> set[str]:
     """
     weights = {id(module.weight) for _, module in quantized_layers(model)}
     state = model.state_dict(keep_vars=True)
-    prefixes = [key[: -len("weight")] for key, value in state.items() if key.endswith("weight") and id(value) in weights]
+    prefixes = [key[: -len("weight")] for key, val in state.items() if key.endswith("weight") and id(val) in weights]
     keys: set[str] = set()
     for prefix in prefixes:
         extra = {prefix + "SCB", prefix + "weight_format"}

@@ -66,7 +66,7 @@ class TargetingError(ValueError):
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    """True for ``nn.Linear``, ``transformers`` ``Conv1D`` and bitsandbytes ``Linear4bit`` / ``Linear8bitLt``."""
+    """True for ``nn.Linear``, ``transformers`` ``Conv1D``, bitsandbytes ``Linear4bit`` / ``Linear8bitLt``."""
     return isinstance(module, linear_like_types())
 
 

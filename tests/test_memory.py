@@ -79,9 +79,7 @@ def _meta_numel(model_cls: Any, config: Any) -> int:
     ],
     ids=["llama-2-7b", "llama-2-70b-gqa", "gqa", "gqa-tied", "head_dim-bias", "qwen2-tied", "gpt2", "bert"],
 )
-def test_parameter_count_matches_model_built_from_config(
-    cfg: dict[str, Any], model_cls: Any, config_cls: Any
-) -> None:
+def test_parameter_count_matches_model_built_from_config(cfg: dict[str, Any], model_cls: Any, config_cls: Any) -> None:
     fields = {k: v for k, v in cfg.items() if k != "model_type"}
     assert ModelShape.from_config(cfg).total_params == _meta_numel(model_cls, config_cls(**fields))
 
@@ -150,9 +148,7 @@ def test_targets_all_linear_and_suffix_matching() -> None:
     assert linear_shapes(shape)["k_proj"] == (8192, 1024, 80)  # GQA: 8 kv heads × 128
     rank = 8
     expected = sum(rank * (i + o) * c for i, o, c in linear_shapes(shape).values())
-    assert (
-        estimate(shape, "lora", Assumptions(rank=rank, targets=("all-linear",))).trainable_params == expected
-    )
+    assert estimate(shape, "lora", Assumptions(rank=rank, targets=("all-linear",))).trainable_params == expected
     gpt2 = ModelShape.from_config(dict(n_embd=64, n_layer=2, n_head=4, vocab_size=500, n_positions=128))
     both = estimate(gpt2, "lora", Assumptions(rank=4, targets=("c_proj",))).trainable_params
     assert both == 4 * (64 + 64) * 2 + 4 * (256 + 64) * 2  # attn.c_proj and mlp.c_proj
@@ -189,9 +185,7 @@ def test_config_json_path_and_folder(tmp_path: Path) -> None:
         (lambda: Assumptions(rank=0, batch_size=4), ["rank=0", "batch_size and seq_len"]),
         (lambda: Assumptions(optimizer="sgd"), ["optimizer='sgd'", "adamw-8bit"]),  # type: ignore[arg-type]
         (
-            lambda: estimate(
-                load_model_shape("llama-2-7b"), "lora", Assumptions(targets=("query", "q_proj"))
-            ),
+            lambda: estimate(load_model_shape("llama-2-7b"), "lora", Assumptions(targets=("query", "q_proj"))),
             ["targets=", "query", "gate_proj", "all-linear"],
         ),
     ],
@@ -210,9 +204,7 @@ def test_cli_prints_table_and_assumptions(capsys: pytest.CaptureFixture[str]) ->
     assert "| trainable params | 6.74B (100%) | 16.8M (0.249%) | 16.8M (0.249%) |" in out
     assert "nf4-dq" in out and "Smallest GPU for qlora: 24 GB" in out
     assert "| optimizer states | 53.91 GB | 134.2 MB | 134.2 MB |" in out
-    assert format_table([estimate(load_model_shape("llama-2-7b"), "lora")]).startswith(
-        "| component | lora r=16 |"
-    )
+    assert format_table([estimate(load_model_shape("llama-2-7b"), "lora")]).startswith("| component | lora r=16 |")
 
 
 def test_cli_json_integer_fields(capsys: pytest.CaptureFixture[str]) -> None:

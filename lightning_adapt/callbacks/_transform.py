@@ -17,7 +17,7 @@ from typing import Any
 
 import torch.nn as nn
 
-Transform = Callable[[nn.Module], None]
+Transform = Callable[[nn.Module], object]
 
 #: Priorities: lower runs first.
 QUANTIZE = 0

@@ -99,13 +99,9 @@ class PagedOptimizerPlugin(Callback):
                 f"PagedOptimizerPlugin replaces a single optimizer, but configure_optimizers returned "
                 f"{len(old)}. Return one optimizer (with param groups) or remove the plugin."
             )
-        groups = rebuild_param_groups(
-            old[0].param_groups if old else [], pl_module.parameters(), self.overrides
-        )
+        groups = rebuild_param_groups(old[0].param_groups if old else [], pl_module.parameters(), self.overrides)
         new = build_optimizer(self.optimizer, groups, self.min_8bit_size)
-        if OPTIMIZERS[self.optimizer].paged and any(
-            p.device.type == "cpu" for g in groups for p in g["params"]
-        ):
+        if OPTIMIZERS[self.optimizer].paged and any(p.device.type == "cpu" for g in groups for p in g["params"]):
             rank_zero_warn(
                 f"{self.optimizer} runs on CPU parameters: bitsandbytes falls back to non-paged optimizer "
                 "state there (memory paging needs CUDA).",

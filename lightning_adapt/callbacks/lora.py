@@ -1,0 +1,100 @@
+"""``LoRAInjectionCallback``: add LoRA adapters to any LightningModule by configuration."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from typing_extensions import override
+
+from lightning_adapt.callbacks._transform import INJECT_LORA, register_transform, unregister_transform
+from lightning_adapt.checkpoint import install_adapter_only_state
+from lightning_adapt.inject import LoRASpec, inject_lora, trainable_table
+from lightning_adapt.lora import validate_lora_args
+
+
+class LoRAInjectionCallback(L.Callback):
+    """Freeze the base and wrap the targeted layers with ``W x + (alpha/r)·B A dropout(x)``.
+
+    ``A`` starts random and ``B`` at zero, so the model is unchanged at step 0. Injection happens right
+    after ``configure_model`` (so modules that build their network there work too) and before the
+    optimizer is configured and any checkpoint is restored; it is idempotent across repeated
+    ``fit``/``validate``/``test``/``predict`` calls. Checkpoints hold only the trainable weights plus a
+    fingerprint of the base, and refuse to resume on another base. At fit start it prints a table of
+    adapted layers and trainable parameters.
+
+    Example::
+
+        Trainer(callbacks=[LoRAInjectionCallback(r=16, alpha=32, target_modules=["q_proj", "v_proj"])])
+    """
+
+    def __init__(
+        self,
+        r: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.05,
+        target_modules: str | list[str] | None = None,
+        exclude_modules: list[str] | None = None,
+        modules_to_save: list[str] | None = None,
+        init: Literal["kaiming", "gaussian"] = "kaiming",
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        adapter_only_checkpoint: bool = True,
+    ) -> None:
+        """
+        Args:
+            r: rank of the update ``B A`` (8-16 for classification, 32-64 for generation).
+            alpha: scale numerator: the update is scaled by ``alpha / r`` (commonly ``alpha = 2 r``).
+            dropout: dropout on the adapter input, in [0, 1).
+            target_modules: layers to adapt: names (exact or dotted suffix, e.g. ``[q_proj, v_proj]``),
+                full-match regexes, or ``all-linear`` (every linear layer except output heads).
+                ``None``: the query and value projections under their common names.
+            exclude_modules: layers to leave out of ``target_modules`` (same rules).
+            modules_to_save: modules trained fully and saved with the adapter (e.g. a new ``classifier``).
+            init: initialisation of ``A``: ``kaiming`` (uniform, as PEFT) or ``gaussian`` (std ``1/r``).
+            use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
+            use_dora: weight-decomposed LoRA (DoRA): a learned magnitude per output times the normalised
+                direction ``W + scale B A``.
+            adapter_only_checkpoint: save only trainable weights (and optimizer/loop state) in ``.ckpt``.
+        """
+        super().__init__()
+        validate_lora_args(r=r, alpha=alpha, dropout=dropout, init=init)
+        self.spec = LoRASpec(
+            r=r,
+            alpha=alpha,
+            dropout=dropout,
+            target_modules=target_modules,
+            exclude_modules=tuple(exclude_modules or ()),
+            modules_to_save=tuple(modules_to_save or ()),
+            init=init,
+            use_rslora=use_rslora,
+            use_dora=use_dora,
+        )
+        self.adapter_only_checkpoint = adapter_only_checkpoint
+        self.adapted: list[str] = []
+
+    def apply(self, module: nn.Module) -> list[str]:
+        """Inject adapters into ``module`` (idempotent); returns the adapted layer names."""
+        self.adapted = inject_lora(module, self.spec)
+        if self.adapter_only_checkpoint:
+            install_adapter_only_state(module)
+        return self.adapted
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        register_transform(pl_module, "lora", INJECT_LORA, self.apply)
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        spec = self.spec
+        rank_zero_info(
+            f"lightning-adapt: LoRA r={spec.r} alpha={spec.alpha:g} dropout={spec.dropout:g}"
+            f"{' rslora' if spec.use_rslora else ''}{' dora' if spec.use_dora else ''} "
+            f"on {len(self.adapted)} layers\n{trainable_table(pl_module)}"
+        )
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        unregister_transform(pl_module, "lora")

@@ -1,0 +1,146 @@
+"""QuantizeBaseCallback with LoRAInjectionCallback through a real Trainer."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from toy import ToyModule, loader, trainer
+
+from lightning_adapt.callbacks.lora import LoRAInjectionCallback
+from lightning_adapt.callbacks.quantize import QuantizeBaseCallback
+from lightning_adapt.lora import LoRALinear, base_weight, lora_modules
+from lightning_adapt.quant import dequantize_weight, is_quantized, quantized_layers
+
+
+def _callbacks(order: str, **quant: Any) -> list[Any]:
+    quant.setdefault("compute_dtype", "fp32")
+    q = QuantizeBaseCallback(**quant)
+    lora = LoRAInjectionCallback(r=4, alpha=8, dropout=0.0, target_modules="all-linear", modules_to_save=["classifier"])
+    return [q, lora] if order == "quantize-first" else [lora, q]
+
+
+@pytest.mark.parametrize("order", ["quantize-first", "lora-first"])
+@pytest.mark.parametrize("build_in", ["init", "configure_model"])
+def test_base_is_quantized_before_injection_whatever_the_order(order: str, build_in: str) -> None:
+    module = ToyModule(build_in=build_in)
+    trainer(callbacks=_callbacks(order), max_steps=2).fit(module, loader())
+    adapted = lora_modules(module)
+    assert len(adapted) == 8
+    for _, layer in adapted:
+        assert is_quantized(layer.base_layer), "the base under each adapter is 4-bit"
+        assert not is_quantized(layer.lora_A) and not is_quantized(layer.lora_B), "adapters stay float"
+        assert layer.lora_A.weight.dtype == torch.float32
+    assert not is_quantized(module.net.classifier), "the output head stays full precision"
+    assert len(quantized_layers(module)) == 8
+
+
+def test_qlora_forward_equals_lora_on_dequantized_weights() -> None:
+    module = ToyModule()
+    q, lora = _callbacks("quantize-first")
+    q.apply(module)
+    lora.apply(module)
+    with torch.no_grad():
+        for _, layer in lora_modules(module):
+            layer.lora_B.weight.normal_()
+    x = torch.randn(8, 64)
+    got = module(x)
+    for _, layer in lora_modules(module):
+        base = layer.base_layer
+        plain = torch.nn.Linear(layer.in_features, layer.out_features)
+        plain.weight.data = dequantize_weight(base)
+        plain.bias.data = base.bias.detach().float()
+        layer.base_layer = plain
+    torch.testing.assert_close(module(x), got, rtol=0, atol=1e-5)
+
+
+def test_base_storage_bit_identical_after_training_and_eval_train_agree() -> None:
+    module = ToyModule()
+    callbacks = _callbacks("quantize-first")
+    t = trainer(callbacks=callbacks, max_steps=1)
+    t.fit(module, loader())
+    packed = {n: m.weight.detach().clone() for n, m in quantized_layers(module)}
+    dense = {n: dequantize_weight(m) for n, m in quantized_layers(module)}
+    trainer(callbacks=callbacks, max_steps=4).fit(module, loader())
+    x = torch.randn(4, 64)
+    module.train()
+    train_out = module(x)
+    module.eval()
+    with torch.no_grad():
+        eval_out = module(x)
+    module.train()
+    torch.testing.assert_close(module(x), train_out, rtol=0, atol=0)
+    torch.testing.assert_close(eval_out, train_out, rtol=0, atol=0)
+    for name, layer in quantized_layers(module):
+        assert torch.equal(layer.weight, packed[name]), f"{name}: packed storage changed"
+        assert torch.equal(dequantize_weight(layer), dense[name]), f"{name}: dequantized weight drifted"
+
+
+def test_quantizing_twice_is_a_no_op() -> None:
+    module = ToyModule()
+    q = QuantizeBaseCallback(compute_dtype="fp32")
+    first = q.apply(module)
+    packed = {n: m.weight.detach().clone() for n, m in quantized_layers(module)}
+    second = q.apply(module)
+    assert first.layers == second.layers == 9 - 1
+    assert all(torch.equal(m.weight, packed[n]) for n, m in quantized_layers(module))
+
+
+def test_qlora_checkpoint_resumes_exactly(tmp_path: Path) -> None:
+    def run(steps: int, ckpt: str | None, root: Path) -> tuple[ToyModule, Path]:
+        module = ToyModule()
+        t = trainer(root, callbacks=_callbacks("lora-first"), max_epochs=steps, limit_train_batches=2)
+        t.fit(module, loader(), ckpt_path=ckpt)
+        path = root / "last.ckpt"
+        t.save_checkpoint(path)
+        return module, path
+
+    straight, _ = run(4, None, tmp_path / "a")
+    _, half = run(2, None, tmp_path / "b")
+    resumed, _ = run(4, str(half), tmp_path / "c")
+    for (name, layer), (_, other) in zip(lora_modules(straight), lora_modules(resumed), strict=True):
+        assert torch.equal(layer.lora_B.weight, other.lora_B.weight), name
+    state = torch.load(half, weights_only=False)["state_dict"]
+    assert not any("absmax" in k or k.endswith("base_layer.weight") for k in state)
+
+
+@pytest.mark.parametrize(
+    ("mode", "double_quant", "bits"),
+    [("nf4", None, 4.127), ("nf4", False, 4.5), ("fp4", None, 4.127), ("int8", None, 8.0)],
+)
+def test_memory_line_reports_bits_per_parameter(
+    mode: str, double_quant: bool | None, bits: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    callbacks = _callbacks("quantize-first", mode=mode, double_quant=double_quant)
+    trainer(callbacks=callbacks, max_steps=1).fit(ToyModule(width=256), loader(width=256))
+    summary = callbacks[0].summary
+    assert summary is not None and abs(summary.bits_per_param - bits) / bits < 0.05
+    assert "bits/param" in caplog.text
+
+
+def test_unsupported_combinations_fail_at_construction() -> None:
+    with pytest.raises(ValueError, match="double_quant"):
+        QuantizeBaseCallback(mode="int8", double_quant=True)
+    with pytest.raises(ValueError, match="blocksize"):
+        QuantizeBaseCallback(blocksize=100)
+
+
+def test_skip_name_matching_nothing_fails_before_training() -> None:
+    t = trainer(callbacks=[QuantizeBaseCallback(skip_modules=["nope"])], max_steps=1)
+    with pytest.raises(ValueError, match="nope"):
+        t.fit(ToyModule(), loader())
+    assert t.global_step == 0
+
+
+def test_base_weight_of_wrapped_quantized_layer_matches_bitsandbytes() -> None:
+    module = ToyModule()
+    q, lora = _callbacks("quantize-first")
+    q.apply(module)
+    lora.apply(module)
+    layer = module.net.layers[0].q_proj
+    assert isinstance(layer, LoRALinear)
+    assert torch.equal(base_weight(layer.base_layer), dequantize_weight(layer.base_layer))

@@ -1,0 +1,99 @@
+"""A tiny LightningModule with attention-style layer names, built in __init__ or in configure_model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.o_proj = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        return x + self.o_proj(torch.tanh(self.q_proj(h)) * self.v_proj(h) + self.k_proj(h))
+
+
+class Net(nn.Module):
+    def __init__(self, width: int = 64, depth: int = 2, classes: int = 4) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(Block(width) for _ in range(depth))
+        self.classifier = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return self.classifier(x)
+
+
+class ToyModule(L.LightningModule):
+    """Classification of random features; ``build_in="configure_model"`` defers building the network."""
+
+    def __init__(self, build_in: str = "init", width: int = 64, lr: float = 0.05, seed: int = 0) -> None:
+        super().__init__()
+        self.build_in, self.width, self.lr, self.seed = build_in, width, lr, seed
+        self.net: Net | None = self._build() if build_in == "init" else None
+
+    def _build(self) -> Net:
+        torch.manual_seed(self.seed)
+        return Net(self.width)
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            self.net = self._build()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.net is not None
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self(batch[0])
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.lr)
+
+
+def loader(n: int = 64, width: int = 64, batch_size: int = 16) -> DataLoader[Any]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, width, generator=g)
+    y = torch.randint(0, 4, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+def trainer(tmp_path: Any = None, **kwargs: Any) -> L.Trainer:
+    defaults: dict[str, Any] = {
+        "accelerator": "cpu",
+        "max_epochs": 1,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "num_sanity_val_steps": 0,
+        "default_root_dir": tmp_path,
+    }
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
