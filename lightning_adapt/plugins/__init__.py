@@ -1,0 +1,5 @@
+"""Optimizer plugins."""
+
+from lightning_adapt.plugins.paged_optimizer import PagedOptimizerPlugin
+
+__all__ = ["PagedOptimizerPlugin"]
