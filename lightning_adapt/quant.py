@@ -148,6 +148,9 @@ def _quantize_4bit(linear: nn.Linear, cfg: QuantConfig, bnb: Any) -> Any:
         "quant_storage": cfg.quant_storage,
     }
     packed, state = bnb.functional.quantize_4bit(weight.contiguous(), blocksize=cfg.blocksize, **opts)
+    # Dequantize straight to the compute dtype: the codes are the same, but an fp32 source would
+    # otherwise make every forward/backward unpack to fp32 and cast again (measured 1.2-1.4x slower).
+    state.dtype = cfg.compute_dtype
     # built on meta so no throwaway fp weight is allocated; the real one is assigned below
     layer = bnb.nn.Linear4bit(*_shape(linear), compute_dtype=cfg.compute_dtype, device="meta", **opts)
     layer.weight = bnb.nn.Params4bit(packed, False, state, cfg.blocksize, module=layer, bnb_quantized=True, **opts)

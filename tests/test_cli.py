@@ -17,7 +17,9 @@ def _tiny_budget(tmp_path: Path) -> list[str]:
     return [
         "--trainer.max_epochs=1",
         "--trainer.limit_train_batches=2",
-        "--trainer.limit_val_batches=2",
+        "--trainer.limit_val_batches=1",
+        "--data.init_args.batch_size=2",
+        "--data.init_args.max_length=32",
         "--trainer.enable_progress_bar=false",
         f"--trainer.logger.init_args.save_dir={tmp_path}",
         "--data.init_args.val_size=8",

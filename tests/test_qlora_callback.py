@@ -144,3 +144,20 @@ def test_base_weight_of_wrapped_quantized_layer_matches_bitsandbytes() -> None:
     layer = module.net.layers[0].q_proj
     assert isinstance(layer, LoRALinear)
     assert torch.equal(base_weight(layer.base_layer), dequantize_weight(layer.base_layer))
+
+
+@pytest.mark.parametrize(
+    ("precision", "compute_dtype"), [("32-true", "bf16"), ("bf16-mixed", "bf16"), ("bf16-true", "bf16")]
+)
+def test_qlora_fit_validate_predict_under_precisions(precision: str, compute_dtype: str) -> None:
+    module = ToyModule()
+    callbacks = _callbacks("lora-first", compute_dtype=compute_dtype)
+    t = trainer(callbacks=callbacks, max_steps=2, precision=precision)
+    t.fit(module, loader())
+    layers = len(quantized_layers(module))
+    assert layers == 8
+    assert torch.isfinite(t.callback_metrics["train_loss"]).all()
+    t.validate(module, loader())
+    predictions = t.predict(module, loader())
+    assert predictions is not None and torch.isfinite(predictions[0]).all()  # type: ignore[arg-type]
+    assert len(quantized_layers(module)) == layers and len(lora_modules(module)) == 8

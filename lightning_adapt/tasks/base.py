@@ -70,6 +70,8 @@ class TaskModule(L.LightningModule):
             "",
             f"=== lightning-adapt: fine-tuned {self.model_name_or_path} ({type(self.model).__name__})",
         ]
+        if not self.last_val:
+            lines.append("  no validation ran after training (end on an epoch boundary or set val_check_interval)")
         for key, after in self.last_val.items():
             before = self.baseline.get(key)
             start = f"{before:.4f} before training -> " if before is not None else ""
