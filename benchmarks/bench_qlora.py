@@ -1,0 +1,162 @@
+"""QLoRA benchmark: lightning-adapt (``quantize_model`` nf4+dq, then ``inject_lora``) vs the PEFT +
+bitsandbytes reference, same model, batch and targets, one run, interleaved as in ``bench_lora.py``.
+
+Contenders (each in its own worker process, from the same seed-``--seed`` random fp32 Llama):
+
+- ``ours``: the package's flow: the fp32 model is quantized in place by
+  ``quantize_model(model, QuantConfig("nf4", double_quant=True, compute_dtype=bf16))``, then
+  ``inject_lora``. Unquantized parameters (embeddings, norms, ``lm_head``) stay fp32.
+- ``ours-bf16``: the same, after ``model.to(bfloat16)`` (what the reference does to the unquantized
+  parameters, and the dtype it quantizes from).
+- ``peft``: the reference, as a PEFT user writes it: the fp32 model is saved with ``save_pretrained``,
+  reloaded by ``AutoModelForCausalLM.from_pretrained(dir, quantization_config=BitsAndBytesConfig(
+  load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+  bnb_4bit_compute_dtype=bf16), dtype=bf16, device_map=<device>)``, then
+  ``get_peft_model(model, LoraConfig(...))`` (adapters fp32: PEFT's ``autocast_adapter_dtype``).
+  ``prepare_model_for_kbit_training`` is not called (it would add gradient checkpointing and fp32
+  casts that ours does not do).
+
+Measured: median step time (forward + backward + AdamW step), parameter memory (all parameters and
+buffers + 4-bit quant state: absmax, nested absmax, code tables, offset), trainable parameters,
+optimizer state, and the setup peak of ``quantize_model``: peak RSS (CUDA: allocated memory) during
+the call above the level just before it, as a fraction of the model's size before quantization.
+
+Example:
+    .venv/bin/python benchmarks/bench_qlora.py                 # same defaults as bench_lora.py
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_lora import (
+    Builder,
+    Result,
+    Settings,
+    build_llama,
+    current_rss,
+    describe,
+    mb,
+    parse_settings,
+    peak_bytes,
+    peft_targets,
+    ratio_line,
+    reset_peak,
+    run_interleaved,
+    select,
+    table,
+    tensor_bytes,
+)
+
+COMPUTE_DTYPE = torch.bfloat16
+
+
+def quant_state_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """The tensors of a 4-bit weight's quant state (independent of lightning_adapt's own counting)."""
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    if state is None:
+        return []
+    tensors = [state.absmax, state.code]
+    if getattr(state, "nested", False):
+        tensors += [state.offset, state.state2.absmax, state.state2.code]
+    return [t for t in tensors if isinstance(t, torch.Tensor)]
+
+
+def parameter_memory(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer (packed 4-bit codes as stored) plus the 4-bit quant states."""
+    states = [t for m in model.modules() for t in quant_state_tensors(m)]
+    return tensor_bytes(model.parameters()) + tensor_bytes(model.buffers()) + tensor_bytes(states)
+
+
+def _quantize_ours(model: nn.Module, s: Settings) -> dict[str, float]:
+    from lightning_adapt.quant import QuantConfig, quantize_model
+
+    device = s.device
+    model.to(device)
+    size = tensor_bytes(model.parameters())
+    before = current_rss() if device.type == "cpu" else torch.cuda.memory_allocated(device)
+    reset_peak(device)
+    quantize_model(model, QuantConfig(mode="nf4", double_quant=True, compute_dtype=COMPUTE_DTYPE))
+    extra = peak_bytes(device) - before
+    return {"quant_peak_extra": extra, "quant_model_bytes": size}
+
+
+def _inject_ours(model: nn.Module, s: Settings) -> None:
+    from lightning_adapt.inject import LoRASpec, inject_lora
+
+    inject_lora(model, LoRASpec(r=s.r, alpha=s.alpha, dropout=0.0, target_modules=peft_targets(s)))
+
+
+def ours_qlora(s: Settings) -> tuple[nn.Module, dict[str, float]]:
+    model = build_llama(s, torch.float32)
+    info = _quantize_ours(model, s)
+    _inject_ours(model, s)
+    return model, {**info, "param_memory": parameter_memory(model)}
+
+
+def ours_qlora_bf16(s: Settings) -> tuple[nn.Module, dict[str, float]]:
+    model = build_llama(s, torch.float32).to(COMPUTE_DTYPE)
+    info = _quantize_ours(model, s)
+    _inject_ours(model, s)
+    return model, {**info, "param_memory": parameter_memory(model)}
+
+
+def peft_qlora(s: Settings) -> tuple[nn.Module, dict[str, float]]:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=COMPUTE_DTYPE,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        build_llama(s, torch.float32).save_pretrained(tmp)
+        model = AutoModelForCausalLM.from_pretrained(
+            tmp, quantization_config=quant, dtype=COMPUTE_DTYPE, device_map=str(s.device)
+        )
+    model.config.use_cache = False
+    config = LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=0.0, target_modules=peft_targets(s), bias="none")
+    model = get_peft_model(model, config)
+    return model, {"param_memory": parameter_memory(model)}
+
+
+def report(results: dict[str, Result]) -> None:
+    print(table(results))
+    for name, r in results.items():
+        line = f"{name:<10} parameter memory {mb(r.info['param_memory'])}"
+        if "quant_peak_extra" in r.info:
+            frac = r.info["quant_peak_extra"] / r.info["quant_model_bytes"]
+            line += (
+                f"; quantize_model setup peak +{mb(r.info['quant_peak_extra'])} over the "
+                f"{mb(r.info['quant_model_bytes'])} model = {frac:.3f}x its size"
+            )
+        print(line)
+    for num in ("ours", "ours-bf16"):
+        if num in results and "peft" in results:
+            print(ratio_line(results, num, "peft", target=1.0))
+            memory = results[num].info["param_memory"] / results["peft"].info["param_memory"]
+            print(f"{num}/peft: parameter memory {memory:.3f} (target <= 1.0)")
+    if "ours" in results and "ours-bf16" in results:
+        print(ratio_line(results, "ours", "ours-bf16", target=None))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    s, args = parse_settings(argv, __doc__.splitlines()[0] if __doc__ else "")
+    s = dataclasses.replace(s, dtype="bf16", extra={"preload": ("bitsandbytes",)})
+    print(describe(s) + f"; quantized nf4+dq, compute {COMPUTE_DTYPE}")
+    contenders: dict[str, Builder] = {"ours": ours_qlora, "ours-bf16": ours_qlora_bf16, "peft": peft_qlora}
+    report(run_interleaved(select(contenders, args.only), s, args.warmup, args.reps))
+
+
+if __name__ == "__main__":
+    main()
