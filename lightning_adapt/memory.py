@@ -14,12 +14,48 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Literal, get_args
+
+from lightning_adapt.memory_shapes import (
+    PRESETS,
+    LinearSpec,
+    ModelShape,
+    linear_shapes,
+    load_model_shape,
+    resolve_saved,
+    resolve_targets,
+)
+
+__all__ = [
+    "ADAM8_QMAP_BYTES",
+    "ARTICLE_ASSUMPTIONS",
+    "DTYPE_BYTES",
+    "PRESETS",
+    "QUANT_TABLE_BYTES",
+    "Assumptions",
+    "Dtype",
+    "Estimate",
+    "LinearSpec",
+    "Method",
+    "ModelShape",
+    "Optimizer",
+    "Quant",
+    "activation_bytes",
+    "estimate",
+    "format_bytes",
+    "format_params",
+    "format_table",
+    "linear_shapes",
+    "load_model_shape",
+    "optimizer_bytes",
+    "quantized_bytes",
+    "resolve_saved",
+    "resolve_targets",
+    "smallest_gpu",
+]
 
 Method = Literal["full", "lora", "qlora"]
 Dtype = Literal["bf16", "fp16", "fp32"]
@@ -29,170 +65,14 @@ Quant = Literal["nf4-dq", "nf4", "int8"]
 DTYPE_BYTES: dict[str, int] = {"bf16": 2, "fp16": 2, "fp32": 4}
 OPTIMIZER_BYTES_PER_PARAM: dict[str, int] = {"adamw-fp32": 8, "adamw-16bit": 4, "adamw-8bit": 2}
 ADAM8_BLOCK, ADAM8_MIN_SIZE = 256, 4096  # bitsandbytes blockwise 8-bit state; smaller tensors stay fp32
+ADAM8_QMAP_BYTES = 2 * 256 * 4  # the two fp32 dynamic code tables, shared by every 8-bit tensor
 NF4_BLOCK, DQ_BLOCK = 64, 256
+NF4_BLOCKS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+#: Per quantized layer: the 16-entry fp32 code table; double quantization adds its 256-entry fp32 table
+#: and an fp32 offset. Counted as bitsandbytes holds (and serializes) them, once per layer.
+QUANT_TABLE_BYTES: dict[str, int] = {"nf4-dq": 16 * 4 + 256 * 4 + 4, "nf4": 16 * 4, "int8": 0}
 GPU_GIB = (24, 40, 48, 80)
 GPU_EXAMPLES = {24: "RTX 4090, L4, A10G", 40: "A100 40GB", 48: "RTX A6000, L40S", 80: "A100 80GB, H100"}
-
-_LLAMA_FIELDS: tuple[str, ...] = ("hidden_size", "intermediate_size", "num_hidden_layers")
-_LLAMA_FIELDS += ("num_attention_heads", "num_key_value_heads", "vocab_size")
-PRESETS: dict[str, dict[str, Any]] = {
-    name: {"model_type": "llama", **dict(zip(_LLAMA_FIELDS, row, strict=True))}
-    for name, row in {  # the published config.json values of each model
-        "llama-2-7b": (4096, 11008, 32, 32, 32, 32000),
-        "llama-2-13b": (5120, 13824, 40, 40, 40, 32000),
-        "llama-2-70b": (8192, 28672, 80, 64, 8, 32000),
-        "llama-65b": (8192, 22016, 80, 64, 64, 32000),
-        "mistral-7b": (4096, 14336, 32, 32, 8, 32000),
-        "llama-3-8b": (4096, 14336, 32, 32, 8, 128256),
-    }.items()
-}
-
-
-@dataclass(frozen=True)
-class LinearSpec:
-    """``count`` linears named ``name`` (dotted suffix inside a block), ``in_features → out_features``."""
-
-    name: str
-    in_features: int
-    out_features: int
-    count: int
-    bias: bool = False
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """Exact parameter layout: block linears (quantizable, LoRA targets) and every other tensor.
-
-    ``others`` maps a tensor name to ``(numel, count)``: embeddings, norms, biases outside ``linears``,
-    an untied output head. ``lm_vocab`` is the head's vocabulary (0 without a language-model head).
-    """
-
-    name: str
-    family: str
-    hidden_size: int
-    num_layers: int
-    intermediate_size: int
-    kv_dim: int
-    gated_mlp: bool
-    lm_vocab: int
-    linears: tuple[LinearSpec, ...]
-    others: tuple[tuple[str, int, int], ...]
-
-    @property
-    def total_params(self) -> int:
-        lin = sum((s.in_features + s.bias) * s.out_features * s.count for s in self.linears)
-        return lin + sum(numel * count for _, numel, count in self.others)
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any], name: str = "config") -> ModelShape:
-        """Build from a Hugging Face ``config.json`` dict (Llama/Mistral/Qwen2, GPT-2 or BERT names)."""
-        family = _detect_family(cfg)
-        need = _REQUIRED[family]
-        missing = [f for f in need if cfg.get(f) is None]
-        if missing:
-            raise ValueError(
-                f"model={name!r}: config lacks {', '.join(missing)}, needed for a {family} shape "
-                f"(requires {', '.join(need)}). Fix: pass a Hugging Face config.json of a "
-                f"Llama/Mistral/Qwen2, GPT-2 or BERT model, or a preset: {', '.join(PRESETS)}."
-            )
-        if cfg.get("num_local_experts") or cfg.get("num_experts"):
-            raise ValueError(f"model={name!r}: mixture-of-experts configs are not supported; use a dense one.")
-        return _BUILDERS[family](cfg, name)
-
-
-def _detect_family(cfg: Mapping[str, Any]) -> str:
-    model_type = str(cfg.get("model_type", ""))
-    if model_type == "gpt2" or "n_embd" in cfg:
-        return "gpt2"
-    return "bert" if model_type in ("bert", "roberta") else "llama"
-
-
-def _llama(cfg: Mapping[str, Any], name: str) -> ModelShape:
-    d, i, n_layers, heads = (int(cfg[k]) for k in _REQUIRED["llama"][:4])
-    vocab = int(cfg["vocab_size"])
-    head_dim = int(cfg.get("head_dim") or d // heads)
-    kv = int(cfg.get("num_key_value_heads") or heads) * head_dim
-    qkv_bias = bool(cfg.get("attention_bias", str(cfg.get("model_type")) == "qwen2"))
-    mlp_bias = bool(cfg.get("mlp_bias", False))
-    linears = (
-        LinearSpec("q_proj", d, heads * head_dim, n_layers, qkv_bias),
-        LinearSpec("k_proj", d, kv, n_layers, qkv_bias),
-        LinearSpec("v_proj", d, kv, n_layers, qkv_bias),
-        LinearSpec("o_proj", heads * head_dim, d, n_layers, bool(cfg.get("attention_bias", False))),
-        LinearSpec("gate_proj", d, i, n_layers, mlp_bias),
-        LinearSpec("up_proj", d, i, n_layers, mlp_bias),
-        LinearSpec("down_proj", i, d, n_layers, mlp_bias),
-    )
-    others = [("embed_tokens", vocab * d, 1), ("layer_norms", d, 2 * n_layers), ("norm", d, 1)]
-    if not cfg.get("tie_word_embeddings", False):
-        others.append(("lm_head", vocab * d, 1))
-    return ModelShape(name, "llama", d, n_layers, i, kv, True, vocab, linears, tuple(others))
-
-
-def _gpt2(cfg: Mapping[str, Any], name: str) -> ModelShape:
-    d, n_layers, vocab, positions = (int(cfg[k]) for k in _REQUIRED["gpt2"])
-    i = int(cfg.get("n_inner") or 4 * d)
-    rows = (("c_attn", d, 3 * d), ("attn.c_proj", d, d), ("c_fc", d, i), ("mlp.c_proj", i, d))
-    linears = tuple(LinearSpec(*row, n_layers, True) for row in rows)
-    others = (("wte", vocab * d, 1), ("wpe", positions * d, 1), ("layer_norms", d, 4 * n_layers + 2))
-    return ModelShape(name, "gpt2", d, n_layers, i, d, False, vocab, linears, others)
-
-
-def _bert(cfg: Mapping[str, Any], name: str) -> ModelShape:
-    d, i, n_layers, _, vocab = (int(cfg[k]) for k in _REQUIRED["bert"][:5])
-    positions, types = int(cfg["max_position_embeddings"]), int(cfg.get("type_vocab_size", 2))
-    rows = [(name, d, d) for name in ("query", "key", "value", "attention.output.dense")]
-    rows += [("intermediate.dense", d, i), ("output.dense", i, d)]
-    linears = tuple(LinearSpec(*row, n_layers, True) for row in rows)
-    others = tuple((n, size * d, 1) for n, size in (("word", vocab), ("position", positions), ("type", types)))
-    others += (("layer_norms", d, 4 * n_layers + 2), ("pooler.weight", d * d, 1), ("pooler.bias", d, 1))
-    return ModelShape(name, "bert", d, n_layers, i, d, False, 0, linears, others)
-
-
-_REQUIRED: dict[str, tuple[str, ...]] = {
-    "llama": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"),
-    "gpt2": ("n_embd", "n_layer", "vocab_size", "n_positions"),
-    "bert": (*_LLAMA_FIELDS[:4], "vocab_size", "max_position_embeddings"),
-}
-_Builder = Callable[[Mapping[str, Any], str], "ModelShape"]
-_BUILDERS: dict[str, _Builder] = {"llama": _llama, "gpt2": _gpt2, "bert": _bert}
-
-
-def load_model_shape(name_or_path: str) -> ModelShape:
-    """A preset name (see :data:`PRESETS`), a ``config.json`` path, or a directory holding one."""
-    if name_or_path in PRESETS:
-        return ModelShape.from_config(PRESETS[name_or_path], name_or_path)
-    path = Path(name_or_path)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise ValueError(
-            f"model={name_or_path!r} is neither a preset nor a config.json (or a folder holding one). "
-            f"Presets: {', '.join(PRESETS)}. Fix: pick a preset or pass a Hugging Face config.json path."
-        )
-    return ModelShape.from_config(json.loads(path.read_text()), name_or_path)
-
-
-def linear_shapes(shape: ModelShape) -> dict[str, tuple[int, int, int]]:
-    """Per LoRA target name: ``(in_features, out_features, count)``."""
-    return {s.name: (s.in_features, s.out_features, s.count) for s in shape.linears}
-
-
-def resolve_targets(shape: ModelShape, targets: tuple[str, ...]) -> tuple[LinearSpec, ...]:
-    """Linears matched by whole name or dotted suffix (``c_proj`` matches ``attn.c_proj``), or all-linear."""
-    if targets == ("all-linear",):
-        return shape.linears
-    unknown = [t for t in targets if not any(_matches(s.name, t) for s in shape.linears)]
-    if unknown:
-        raise ValueError(
-            f"targets={','.join(targets)!r}: {', '.join(unknown)} not a linear layer of {shape.name!r} "
-            f"({shape.family}). Allowed: {', '.join(linear_shapes(shape))} or 'all-linear'."
-        )
-    return tuple(s for s in shape.linears if any(_matches(s.name, t) for t in targets))
-
-
-def _matches(name: str, target: str) -> bool:
-    return name == target or name.endswith("." + target)
 
 
 @dataclass(frozen=True)
@@ -208,7 +88,15 @@ class Assumptions:
             ``adamw-16bit`` 4 B, ``adamw-8bit`` 2 B + an fp32 absmax per 256 values per moment.
         master_weights: Keep an fp32 master copy of 16-bit trainable parameters (+4 B/param).
         quant: QLoRA base storage of block linears: ``nf4-dq`` 4.127 bits, ``nf4`` 4.5 bits, ``int8``
-            8 bits + one fp32 scale per output row. Embeddings, norms, biases, head stay ``base_dtype``.
+            8 bits + one fp32 scale per output row, plus :data:`QUANT_TABLE_BYTES` per layer.
+            Embeddings, norms and the head stay ``base_dtype``.
+        quant_blocksize: 4-bit weights per absmax constant (64 in QLoRA).
+        quant_compute_dtype: QLoRA: storage of the quantized linears' biases (bitsandbytes keeps them
+            in the compute dtype).
+        modules_to_save: LoRA/QLoRA: non-linear tensors trained fully (``embed_tokens``, ``norm``, an
+            untied ``lm_head``; see :func:`~lightning_adapt.memory_shapes.resolve_saved`), in ``base_dtype``.
+        state_bytes_per_tensor: Optimizer scalars per trainable tensor (``torch.optim.AdamW`` keeps a
+            4-byte fp32 ``step`` tensor per parameter; bitsandbytes a Python int: 0).
         batch_size: With ``seq_len``, adds an activation estimate (see :func:`activation_bytes`).
         seq_len: Tokens per sequence.
         activation_checkpointing: Keep only each block's input; recompute one block at a time.
@@ -221,6 +109,10 @@ class Assumptions:
     optimizer: Optimizer = "adamw-fp32"
     master_weights: bool = False
     quant: Quant = "nf4-dq"
+    quant_blocksize: int = NF4_BLOCK
+    quant_compute_dtype: Dtype = "bf16"
+    modules_to_save: tuple[str, ...] = ()
+    state_bytes_per_tensor: int = 0
     batch_size: int | None = None
     seq_len: int | None = None
     activation_checkpointing: bool = False
@@ -234,6 +126,10 @@ class Assumptions:
         for arg, allowed in _LITERAL_ARGS.items():
             if (value := getattr(self, arg)) not in get_args(allowed):
                 problems.append(f"{arg}={value!r} is not one of {', '.join(get_args(allowed))}")
+        if self.quant_blocksize not in NF4_BLOCKS:
+            problems.append(f"quant_blocksize={self.quant_blocksize} is not one of {', '.join(map(str, NF4_BLOCKS))}")
+        if self.state_bytes_per_tensor < 0:
+            problems.append(f"state_bytes_per_tensor={self.state_bytes_per_tensor} must be >= 0")
         if (self.batch_size is None) != (self.seq_len is None):
             problems.append("batch_size and seq_len go together: give both (activation estimate) or neither")
         for arg in ("batch_size", "seq_len"):
@@ -244,25 +140,28 @@ class Assumptions:
 
 
 _LITERAL_ARGS = {"base_dtype": Dtype, "adapter_dtype": Dtype, "optimizer": Optimizer, "quant": Quant}
+_LITERAL_ARGS["quant_compute_dtype"] = Dtype
 
 
-def quantized_bytes(in_features: int, out_features: int, quant: Quant) -> int:
-    """Storage of one quantized ``out × in`` weight, block constants included (bitsandbytes layout)."""
+def quantized_bytes(in_features: int, out_features: int, quant: Quant, blocksize: int = NF4_BLOCK) -> int:
+    """Storage of one quantized ``out × in`` weight as bitsandbytes holds it: packed codes, block
+    constants and the per-layer code tables (:data:`QUANT_TABLE_BYTES`)."""
     n = in_features * out_features
     if quant == "int8":
         return n + 4 * out_features
-    blocks = math.ceil(n / NF4_BLOCK)
+    blocks = math.ceil(n / blocksize)
     constants = blocks + 4 * math.ceil(blocks / DQ_BLOCK) if quant == "nf4-dq" else 4 * blocks
-    return math.ceil(n / 2) + constants
+    return math.ceil(n / 2) + constants + QUANT_TABLE_BYTES[quant]
 
 
-def optimizer_bytes(numel: int, optimizer: Optimizer, master_weights: bool, dtype: Dtype) -> int:
-    """AdamW state for one trainable tensor of ``numel`` values (+ fp32 master copy if 16-bit)."""
+def optimizer_bytes(numel: int, optimizer: Optimizer, master_weights: bool, dtype: Dtype, scalars: int = 0) -> int:
+    """AdamW state for one trainable tensor of ``numel`` values (+ fp32 master copy if 16-bit, + ``scalars``
+    bytes of per-tensor state such as a ``step`` tensor). 8-bit code tables: :data:`ADAM8_QMAP_BYTES`."""
     master = 4 * numel if master_weights and dtype != "fp32" else 0
     if optimizer == "adamw-8bit" and numel >= ADAM8_MIN_SIZE:
-        return master + 2 * numel + 2 * 4 * math.ceil(numel / ADAM8_BLOCK)
+        return master + 2 * numel + 2 * 4 * math.ceil(numel / ADAM8_BLOCK) + scalars
     per_param = 8 if optimizer == "adamw-8bit" else OPTIMIZER_BYTES_PER_PARAM[optimizer]
-    return master + per_param * numel
+    return master + per_param * numel + scalars
 
 
 def activation_bytes(shape: ModelShape, batch_size: int, seq_len: int, checkpointing: bool) -> int:
@@ -313,27 +212,36 @@ def estimate(shape: ModelShape, method: Method, assumptions: Assumptions | None 
     base_bytes = DTYPE_BYTES[a.base_dtype]
     dense = shape.total_params * base_bytes
     if method == "full":
-        tensors = [(s.in_features * s.out_features, s.count) for s in shape.linears]
-        tensors += [(s.out_features, s.count) for s in shape.linears if s.bias]
-        tensors += [(numel, count) for _, numel, count in shape.others]
-        return _finish(shape, method, a, dense, 0, tensors, a.base_dtype)
+        tensors = [(s.in_features * s.out_features, s.count, a.base_dtype) for s in shape.linears]
+        tensors += [(s.out_features, s.count, a.base_dtype) for s in shape.linears if s.bias]
+        tensors += [(numel, count, a.base_dtype) for _, numel, count in shape.others]
+        return _finish(shape, method, a, dense, 0, tensors)
     adapted = resolve_targets(shape, a.targets)
-    tensors = [(a.rank * n, s.count) for s in adapted for n in (s.in_features, s.out_features)]
-    adapter = sum(n * c for n, c in tensors) * DTYPE_BYTES[a.adapter_dtype]
+    tensors = [(a.rank * n, s.count, a.adapter_dtype) for s in adapted for n in (s.in_features, s.out_features)]
+    adapter = sum(n * c for n, c, _ in tensors) * DTYPE_BYTES[a.adapter_dtype]
+    tensors += [(numel, count, a.base_dtype) for _, numel, count in resolve_saved(shape, a.modules_to_save)]
     if method == "qlora":
-        weights = sum(s.in_features * s.out_features * s.count for s in shape.linears)
-        quantized = sum(quantized_bytes(s.in_features, s.out_features, a.quant) * s.count for s in shape.linears)
-        dense += quantized - weights * base_bytes
-    return _finish(shape, method, a, dense, adapter, tensors, a.adapter_dtype)
+        lin = shape.linears
+        weights = sum(s.in_features * s.out_features * s.count for s in lin)
+        quantized = sum(
+            quantized_bytes(s.in_features, s.out_features, a.quant, a.quant_blocksize) * s.count for s in lin
+        )
+        biases = sum(s.out_features * s.count for s in lin if s.bias)
+        dense += quantized - weights * base_bytes + biases * (DTYPE_BYTES[a.quant_compute_dtype] - base_bytes)
+    return _finish(shape, method, a, dense, adapter, tensors)
 
 
 def _finish(
     shape: ModelShape, method: Method, a: Assumptions, base: int, adapter: int,
-    tensors: list[tuple[int, int]], dtype: Dtype,
+    tensors: list[tuple[int, int, Dtype]],
 ) -> Estimate:  # fmt: skip
-    trainable = sum(n * c for n, c in tensors)
-    opt = sum(optimizer_bytes(n, a.optimizer, a.master_weights, dtype) * c for n, c in tensors)
-    grads = trainable * DTYPE_BYTES[dtype]
+    """Sum trainable ``(numel, count, dtype)`` tensors into optimizer state and gradients."""
+    trainable = sum(n * c for n, c, _ in tensors)
+    scalars = a.state_bytes_per_tensor
+    opt = sum(optimizer_bytes(n, a.optimizer, a.master_weights, d, scalars) * c for n, c, d in tensors)
+    if a.optimizer == "adamw-8bit" and any(n >= ADAM8_MIN_SIZE for n, _, _ in tensors):
+        opt += ADAM8_QMAP_BYTES
+    grads = sum(n * c * DTYPE_BYTES[d] for n, c, d in tensors)
     acts = 0
     if a.batch_size is not None and a.seq_len is not None:
         acts = activation_bytes(shape, a.batch_size, a.seq_len, a.activation_checkpointing)

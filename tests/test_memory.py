@@ -21,8 +21,10 @@ from transformers import (
 
 from lightning_adapt.estimate_cli import estimate_command, main
 from lightning_adapt.memory import (
+    ADAM8_QMAP_BYTES,
     ARTICLE_ASSUMPTIONS,
     PRESETS,
+    QUANT_TABLE_BYTES,
     Assumptions,
     ModelShape,
     activation_bytes,
@@ -126,7 +128,26 @@ def test_llama_65b_qlora_fits_48_gb() -> None:
     ("quant", "bits"), [("nf4-dq", 4 + 8 / 64 + 32 / (64 * 256)), ("nf4", 4.5), ("int8", 8 + 32 / 4096)]
 )
 def test_quantized_bits_per_weight(quant: Any, bits: float) -> None:
-    assert quantized_bytes(4096, 4096, quant) * 8 / 4096**2 == pytest.approx(bits, rel=1e-6)
+    per_weight = quantized_bytes(4096, 4096, quant) - QUANT_TABLE_BYTES[quant]  # tables are per layer
+    assert per_weight * 8 / 4096**2 == pytest.approx(bits, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("mode", "double_quant", "quant"), [("nf4", True, "nf4-dq"), ("nf4", False, "nf4"), ("int8", False, "int8")]
+)
+@pytest.mark.parametrize(("in_features", "out_features", "blocksize"), [(64, 32, 64), (200, 333, 64), (128, 4160, 128)])
+def test_quantized_bytes_equal_a_real_bitsandbytes_layer(
+    mode: Any, double_quant: bool, quant: Any, in_features: int, out_features: int, blocksize: int
+) -> None:
+    """Block counts not divisible by 256 (nested constants) and odd element counts included."""
+    pytest.importorskip("bitsandbytes")
+    from lightning_adapt.quant import QuantConfig, quant_storage_bytes, quantize_linear
+
+    blocksize = 64 if mode == "int8" else blocksize
+    layer = quantize_linear(
+        torch.nn.Linear(in_features, out_features, bias=False), QuantConfig(mode, double_quant, blocksize)
+    )
+    assert quantized_bytes(in_features, out_features, quant, blocksize) == quant_storage_bytes(layer)
 
 
 def test_optimizer_kinds_and_master_copy() -> None:
@@ -136,11 +157,29 @@ def test_optimizer_kinds_and_master_copy() -> None:
         k: estimate(shape, "lora", Assumptions(optimizer=k)).optimizer_bytes / n
         for k in ("adamw-fp32", "adamw-16bit", "adamw-8bit")
     }
-    assert per_param == {"adamw-fp32": 8, "adamw-16bit": 4, "adamw-8bit": 2 + 8 / 256}
+    per_param["adamw-8bit"] -= ADAM8_QMAP_BYTES / n  # two shared code tables, once per optimizer
+    assert per_param == pytest.approx({"adamw-fp32": 8, "adamw-16bit": 4, "adamw-8bit": 2 + 8 / 256}, rel=1e-12)
+    torch_adamw = Assumptions(state_bytes_per_tensor=4)  # torch keeps an fp32 `step` per parameter tensor
+    assert estimate(shape, "lora", torch_adamw).optimizer_bytes == 8 * n + 4 * 2 * 4 * 32  # A and B, 4 targets
     master = estimate(shape, "lora", Assumptions(master_weights=True)).optimizer_bytes
     assert master == 12 * n
     fp32_adapters = Assumptions(master_weights=True, adapter_dtype="fp32")  # already fp32: no copy
     assert estimate(shape, "lora", fp32_adapters).optimizer_bytes == 8 * n
+
+
+def test_modules_to_save_are_trained_fully_in_base_dtype() -> None:
+    shape = ModelShape.from_config(GQA)  # untied: embed_tokens and lm_head are separate tensors
+    plain = estimate(shape, "qlora", Assumptions(base_dtype="fp32"))
+    saved = estimate(shape, "qlora", Assumptions(base_dtype="fp32", modules_to_save=("lm_head", "norm")))
+    extra = 1000 * 256 + 256  # the head and the final norm (not the per-layer norms: whole names only)
+    assert saved.trainable_params - plain.trainable_params == extra
+    assert (saved.gradient_bytes - plain.gradient_bytes, saved.optimizer_bytes - plain.optimizer_bytes) == (
+        4 * extra,
+        8 * extra,
+    )
+    assert saved.weights_bytes == plain.weights_bytes  # already counted, never quantized
+    with pytest.raises(ValueError, match=r"modules_to_save=.*q_proj.*Allowed: embed_tokens"):
+        estimate(shape, "lora", Assumptions(modules_to_save=("q_proj",)))
 
 
 def test_targets_all_linear_and_suffix_matching() -> None:

@@ -1,0 +1,195 @@
+"""Exact parameter layouts from a model config (pure Python): the input of :mod:`lightning_adapt.memory`.
+
+Every linear layer is ``in × out`` (+ ``out`` bias); grouped-query attention gives k/v an output of
+``num_key_value_heads · head_dim``; a gated MLP has three matrices; tied embeddings count once. Every
+other tensor (embeddings, norms, an untied head) is listed by its Hugging Face leaf name.
+
+Example:
+    >>> load_model_shape("llama-2-7b").total_params
+    6738415616
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_LLAMA_FIELDS: tuple[str, ...] = ("hidden_size", "intermediate_size", "num_hidden_layers")
+_LLAMA_FIELDS += ("num_attention_heads", "num_key_value_heads", "vocab_size")
+PRESETS: dict[str, dict[str, Any]] = {
+    name: {"model_type": "llama", **dict(zip(_LLAMA_FIELDS, row, strict=True))}
+    for name, row in {  # the published config.json values of each model
+        "llama-2-7b": (4096, 11008, 32, 32, 32, 32000),
+        "llama-2-13b": (5120, 13824, 40, 40, 40, 32000),
+        "llama-2-70b": (8192, 28672, 80, 64, 8, 32000),
+        "llama-65b": (8192, 22016, 80, 64, 64, 32000),
+        "mistral-7b": (4096, 14336, 32, 32, 8, 32000),
+        "llama-3-8b": (4096, 14336, 32, 32, 8, 128256),
+    }.items()
+}
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """``count`` linears named ``name`` (dotted suffix inside a block), ``in_features → out_features``."""
+
+    name: str
+    in_features: int
+    out_features: int
+    count: int
+    bias: bool = False
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Exact parameter layout: block linears (quantizable, LoRA targets) and every other tensor.
+
+    ``others`` maps a tensor name to ``(numel, count)``: embeddings, norms, biases outside ``linears``,
+    an untied output head. ``lm_vocab`` is the head's vocabulary (0 without a language-model head).
+    """
+
+    name: str
+    family: str
+    hidden_size: int
+    num_layers: int
+    intermediate_size: int
+    kv_dim: int
+    gated_mlp: bool
+    lm_vocab: int
+    linears: tuple[LinearSpec, ...]
+    others: tuple[tuple[str, int, int], ...]
+
+    @property
+    def total_params(self) -> int:
+        lin = sum((s.in_features + s.bias) * s.out_features * s.count for s in self.linears)
+        return lin + sum(numel * count for _, numel, count in self.others)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], name: str = "config") -> ModelShape:
+        """Build from a Hugging Face ``config.json`` dict (Llama/Mistral/Qwen2, GPT-2 or BERT names)."""
+        family = _detect_family(cfg)
+        need = _REQUIRED[family]
+        missing = [f for f in need if cfg.get(f) is None]
+        if missing:
+            raise ValueError(
+                f"model={name!r}: config lacks {', '.join(missing)}, needed for a {family} shape "
+                f"(requires {', '.join(need)}). Fix: pass a Hugging Face config.json of a "
+                f"Llama/Mistral/Qwen2, GPT-2 or BERT model, or a preset: {', '.join(PRESETS)}."
+            )
+        if cfg.get("num_local_experts") or cfg.get("num_experts"):
+            raise ValueError(f"model={name!r}: mixture-of-experts configs are not supported; use a dense one.")
+        return _BUILDERS[family](cfg, name)
+
+
+def _detect_family(cfg: Mapping[str, Any]) -> str:
+    model_type = str(cfg.get("model_type", ""))
+    if model_type == "gpt2" or "n_embd" in cfg:
+        return "gpt2"
+    return "bert" if model_type in ("bert", "roberta") else "llama"
+
+
+def _llama(cfg: Mapping[str, Any], name: str) -> ModelShape:
+    d, i, n_layers, heads = (int(cfg[k]) for k in _REQUIRED["llama"][:4])
+    vocab = int(cfg["vocab_size"])
+    head_dim = int(cfg.get("head_dim") or d // heads)
+    kv = int(cfg.get("num_key_value_heads") or heads) * head_dim
+    qkv_bias = bool(cfg.get("attention_bias", str(cfg.get("model_type")) == "qwen2"))
+    mlp_bias = bool(cfg.get("mlp_bias", False))
+    linears = (
+        LinearSpec("q_proj", d, heads * head_dim, n_layers, qkv_bias),
+        LinearSpec("k_proj", d, kv, n_layers, qkv_bias),
+        LinearSpec("v_proj", d, kv, n_layers, qkv_bias),
+        LinearSpec("o_proj", heads * head_dim, d, n_layers, bool(cfg.get("attention_bias", False))),
+        LinearSpec("gate_proj", d, i, n_layers, mlp_bias),
+        LinearSpec("up_proj", d, i, n_layers, mlp_bias),
+        LinearSpec("down_proj", i, d, n_layers, mlp_bias),
+    )
+    others = [("embed_tokens", vocab * d, 1), ("input_layernorm", d, n_layers)]
+    others += [("post_attention_layernorm", d, n_layers), ("norm", d, 1)]
+    if not cfg.get("tie_word_embeddings", False):
+        others.append(("lm_head", vocab * d, 1))
+    return ModelShape(name, "llama", d, n_layers, i, kv, True, vocab, linears, tuple(others))
+
+
+def _gpt2(cfg: Mapping[str, Any], name: str) -> ModelShape:
+    d, n_layers, vocab, positions = (int(cfg[k]) for k in _REQUIRED["gpt2"])
+    i = int(cfg.get("n_inner") or 4 * d)
+    rows = (("c_attn", d, 3 * d), ("attn.c_proj", d, d), ("c_fc", d, i), ("mlp.c_proj", i, d))
+    linears = tuple(LinearSpec(*row, n_layers, True) for row in rows)
+    others = (("wte", vocab * d, 1), ("wpe", positions * d, 1), ("layer_norms", d, 4 * n_layers + 2))
+    return ModelShape(name, "gpt2", d, n_layers, i, d, False, vocab, linears, others)
+
+
+def _bert(cfg: Mapping[str, Any], name: str) -> ModelShape:
+    d, i, n_layers, _, vocab = (int(cfg[k]) for k in _REQUIRED["bert"][:5])
+    positions, types = int(cfg["max_position_embeddings"]), int(cfg.get("type_vocab_size", 2))
+    rows = [(name, d, d) for name in ("query", "key", "value", "attention.output.dense")]
+    rows += [("intermediate.dense", d, i), ("output.dense", i, d)]
+    linears = tuple(LinearSpec(*row, n_layers, True) for row in rows)
+    others = tuple((n, size * d, 1) for n, size in (("word", vocab), ("position", positions), ("type", types)))
+    others += (("layer_norms", d, 4 * n_layers + 2), ("pooler.weight", d * d, 1), ("pooler.bias", d, 1))
+    return ModelShape(name, "bert", d, n_layers, i, d, False, 0, linears, others)
+
+
+_REQUIRED: dict[str, tuple[str, ...]] = {
+    "llama": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"),
+    "gpt2": ("n_embd", "n_layer", "vocab_size", "n_positions"),
+    "bert": (*_LLAMA_FIELDS[:4], "vocab_size", "max_position_embeddings"),
+}
+_Builder = Callable[[Mapping[str, Any], str], "ModelShape"]
+_BUILDERS: dict[str, _Builder] = {"llama": _llama, "gpt2": _gpt2, "bert": _bert}
+
+
+def load_model_shape(name_or_path: str) -> ModelShape:
+    """A preset name (see :data:`PRESETS`), a ``config.json`` path, or a directory holding one."""
+    if name_or_path in PRESETS:
+        return ModelShape.from_config(PRESETS[name_or_path], name_or_path)
+    path = Path(name_or_path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ValueError(
+            f"model={name_or_path!r} is neither a preset nor a config.json (or a folder holding one). "
+            f"Presets: {', '.join(PRESETS)}. Fix: pick a preset or pass a Hugging Face config.json path."
+        )
+    return ModelShape.from_config(json.loads(path.read_text()), name_or_path)
+
+
+def linear_shapes(shape: ModelShape) -> dict[str, tuple[int, int, int]]:
+    """Per LoRA target name: ``(in_features, out_features, count)``."""
+    return {s.name: (s.in_features, s.out_features, s.count) for s in shape.linears}
+
+
+def resolve_targets(shape: ModelShape, targets: tuple[str, ...]) -> tuple[LinearSpec, ...]:
+    """Linears matched by whole name or dotted suffix (``c_proj`` matches ``attn.c_proj``), or all-linear."""
+    if targets == ("all-linear",):
+        return shape.linears
+    unknown = [t for t in targets if not any(_matches(s.name, t) for s in shape.linears)]
+    if unknown:
+        raise ValueError(
+            f"targets={','.join(targets)!r}: {', '.join(unknown)} not a linear layer of {shape.name!r} "
+            f"({shape.family}). Allowed: {', '.join(linear_shapes(shape))} or 'all-linear'."
+        )
+    return tuple(s for s in shape.linears if any(_matches(s.name, t) for t in targets))
+
+
+def resolve_saved(shape: ModelShape, modules: tuple[str, ...]) -> tuple[tuple[str, int, int], ...]:
+    """The non-linear tensors ``(name, numel, count)`` that ``modules`` (LoRA's ``modules_to_save``) name.
+
+    Matched like targets against :attr:`ModelShape.others` (``embed_tokens``, ``norm``, ``lm_head``,
+    ``input_layernorm``, ...); every matched tensor is trained fully and counted once.
+    """
+    unknown = [m for m in modules if not any(_matches(name, m) for name, _, _ in shape.others)]
+    if unknown:
+        raise ValueError(
+            f"modules_to_save={','.join(modules)!r}: {', '.join(unknown)} not a non-linear tensor of "
+            f"{shape.name!r} ({shape.family}). Allowed: {', '.join(n for n, _, _ in shape.others)}."
+        )
+    return tuple(row for row in shape.others if any(_matches(row[0], m) for m in modules))
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)

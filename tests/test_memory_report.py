@@ -1,0 +1,171 @@
+"""MemoryReportCallback through a real Trainer: measured bytes against the estimator, the table, the logger."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader
+from toy import ToyModule, loader, trainer
+
+from lightning_adapt.callbacks.lora import LoRAInjectionCallback
+from lightning_adapt.callbacks.memory_report import MemoryReportCallback
+from lightning_adapt.memory import format_bytes
+from lightning_adapt.tasks import CausalLMTask
+
+COMPARED = ("weights", "trainable params", "gradients", "optimizer state")
+
+
+def _tokens(vocab: int = 1000, n: int = 4, seq: int = 16) -> DataLoader[Any]:
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (seq,), generator=g)
+        rows.append({"input_ids": ids, "attention_mask": torch.ones(seq, dtype=torch.long), "labels": ids})
+    return DataLoader(rows, batch_size=2)  # type: ignore[arg-type]  # a list is a map-style dataset
+
+
+def _quantize() -> L.Callback:
+    pytest.importorskip("bitsandbytes")
+    from lightning_adapt.callbacks.quantize import QuantizeBaseCallback
+
+    return QuantizeBaseCallback(mode="nf4", compute_dtype="fp32")
+
+
+def _adamw8bit() -> L.Callback:
+    pytest.importorskip("bitsandbytes")
+    from lightning_adapt.plugins.paged_optimizer import PagedOptimizerPlugin
+
+    return PagedOptimizerPlugin("AdamW8bit")
+
+
+RUNS: dict[str, tuple[str, Any]] = {
+    "full": ("full", list),
+    "lora": ("lora", lambda: [LoRAInjectionCallback(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["norm"])]),
+    "qlora": ("qlora", lambda: [_quantize(), LoRAInjectionCallback(r=8, target_modules="all-linear")]),
+    # r=64: the A/B tensors reach bitsandbytes' 4096-element minimum for 8-bit state
+    "qlora-adamw8bit": ("qlora", lambda: [_quantize(), LoRAInjectionCallback(r=64, target_modules="all-linear"), _adamw8bit()]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("run", list(RUNS))
+def test_measured_bytes_agree_with_the_estimate(run: str, tiny_llama_dir: Path) -> None:
+    method, callbacks = RUNS[run]
+    report = MemoryReportCallback()
+    module = CausalLMTask(model_name_or_path=str(tiny_llama_dir), learning_rate=1e-3)
+    trainer(callbacks=[*callbacks(), report], max_steps=2).fit(module, _tokens())
+    assert report.estimate is not None, report.no_estimate_reason
+    assert report.estimate.method == method
+    assert set(report.reports) == {"fit_start", "first_step", "fit_end"}
+    for stage in ("first_step", "fit_end"):
+        rows = report.reports[stage]
+        for component in COMPARED:
+            measured, estimated = rows[component]
+            assert measured is not None and estimated is not None, (stage, component)
+            assert measured == pytest.approx(estimated, rel=0.05), (stage, component, rows)
+    first = report.reports["first_step"]
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    assert first["trainable params"][0] == trainable
+    assert first["gradients"][0] == 4 * trainable, "fp32 gradients of every trainable parameter, measured once"
+    assert report.reports["fit_start"]["gradients"][0] is None, "no gradients before the first backward"
+    if method == "qlora":
+        (quantized, predicted), (dense, _) = first["weights: quantized"], first["weights: fp32"]
+        assert quantized is not None and dense is not None
+        assert quantized == pytest.approx(predicted, rel=0.05)
+        assert quantized < dense / 50, "block linears are 4-bit, the 49k-token embedding stays fp32"
+    if method != "full":
+        assert first["adapter weights"][0] == pytest.approx(report.estimate.adapter_bytes, rel=0.05)
+
+
+def test_table_has_both_columns_and_numbers_reach_the_logger(
+    tiny_llama_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    report = MemoryReportCallback()
+    module = CausalLMTask(model_name_or_path=str(tiny_llama_dir))
+    logger = CSVLogger(tmp_path)
+    t = trainer(tmp_path, callbacks=[LoRAInjectionCallback(r=4), report], max_steps=2, logger=logger)
+    t.fit(module, _tokens())
+    text = caplog.text
+    assert text.count("| component | measured | estimated | ratio |") == 3
+    assert "after the first optimizer step; estimate for LlamaForCausalLM: lora r=4 on q_proj,v_proj" in text
+    optimizer_row = next(
+        line for line in text.splitlines() if line.startswith("| optimizer state |") and "1.000" in line
+    )
+    assert optimizer_row.count("|") == 5
+    with open(Path(logger.log_dir) / "metrics.csv") as handle:
+        columns = next(csv.reader(handle))
+    for name in ("memory/fit_start/weights_measured", "memory/first_step/optimizer_state_estimated"):
+        assert name in columns
+    assert "memory/fit_end/gradients_measured" in columns
+
+
+def test_module_without_hf_config_reports_measured_figures_only(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    report = MemoryReportCallback()
+    module = ToyModule()
+    trainer(callbacks=[report], max_steps=2).fit(module, loader())  # no logger
+    assert report.estimate is None
+    assert report.no_estimate_reason is not None and "PreTrainedModel" in report.no_estimate_reason
+    rows = report.reports["first_step"]
+    params = list(module.parameters())
+    numel = sum(p.numel() for p in params)
+    assert rows["weights"] == (4 * numel, None)
+    assert rows["gradients"] == (4 * numel, None)
+    assert rows["optimizer state"] == (8 * numel + 4 * len(params), None), "two fp32 moments + a step per tensor"
+    assert rows["peak"][0] is not None and rows["peak"][0] > 0
+    assert "no estimate: ToyModule holds no Hugging Face PreTrainedModel" in caplog.text
+    assert f"| weights | {format_bytes(4 * numel)} | - | - |" in caplog.text
+
+
+class _Llama(L.LightningModule):
+    """A small LightningModule holding a ``LlamaForCausalLM`` and an optimizer of choice."""
+
+    def __init__(self, optimizer: str) -> None:
+        super().__init__()
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+        )
+        self.model = LlamaForCausalLM(config)
+        self.optimizer = optimizer
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss: torch.Tensor = self.model(**batch).loss
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=1e-3)
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def test_16bit_weights_give_16bit_adam_moments() -> None:
+    report = MemoryReportCallback()
+    trainer(callbacks=[report], max_steps=2, precision="bf16-true").fit(_Llama("adamw"), _tokens())
+    assert report.estimate is not None
+    a = report.estimate.assumptions
+    assert (a.base_dtype, a.optimizer) == ("bf16", "adamw-16bit")
+    for component in COMPARED:
+        measured, estimated = report.reports["first_step"][component]
+        assert measured == estimated, component
+
+
+def test_unmodeled_optimizer_is_explained() -> None:
+    report = MemoryReportCallback()
+    trainer(callbacks=[report], max_steps=1).fit(_Llama("sgd"), _tokens())
+    assert report.estimate is None and report.no_estimate_reason is not None
+    assert "SGD is not modeled" in report.no_estimate_reason
+    assert report.reports["fit_end"]["weights"][0] is not None
+
+
+def test_invalid_prefix_fails_at_construction() -> None:
+    with pytest.raises(ValueError, match="prefix=''"):
+        MemoryReportCallback(prefix="")
