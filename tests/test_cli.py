@@ -103,3 +103,14 @@ def test_help_documents_recipe_arguments(capsys: pytest.CaptureFixture[str]) -> 
             ]
         )
     assert "num_labels" in capsys.readouterr().out
+
+
+def test_estimate_subcommand_prints_json(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    main(["estimate", "--model", "llama-2-7b", "--method", "qlora", "--rank", "16", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["trainable_params"] == 16_777_216
+    for key in ("weights_bytes", "optimizer_bytes", "gradient_bytes", "total_bytes"):
+        assert isinstance(report[key], int)
+    assert report["total_bytes"] == report["weights_bytes"] + report["optimizer_bytes"] + report["gradient_bytes"]
