@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import importlib
 import os
+import pickle
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
+import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
@@ -26,6 +29,8 @@ RECIPE_KEYS: dict[str, str] = {
     "quantize": "lightning_adapt.callbacks.quantize.QuantizeBaseCallback",
     "lora": "lightning_adapt.callbacks.lora.LoRAInjectionCallback",
     "paged_optimizer": "lightning_adapt.plugins.paged_optimizer.PagedOptimizerPlugin",
+    "memory_report": "lightning_adapt.callbacks.memory_report.MemoryReportCallback",
+    "merge": "lightning_adapt.callbacks.merge.MergeOnSaveCallback",
 }
 
 
@@ -33,6 +38,62 @@ def _load_class(class_path: str) -> type[Callback]:
     module, _, name = class_path.rpartition(".")
     cls: type[Callback] = getattr(importlib.import_module(module), name)
     return cls
+
+
+class AdaptTrainer(Trainer):
+    """The Trainer of ``lightning-adapt``, with an ``export`` subcommand next to fit/validate/test/predict."""
+
+    def export(
+        self,
+        model: LightningModule,
+        ckpt_path: str,
+        output: str,
+        dtype: Literal["fp32", "bf16", "fp16"] | None = None,
+        merge_base: Literal["original", "dequantized"] = "original",
+        max_shard_size: str = "5GB",
+        overwrite: bool = False,
+        datamodule: LightningDataModule | None = None,
+    ) -> None:
+        """Write the PEFT-format adapter (output/adapter) and the merged model (output/merged) of a checkpoint.
+
+        Args:
+            model: the recipe's LightningModule (built from ``--config``).
+            ckpt_path: the checkpoint to export (adapter-only or full), trained with the same recipe.
+            output: target directory; must be absent or empty unless ``--overwrite true``.
+            dtype: dtype of the merged weights (``fp32``, ``bf16``, ``fp16``); default: the base's own.
+            merge_base: QLoRA: merge into the ``original`` full-precision weights re-read from the source
+                model (best), or into the ``dequantized`` 4-bit weights. Both are compared in a report.
+            max_shard_size: shard the merged weights above this size (e.g. ``5GB``, ``500MB``).
+            overwrite: replace a non-empty ``output`` (atomically).
+            datamodule: the recipe's DataModule (its tokenizer is saved when the model has none).
+        """
+        from lightning_adapt.callbacks.merge import export_lightning_module
+        from lightning_adapt.export import ExportError, ExportOptions, check_target
+
+        options = ExportOptions(merge_base, dtype, max_shard_size, overwrite)
+        check_target(Path(output), overwrite, "--output")
+        _apply_recipe_transforms(self, model)
+        try:
+            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            model.load_state_dict(checkpoint["state_dict"])
+        except (OSError, KeyError, RuntimeError, pickle.UnpicklingError) as err:
+            raise ExportError(
+                f"--ckpt_path={ckpt_path!r} does not match the model built from --config: {err}. Fix: pass a "
+                "checkpoint trained with this recipe (same model, quantize: and lora: settings)."
+            ) from None
+        export_lightning_module(model, output, options, self, datamodule, argument="--output")
+
+
+def _apply_recipe_transforms(trainer: Trainer, model: LightningModule) -> None:
+    """Quantize / inject as in training (registered transforms, in priority order) after configure_model."""
+    transforms = [cb for cb in trainer.callbacks if callable(getattr(cb, "apply", None))]  # type: ignore[attr-defined]
+    for callback in transforms:
+        callback.setup(trainer, model, "export")
+    try:
+        model.configure_model()
+    finally:
+        for callback in transforms:
+            callback.teardown(trainer, model, "export")
 
 
 class AdaptCLI(LightningCLI):
@@ -44,7 +105,26 @@ class AdaptCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("trainer_class", AdaptTrainer)
         super().__init__(args=args, **kwargs)
+
+    @staticmethod
+    @override
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
+
+    @override
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI re-reads the model's hyperparameters from the checkpoint; a checkpoint saved outside
+        # the CLI has no class path for them (subclass mode), so keep the config's model settings instead.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True)
+            hparams = checkpoint.get("hyper_parameters") or {}
+            if hparams and "_class_path" not in hparams:
+                return
+        super()._parse_ckpt_path()
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -69,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         estimate_main(args[1:])
         return
     try:
-        AdaptCLI(args=args)
+        AdaptCLI(args=argv)  # None: LightningCLI reads sys.argv itself
     except (ModelNotFoundError, DataError, ValueError, ImportError) as err:
         if os.environ.get("LIGHTNING_ADAPT_DEBUG"):
             raise

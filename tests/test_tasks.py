@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import torch
 from toy import trainer
 
@@ -48,8 +49,9 @@ def test_classification_full_fine_tune_improves_on_a_learnable_split(tiny_bert_d
     rows += [f"positive,1.0,i love this wonderful great day {i}" for i in range(48)]
     rows += [f"negative,1.0,i hate this awful terrible day {i}" for i in range(48)]
     csv.write_text("\n".join(rows) + "\n")
-    task = SequenceClassificationTask(str(tiny_bert_dir), num_labels=2, learning_rate=1e-3)
+    L.seed_everything(0)
+    task = SequenceClassificationTask(str(tiny_bert_dir), num_labels=2, learning_rate=3e-3)
     data = TweetSentimentDataModule(csv_path=str(csv), labels=("negative", "positive"), val_size=16, batch_size=16)
-    trainer(max_epochs=4, num_sanity_val_steps=-1).fit(task, datamodule=data)
+    trainer(max_epochs=8, num_sanity_val_steps=-1).fit(task, datamodule=data)
     assert task.last_val["val_acc"] > task.baseline["val_acc"]
     assert task.last_val["val_acc"] >= 0.9

@@ -2,6 +2,7 @@
 
 from lightning_adapt.callbacks.lora import LoRAInjectionCallback
 from lightning_adapt.callbacks.memory_report import MemoryReportCallback
+from lightning_adapt.callbacks.merge import MergeOnSaveCallback
 from lightning_adapt.callbacks.quantize import QuantizeBaseCallback
 
-__all__ = ["LoRAInjectionCallback", "MemoryReportCallback", "QuantizeBaseCallback"]
+__all__ = ["LoRAInjectionCallback", "MemoryReportCallback", "MergeOnSaveCallback", "QuantizeBaseCallback"]

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
 from lightning_adapt.callbacks._transform import INJECT_LORA, register_transform, unregister_transform
 from lightning_adapt.checkpoint import install_adapter_only_state
-from lightning_adapt.inject import LoRASpec, inject_lora, trainable_table
+from lightning_adapt.inject import (
+    LoRASpec,
+    inject_lora,
+    load_adapter_weights,
+    read_adapter,
+    resolve_adapter_settings,
+    trainable_table,
+)
 from lightning_adapt.lora import validate_lora_args
+
+_IMPORTED = "_lightning_adapt_imported_adapter"
 
 
 class LoRAInjectionCallback(L.Callback):
@@ -32,21 +42,24 @@ class LoRAInjectionCallback(L.Callback):
 
     def __init__(
         self,
-        r: int = 8,
-        alpha: float = 16.0,
+        r: int | None = None,
+        alpha: float | None = None,
         dropout: float = 0.05,
         target_modules: str | list[str] | None = None,
         exclude_modules: list[str] | None = None,
         modules_to_save: list[str] | None = None,
         init: Literal["kaiming", "gaussian"] = "kaiming",
-        use_rslora: bool = False,
-        use_dora: bool = False,
+        use_rslora: bool | None = None,
+        use_dora: bool | None = None,
         adapter_only_checkpoint: bool = True,
+        adapter_path: str | None = None,
     ) -> None:
         """
         Args:
-            r: rank of the update ``B A`` (8-16 for classification, 32-64 for generation).
-            alpha: scale numerator: the update is scaled by ``alpha / r`` (commonly ``alpha = 2 r``).
+            r: rank of the update ``B A`` (8-16 for classification, 32-64 for generation). Default 8,
+                or the adapter's with ``adapter_path`` (as for ``alpha``, ``target_modules``,
+                ``modules_to_save``, ``use_rslora``, ``use_dora``: a value given here must agree with it).
+            alpha: scale numerator: the update is scaled by ``alpha / r`` (commonly ``alpha = 2 r``); default 16.
             dropout: dropout on the adapter input, in [0, 1).
             target_modules: layers to adapt: names (exact or dotted suffix, e.g. ``[q_proj, v_proj]``),
                 full-match regexes, or ``all-linear`` (every linear layer except output heads).
@@ -54,30 +67,45 @@ class LoRAInjectionCallback(L.Callback):
             exclude_modules: layers to leave out of ``target_modules`` (same rules).
             modules_to_save: modules trained fully and saved with the adapter (e.g. a new ``classifier``).
             init: initialisation of ``A``: ``kaiming`` (uniform, as PEFT) or ``gaussian`` (std ``1/r``).
-            use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
+            use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA); default off.
             use_dora: weight-decomposed LoRA (DoRA): a learned magnitude per output times the normalised
-                direction ``W + scale B A``.
+                direction ``W + scale B A``; default off.
             adapter_only_checkpoint: save only trainable weights (and optimizer/loop state) in ``.ckpt``.
+            adapter_path: start from this PEFT-format LoRA adapter directory (``adapter_config.json`` +
+                ``adapter_model.safetensors``, e.g. from ``PeftModel.save_pretrained`` or ``MergeOnSaveCallback``):
+                its weights are loaded once, right after injection, to continue training or evaluate it.
         """
         super().__init__()
-        validate_lora_args(r=r, alpha=alpha, dropout=dropout, init=init)
+        adapter_config: dict[str, Any] | None = None
+        self._adapter_weights: dict[str, torch.Tensor] | None = None
+        if adapter_path:
+            adapter_config, self._adapter_weights = read_adapter(adapter_path)
+        explicit: dict[str, object] = {"r": r, "alpha": alpha, "target_modules": target_modules}
+        explicit |= {"use_rslora": use_rslora, "use_dora": use_dora, "modules_to_save": modules_to_save}
+        settings = resolve_adapter_settings(explicit, adapter_config)
+        validate_lora_args(r=settings["r"], alpha=settings["alpha"], dropout=dropout, init=init)
         self.spec = LoRASpec(
-            r=r,
-            alpha=alpha,
+            r=settings["r"],
+            alpha=settings["alpha"],
             dropout=dropout,
-            target_modules=target_modules,
+            target_modules=settings["target_modules"],
             exclude_modules=tuple(exclude_modules or ()),
-            modules_to_save=tuple(modules_to_save or ()),
+            modules_to_save=tuple(settings["modules_to_save"] or ()),
             init=init,
-            use_rslora=use_rslora,
-            use_dora=use_dora,
+            use_rslora=settings["use_rslora"],
+            use_dora=settings["use_dora"],
         )
+        self.adapter_path = adapter_path
         self.adapter_only_checkpoint = adapter_only_checkpoint
         self.adapted: list[str] = []
 
     def apply(self, module: nn.Module) -> list[str]:
         """Inject adapters into ``module`` (idempotent); returns the adapted layer names."""
         self.adapted = inject_lora(module, self.spec)
+        if self._adapter_weights is not None and module.__dict__.get(_IMPORTED) != self.adapter_path:
+            # once per module: a later configure_model (validate after fit) must keep the trained weights
+            load_adapter_weights(module, self._adapter_weights)
+            module.__dict__[_IMPORTED] = self.adapter_path
         if self.adapter_only_checkpoint:
             install_adapter_only_state(module)
         return self.adapted
