@@ -44,7 +44,9 @@ def frozen_keys(module: nn.Module) -> list[str]:
     """State-dict keys of the frozen base: frozen parameters and all keys of quantized layers."""
     prefixes = _quantized_prefixes(module)
     keys = []
-    for key, value in module.state_dict(keep_vars=True).items():
+    with full_state_dict(module):  # our own save hook must not hide the keys we are looking for
+        state = module.state_dict(keep_vars=True)
+    for key, value in state.items():
         frozen_param = isinstance(value, nn.Parameter) and not value.requires_grad
         if frozen_param or any(key.startswith(p) for p in prefixes):
             keys.append(key)

@@ -161,3 +161,12 @@ def test_qlora_fit_validate_predict_under_precisions(precision: str, compute_dty
     predictions = t.predict(module, loader())
     assert predictions is not None and torch.isfinite(predictions[0]).all()  # type: ignore[arg-type]
     assert len(quantized_layers(module)) == layers and len(lora_modules(module)) == 8
+
+
+def test_checkpoint_drops_quantized_layers_without_adapters_too() -> None:
+    module = ToyModule()
+    QuantizeBaseCallback(compute_dtype="fp32").apply(module)
+    LoRAInjectionCallback(r=4, alpha=8, target_modules=["q_proj"], modules_to_save=["classifier"]).apply(module)
+    keys = set(module.state_dict())
+    assert not any("k_proj" in k or "absmax" in k or "base_layer" in k for k in keys), sorted(keys)
+    assert {k for k in keys if "lora_" in k} and "net.classifier.weight" in keys
