@@ -31,6 +31,8 @@ def estimate_command(
     targets: str = "q_proj,k_proj,v_proj,o_proj",
     optimizer: Optimizer = "adamw-fp32",
     quant: Quant = "nf4-dq",
+    quant_blocksize: int = 64,
+    modules_to_save: str = "",
     base_dtype: Dtype = "bf16",
     adapter_dtype: Dtype = "bf16",
     master_weights: bool = False,
@@ -46,14 +48,21 @@ def estimate_command(
 
     Args:
         model: Preset (llama-2-7b, llama-2-13b, llama-2-70b, llama-65b, mistral-7b, llama-3-8b), or a
-            Hugging Face config.json path or a folder holding one (Llama/Mistral/Qwen2, GPT-2, BERT).
+            Hugging Face config.json path or a folder holding one (Llama/Mistral/Qwen2, GPT-2, BERT). Its
+            "architectures" picks the head: *ForCausalLM, *ForSequenceClassification (num_labels or
+            id2label outputs: BERT's classifier, a Llama/GPT-2 score), or *Model (none).
         method: Which method to estimate; "all" prints full, lora and qlora side by side.
         rank: LoRA rank r (> 0); an adapted in→out linear gains r·(in+out) trainable parameters.
         targets: Comma-separated linear names to adapt (e.g. q_proj,v_proj), or "all-linear".
         optimizer: AdamW state per trainable parameter: adamw-fp32 = 8 B (two fp32 moments),
             adamw-16bit = 4 B (two 16-bit moments), adamw-8bit = 2 B + fp32 absmax per 256 values.
         quant: QLoRA storage of the block linears: nf4-dq ≈ 4.127 bits, nf4 = 4.5 bits (block 64),
-            int8 = 8 bits + an fp32 scale per row. Embeddings, norms and the head stay base_dtype.
+            int8 = 8 bits + an fp32 scale per row. Embeddings, norms and heads stay base_dtype.
+        quant_blocksize: 4-bit weights per absmax constant (QLoRA: 64; one of 32, 64, ..., 4096). Larger
+            blocks store fewer constants (nf4: 4 + 32/blocksize bits per weight).
+        modules_to_save: Comma-separated modules LoRA/QLoRA train fully (gradients and optimizer state in
+            base_dtype), by name or dotted suffix: a task head (classifier, score), embed_tokens, norm,
+            lm_head, LayerNorm, or a linear (kept unquantized under QLoRA). Empty: adapters only.
         base_dtype: Storage dtype of the base weights (and of full fine-tuning's gradients).
         adapter_dtype: Storage and gradient dtype of the LoRA A and B matrices.
         master_weights: Add an fp32 master copy of 16-bit trainable parameters (+4 B/param).
@@ -64,12 +73,14 @@ def estimate_command(
     """
     assumptions = Assumptions(
         rank=rank,
-        targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
+        targets=_names(targets),
         base_dtype=base_dtype,
         adapter_dtype=adapter_dtype,
         optimizer=optimizer,
         master_weights=master_weights,
         quant=quant,
+        quant_blocksize=quant_blocksize,
+        modules_to_save=_names(modules_to_save),
         batch_size=batch_size,
         seq_len=seq_len,
         activation_checkpointing=activation_checkpointing,
@@ -86,16 +97,22 @@ def estimate_command(
     print(_report(estimates, assumptions))
 
 
+def _names(csv: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in csv.split(",") if name.strip())
+
+
 def describe(a: Assumptions, method: Method) -> list[str]:
     """One line per assumption that changes ``method``'s figures, with its bytes per parameter."""
     opt = f"{a.optimizer}: {_OPTIMIZER_NOTE[a.optimizer]}"
     opt += " + fp32 master copy 4 B" if a.master_weights else ""
-    base = f"block linears {a.quant} ({_QUANT_NOTE[a.quant]}), rest {a.base_dtype}"
+    base = f"block linears {a.quant} ({_quant_note(a.quant, a.quant_blocksize)}), rest {a.base_dtype}"
     if method != "qlora":
         base = f"base weights {a.base_dtype} ({DTYPE_BYTES[a.base_dtype]} B/param)"
     lines = [f"{method}: {base}"]
     if method != "full":
         lines.append(f"  LoRA r={a.rank} on {','.join(a.targets)}, adapters {a.adapter_dtype}")
+        if a.modules_to_save:
+            lines.append(f"  modules_to_save {','.join(a.modules_to_save)} trained fully in {a.base_dtype}")
     lines.append(f"  optimizer {opt}; gradients in the trainable params' dtype")
     return lines
 
@@ -105,11 +122,15 @@ _OPTIMIZER_NOTE = {
     "adamw-16bit": "two 16-bit moments, 4 B/trainable param",
     "adamw-8bit": "two 8-bit moments + fp32 absmax per 256, ~2.03 B/trainable param",
 }
-_QUANT_NOTE = {
-    "nf4-dq": "4 + 8/64 + 32/(64·256) ≈ 4.127 bits",
-    "nf4": "4 + 32/64 = 4.5 bits",
-    "int8": "8 bits + fp32 row scale",
-}
+
+
+def _quant_note(quant: Quant, blocksize: int) -> str:
+    """Bits per weight of ``quant`` (the per-layer code tables aside)."""
+    if quant == "nf4-dq":
+        return f"4 + 8/{blocksize} + 32/({blocksize}·256) ≈ {4 + 8 / blocksize + 32 / (blocksize * 256):.3f} bits"
+    if quant == "nf4":
+        return f"4 + 32/{blocksize} = {4 + 32 / blocksize:.4g} bits"
+    return "8 bits + fp32 row scale"
 
 
 def _report(estimates: list[Estimate], assumptions: Assumptions) -> str:

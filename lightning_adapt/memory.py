@@ -27,6 +27,7 @@ from lightning_adapt.memory_shapes import (
     load_model_shape,
     resolve_saved,
     resolve_targets,
+    saved_linears,
 )
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "quantized_bytes",
     "resolve_saved",
     "resolve_targets",
+    "saved_linears",
     "smallest_gpu",
 ]
 
@@ -87,14 +89,16 @@ class Assumptions:
         optimizer: AdamW state per trainable parameter: ``adamw-fp32`` 8 B (two fp32 moments),
             ``adamw-16bit`` 4 B, ``adamw-8bit`` 2 B + an fp32 absmax per 256 values per moment.
         master_weights: Keep an fp32 master copy of 16-bit trainable parameters (+4 B/param).
-        quant: QLoRA base storage of block linears: ``nf4-dq`` 4.127 bits, ``nf4`` 4.5 bits, ``int8``
-            8 bits + one fp32 scale per output row, plus :data:`QUANT_TABLE_BYTES` per layer.
-            Embeddings, norms and the head stay ``base_dtype``.
-        quant_blocksize: 4-bit weights per absmax constant (64 in QLoRA).
+        quant: QLoRA base storage of the linears (block linears, BERT's pooler): ``nf4-dq`` 4.127 bits,
+            ``nf4`` 4.5 bits, ``int8`` 8 bits + one fp32 scale per output row, plus :data:`QUANT_TABLE_BYTES`
+            per layer. Embeddings, norms, the LM head and task heads stay ``base_dtype``.
+        quant_blocksize: 4-bit weights per absmax constant (64 in QLoRA; 32 to 4096, powers of two).
         quant_compute_dtype: QLoRA: storage of the quantized linears' biases (bitsandbytes keeps them
             in the compute dtype).
-        modules_to_save: LoRA/QLoRA: non-linear tensors trained fully (``embed_tokens``, ``norm``, an
-            untied ``lm_head``; see :func:`~lightning_adapt.memory_shapes.resolve_saved`), in ``base_dtype``.
+        modules_to_save: LoRA/QLoRA: modules trained fully in ``base_dtype``, by name or dotted suffix: a
+            task head (``classifier``, ``score``), ``embed_tokens``, ``norm``, an untied ``lm_head``, or any
+            linear (see :func:`~lightning_adapt.memory_shapes.resolve_saved`). Under QLoRA a named linear
+            stays unquantized (bitsandbytes cannot train 4-bit weights: skip it from quantization).
         state_bytes_per_tensor: Optimizer scalars per trainable tensor (``torch.optim.AdamW`` keeps a
             4-byte fp32 ``step`` tensor per parameter; bitsandbytes a Python int: 0).
         batch_size: With ``seq_len``, adds an activation estimate (see :func:`activation_bytes`).
@@ -181,7 +185,8 @@ def activation_bytes(shape: ModelShape, batch_size: int, seq_len: int, checkpoin
 
 @dataclass(frozen=True)
 class Estimate:
-    """Bytes per component for one method; ``weights_bytes`` = base + adapter weights."""
+    """Bytes per component for one method; ``weights_bytes`` = base + adapter weights, of which
+    ``quantized_weights_bytes`` are the quantized linears' codes, constants and tables (QLoRA)."""
 
     model: str
     method: Method
@@ -196,11 +201,13 @@ class Estimate:
     total_bytes: int
     smallest_gpu: str | None
     assumptions: Assumptions = field(default_factory=Assumptions)
+    quantized_weights_bytes: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict: integer byte and parameter counts plus the assumptions."""
         out = asdict(self)
         out["assumptions"]["targets"] = ",".join(self.assumptions.targets)
+        out["assumptions"]["modules_to_save"] = ",".join(self.assumptions.modules_to_save)
         return out
 
 
@@ -209,30 +216,38 @@ def estimate(shape: ModelShape, method: Method, assumptions: Assumptions | None 
     a = assumptions or Assumptions()
     if method not in get_args(Method):
         raise ValueError(f"method={method!r} is not one of {', '.join(get_args(Method))}.")
-    base_bytes = DTYPE_BYTES[a.base_dtype]
-    dense = shape.total_params * base_bytes
+    dense = shape.total_params * DTYPE_BYTES[a.base_dtype]
     if method == "full":
-        tensors = [(s.in_features * s.out_features, s.count, a.base_dtype) for s in shape.linears]
-        tensors += [(s.out_features, s.count, a.base_dtype) for s in shape.linears if s.bias]
+        linears = (*shape.linears, *shape.heads)
+        tensors = [(s.in_features * s.out_features, s.count, a.base_dtype) for s in linears]
+        tensors += [(s.out_features, s.count, a.base_dtype) for s in linears if s.bias]
         tensors += [(numel, count, a.base_dtype) for _, numel, count in shape.others]
-        return _finish(shape, method, a, dense, 0, tensors)
+        return _finish(shape, method, a, dense, 0, 0, tensors)
     adapted = resolve_targets(shape, a.targets)
     tensors = [(a.rank * n, s.count, a.adapter_dtype) for s in adapted for n in (s.in_features, s.out_features)]
     adapter = sum(n * c for n, c, _ in tensors) * DTYPE_BYTES[a.adapter_dtype]
     tensors += [(numel, count, a.base_dtype) for _, numel, count in resolve_saved(shape, a.modules_to_save)]
-    if method == "qlora":
-        lin = shape.linears
-        weights = sum(s.in_features * s.out_features * s.count for s in lin)
-        quantized = sum(
-            quantized_bytes(s.in_features, s.out_features, a.quant, a.quant_blocksize) * s.count for s in lin
-        )
-        biases = sum(s.out_features * s.count for s in lin if s.bias)
-        dense += quantized - weights * base_bytes + biases * (DTYPE_BYTES[a.quant_compute_dtype] - base_bytes)
-    return _finish(shape, method, a, dense, adapter, tensors)
+    if method == "lora":
+        return _finish(shape, method, a, dense, 0, adapter, tensors)
+    kept = saved_linears(shape, a.modules_to_save)  # trained fully, so not quantized
+    quantized = tuple(s for s in shape.linears if s not in kept)
+    return _finish(shape, method, a, *_quantize(quantized, a, dense), adapter, tensors)
+
+
+def _quantize(linears: tuple[LinearSpec, ...], a: Assumptions, dense: int) -> tuple[int, int]:
+    """``dense`` base bytes with ``linears`` quantized (biases in the compute dtype), and the quantized part."""
+    base_bytes = DTYPE_BYTES[a.base_dtype]
+    weights = sum(s.in_features * s.out_features * s.count for s in linears)
+    quantized = sum(
+        quantized_bytes(s.in_features, s.out_features, a.quant, a.quant_blocksize) * s.count for s in linears
+    )
+    biases = sum(s.out_features * s.count for s in linears if s.bias)
+    base = dense + quantized - weights * base_bytes + biases * (DTYPE_BYTES[a.quant_compute_dtype] - base_bytes)
+    return base, quantized
 
 
 def _finish(
-    shape: ModelShape, method: Method, a: Assumptions, base: int, adapter: int,
+    shape: ModelShape, method: Method, a: Assumptions, base: int, quantized: int, adapter: int,
     tensors: list[tuple[int, int, Dtype]],
 ) -> Estimate:  # fmt: skip
     """Sum trainable ``(numel, count, dtype)`` tensors into optimizer state and gradients."""
@@ -248,7 +263,7 @@ def _finish(
     total = base + adapter + opt + grads + acts
     return Estimate(
         shape.name, method, shape.total_params, trainable, base, adapter, base + adapter,
-        opt, grads, acts, total, smallest_gpu(total), a,
+        opt, grads, acts, total, smallest_gpu(total), a, quantized,
     )  # fmt: skip
 
 

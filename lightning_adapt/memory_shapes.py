@@ -2,7 +2,11 @@
 
 Every linear layer is ``in × out`` (+ ``out`` bias); grouped-query attention gives k/v an output of
 ``num_key_value_heads · head_dim``; a gated MLP has three matrices; tied embeddings count once. Every
-other tensor (embeddings, norms, an untied head) is listed by its Hugging Face leaf name.
+other tensor (embeddings, norms, an untied head) is listed by its Hugging Face name (a dotted suffix).
+The config's ``architectures`` picks what sits on the backbone: a language-model head (``*ForCausalLM``,
+``*LMHeadModel``), a sequence-classification head of ``num_labels`` (or ``len(id2label)``) outputs
+(``*ForSequenceClassification``: BERT's ``classifier`` with bias over the pooler, ``score`` without bias
+for Llama-family and GPT-2), or nothing (``*Model``).
 
 Example:
     >>> load_model_shape("llama-2-7b").total_params
@@ -34,7 +38,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class LinearSpec:
-    """``count`` linears named ``name`` (dotted suffix inside a block), ``in_features → out_features``."""
+    """``count`` linears named ``name`` (a dotted suffix of the module name), ``in_features → out_features``."""
 
     name: str
     in_features: int
@@ -45,10 +49,14 @@ class LinearSpec:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """Exact parameter layout: block linears (quantizable, LoRA targets) and every other tensor.
+    """Exact parameter layout: linears, task heads and every other tensor.
 
-    ``others`` maps a tensor name to ``(numel, count)``: embeddings, norms, biases outside ``linears``,
-    an untied output head. ``lm_vocab`` is the head's vocabulary (0 without a language-model head).
+    ``linears`` are what QLoRA quantizes and ``"all-linear"`` adapts (block linears, BERT's pooler);
+    ``heads`` are linear task heads kept in ``base_dtype`` and left out of ``"all-linear"`` (``classifier``,
+    ``score``), as :mod:`lightning_adapt.quant` and :mod:`lightning_adapt.targeting` treat them. ``others``
+    rows are ``(name, numel, count)``, ``count`` tensors of ``numel`` each: embeddings, norms (weight and
+    bias are two tensors), an untied ``lm_head``. ``lm_vocab`` is the language-model head's vocabulary
+    (0 without one).
     """
 
     name: str
@@ -61,15 +69,17 @@ class ModelShape:
     lm_vocab: int
     linears: tuple[LinearSpec, ...]
     others: tuple[tuple[str, int, int], ...]
+    heads: tuple[LinearSpec, ...] = ()
 
     @property
     def total_params(self) -> int:
-        lin = sum((s.in_features + s.bias) * s.out_features * s.count for s in self.linears)
+        lin = sum((s.in_features + s.bias) * s.out_features * s.count for s in (*self.linears, *self.heads))
         return lin + sum(numel * count for _, numel, count in self.others)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], name: str = "config") -> ModelShape:
-        """Build from a Hugging Face ``config.json`` dict (Llama/Mistral/Qwen2, GPT-2 or BERT names)."""
+        """Build from a Hugging Face ``config.json`` dict (Llama/Mistral/Qwen2, GPT-2 or BERT names); its
+        ``architectures`` (absent: a causal LM, a bare BERT) selects the head, see the module docstring."""
         family = _detect_family(cfg)
         need = _REQUIRED[family]
         missing = [f for f in need if cfg.get(f) is None]
@@ -81,7 +91,7 @@ class ModelShape:
             )
         if cfg.get("num_local_experts") or cfg.get("num_experts"):
             raise ValueError(f"model={name!r}: mixture-of-experts configs are not supported; use a dense one.")
-        return _BUILDERS[family](cfg, name)
+        return _BUILDERS[family](cfg, name, _task(cfg, family, name))
 
 
 def _detect_family(cfg: Mapping[str, Any]) -> str:
@@ -91,7 +101,39 @@ def _detect_family(cfg: Mapping[str, Any]) -> str:
     return "bert" if model_type in ("bert", "roberta") else "llama"
 
 
-def _llama(cfg: Mapping[str, Any], name: str) -> ModelShape:
+#: Architecture-name suffix → head, checked in this order (``LMHeadModel`` before ``Model``).
+_TASK_SUFFIXES: tuple[tuple[str, str], ...] = (("ForSequenceClassification", "classify"), ("ForCausalLM", "lm"))
+_TASK_SUFFIXES += (("LMHeadModel", "lm"), ("Model", "base"))
+#: The heads modeled per family; the first is the default when a config has no ``architectures``.
+#: RoBERTa's classifier is a two-layer module (dense + out_proj) with no pooler: not modeled.
+_TASKS: dict[str, tuple[str, ...]] = {"llama": ("lm", "classify", "base"), "gpt2": ("lm", "classify", "base")}
+_TASKS.update(bert=("base", "classify"), roberta=("base",))
+_TASK_WORDS = {"lm": "a causal language model", "base": "the bare backbone", "classify": "a classifier"}
+
+
+def _task(cfg: Mapping[str, Any], family: str, name: str) -> str:
+    """``lm``, ``classify`` or ``base`` from the first of the config's ``architectures``."""
+    tasks = _TASKS["roberta" if cfg.get("model_type") == "roberta" else family]
+    archs = cfg.get("architectures") or []
+    if not archs:
+        return tasks[0]
+    task = next((t for suffix, t in _TASK_SUFFIXES if str(archs[0]).endswith(suffix)), None)
+    if task not in tasks:
+        modeled = ", ".join(f"*{suffix}" for suffix, t in _TASK_SUFFIXES if t in tasks)
+        raise ValueError(
+            f"model={name!r}: architectures={list(archs)!r} is not modeled for a "
+            f"{cfg.get('model_type', family)} config (modeled: {modeled}). Fix: name one of those in "
+            f"architectures, or drop the field to estimate the default ({_TASK_WORDS[tasks[0]]})."
+        )
+    return task
+
+
+def _num_labels(cfg: Mapping[str, Any]) -> int:
+    """Hugging Face's rule: ``num_labels``, else ``len(id2label)`` (``to_dict()`` keeps only that), else 2."""
+    return int(cfg.get("num_labels") or len(cfg.get("id2label") or {}) or 2)
+
+
+def _llama(cfg: Mapping[str, Any], name: str, task: str) -> ModelShape:
     d, i, n_layers, heads = (int(cfg[k]) for k in _REQUIRED["llama"][:4])
     vocab = int(cfg["vocab_size"])
     head_dim = int(cfg.get("head_dim") or d // heads)
@@ -109,29 +151,38 @@ def _llama(cfg: Mapping[str, Any], name: str) -> ModelShape:
     )
     others = [("embed_tokens", vocab * d, 1), ("input_layernorm", d, n_layers)]
     others += [("post_attention_layernorm", d, n_layers), ("norm", d, 1)]
-    if not cfg.get("tie_word_embeddings", False):
+    if task == "lm" and not cfg.get("tie_word_embeddings", False):
         others.append(("lm_head", vocab * d, 1))
-    return ModelShape(name, "llama", d, n_layers, i, kv, True, vocab, linears, tuple(others))
+    score = (LinearSpec("score", d, _num_labels(cfg), 1),) if task == "classify" else ()
+    lm_vocab = vocab if task == "lm" else 0
+    return ModelShape(name, "llama", d, n_layers, i, kv, True, lm_vocab, linears, tuple(others), score)
 
 
-def _gpt2(cfg: Mapping[str, Any], name: str) -> ModelShape:
+def _gpt2(cfg: Mapping[str, Any], name: str, task: str) -> ModelShape:
     d, n_layers, vocab, positions = (int(cfg[k]) for k in _REQUIRED["gpt2"])
     i = int(cfg.get("n_inner") or 4 * d)
     rows = (("c_attn", d, 3 * d), ("attn.c_proj", d, d), ("c_fc", d, i), ("mlp.c_proj", i, d))
     linears = tuple(LinearSpec(*row, n_layers, True) for row in rows)
-    others = (("wte", vocab * d, 1), ("wpe", positions * d, 1), ("layer_norms", d, 4 * n_layers + 2))
-    return ModelShape(name, "gpt2", d, n_layers, i, d, False, vocab, linears, others)
+    others: tuple[tuple[str, int, int], ...] = (("wte", vocab * d, 1), ("wpe", positions * d, 1))  # head tied
+    others += (("ln_1", d, 2 * n_layers), ("ln_2", d, 2 * n_layers), ("ln_f", d, 2))
+    heads = (LinearSpec("score", d, _num_labels(cfg), 1),) if task == "classify" else ()
+    lm_vocab = vocab if task == "lm" else 0
+    return ModelShape(name, "gpt2", d, n_layers, i, d, False, lm_vocab, linears, others, heads)
 
 
-def _bert(cfg: Mapping[str, Any], name: str) -> ModelShape:
+def _bert(cfg: Mapping[str, Any], name: str, task: str) -> ModelShape:
     d, i, n_layers, _, vocab = (int(cfg[k]) for k in _REQUIRED["bert"][:5])
     positions, types = int(cfg["max_position_embeddings"]), int(cfg.get("type_vocab_size", 2))
     rows = [(name, d, d) for name in ("query", "key", "value", "attention.output.dense")]
     rows += [("intermediate.dense", d, i), ("output.dense", i, d)]
     linears = tuple(LinearSpec(*row, n_layers, True) for row in rows)
-    others = tuple((n, size * d, 1) for n, size in (("word", vocab), ("position", positions), ("type", types)))
-    others += (("layer_norms", d, 4 * n_layers + 2), ("pooler.weight", d * d, 1), ("pooler.bias", d, 1))
-    return ModelShape(name, "bert", d, n_layers, i, d, False, 0, linears, others)
+    linears += (LinearSpec("pooler.dense", d, d, 1, True),)  # quantized and adapted like a block linear
+    sizes = (("word_embeddings", vocab), ("position_embeddings", positions), ("token_type_embeddings", types))
+    others = tuple((n, size * d, 1) for n, size in sizes)
+    norms = (("embeddings.LayerNorm", 1), ("attention.output.LayerNorm", n_layers), ("output.LayerNorm", n_layers))
+    others += tuple((n, d, 2 * count) for n, count in norms)  # weight and bias
+    heads = (LinearSpec("classifier", d, _num_labels(cfg), 1, True),) if task == "classify" else ()
+    return ModelShape(name, "bert", d, n_layers, i, d, False, 0, linears, others, heads)
 
 
 _REQUIRED: dict[str, tuple[str, ...]] = {
@@ -139,7 +190,7 @@ _REQUIRED: dict[str, tuple[str, ...]] = {
     "gpt2": ("n_embd", "n_layer", "vocab_size", "n_positions"),
     "bert": (*_LLAMA_FIELDS[:4], "vocab_size", "max_position_embeddings"),
 }
-_Builder = Callable[[Mapping[str, Any], str], "ModelShape"]
+_Builder = Callable[[Mapping[str, Any], str, str], "ModelShape"]
 _BUILDERS: dict[str, _Builder] = {"llama": _llama, "gpt2": _gpt2, "bert": _bert}
 
 
@@ -159,36 +210,48 @@ def load_model_shape(name_or_path: str) -> ModelShape:
 
 
 def linear_shapes(shape: ModelShape) -> dict[str, tuple[int, int, int]]:
-    """Per LoRA target name: ``(in_features, out_features, count)``."""
-    return {s.name: (s.in_features, s.out_features, s.count) for s in shape.linears}
+    """Per LoRA target name (linears, then heads): ``(in_features, out_features, count)``."""
+    return {s.name: (s.in_features, s.out_features, s.count) for s in (*shape.linears, *shape.heads)}
 
 
 def resolve_targets(shape: ModelShape, targets: tuple[str, ...]) -> tuple[LinearSpec, ...]:
-    """Linears matched by whole name or dotted suffix (``c_proj`` matches ``attn.c_proj``), or all-linear."""
+    """Linears (or heads) matched by whole name or dotted suffix (``c_proj`` matches ``attn.c_proj``), or
+    ``("all-linear",)``: every linear, no head."""
     if targets == ("all-linear",):
         return shape.linears
-    unknown = [t for t in targets if not any(_matches(s.name, t) for s in shape.linears)]
+    specs = (*shape.linears, *shape.heads)
+    unknown = [t for t in targets if not any(_matches(s.name, t) for s in specs)]
     if unknown:
         raise ValueError(
             f"targets={','.join(targets)!r}: {', '.join(unknown)} not a linear layer of {shape.name!r} "
             f"({shape.family}). Allowed: {', '.join(linear_shapes(shape))} or 'all-linear'."
         )
-    return tuple(s for s in shape.linears if any(_matches(s.name, t) for t in targets))
+    return tuple(s for s in specs if any(_matches(s.name, t) for t in targets))
+
+
+def saved_linears(shape: ModelShape, modules: tuple[str, ...]) -> tuple[LinearSpec, ...]:
+    """The linears and heads that ``modules`` (LoRA's ``modules_to_save``) name; see :func:`resolve_saved`."""
+    return tuple(s for s in (*shape.linears, *shape.heads) if any(_matches(s.name, m) for m in modules))
 
 
 def resolve_saved(shape: ModelShape, modules: tuple[str, ...]) -> tuple[tuple[str, int, int], ...]:
-    """The non-linear tensors ``(name, numel, count)`` that ``modules`` (LoRA's ``modules_to_save``) name.
+    """The tensors ``(name, numel, count)`` that ``modules`` (LoRA's ``modules_to_save``) train fully.
 
-    Matched like targets against :attr:`ModelShape.others` (``embed_tokens``, ``norm``, ``lm_head``,
-    ``input_layernorm``, ...); every matched tensor is trained fully and counted once.
+    Matched like targets (whole name or dotted suffix) against every name the shape knows: linears and
+    heads (``classifier``, ``score``, ``query``, ``pooler.dense``: weight and bias rows) and
+    :attr:`ModelShape.others` (``embed_tokens``, ``norm``, ``lm_head``, ``LayerNorm``, ...). Each tensor
+    is counted once however many entries match it.
     """
-    unknown = [m for m in modules if not any(_matches(name, m) for name, _, _ in shape.others)]
+    names = [*linear_shapes(shape), *(n for n, _, _ in shape.others)]
+    unknown = [m for m in modules if not any(_matches(name, m) for name in names)]
     if unknown:
         raise ValueError(
-            f"modules_to_save={','.join(modules)!r}: {', '.join(unknown)} not a non-linear tensor of "
-            f"{shape.name!r} ({shape.family}). Allowed: {', '.join(n for n, _, _ in shape.others)}."
+            f"modules_to_save={','.join(modules)!r}: {', '.join(unknown)} not a module of {shape.name!r} "
+            f"({shape.family}). Allowed: {', '.join(names)} (whole names or dotted suffixes)."
         )
-    return tuple(row for row in shape.others if any(_matches(row[0], m) for m in modules))
+    rows = [(f"{s.name}.weight", s.in_features * s.out_features, s.count) for s in saved_linears(shape, modules)]
+    rows += [(f"{s.name}.bias", s.out_features, s.count) for s in saved_linears(shape, modules) if s.bias]
+    return (*rows, *(row for row in shape.others if any(_matches(row[0], m) for m in modules)))
 
 
 def _matches(name: str, target: str) -> bool:

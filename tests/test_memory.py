@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -10,13 +11,18 @@ import pytest
 import torch
 from transformers import (
     BertConfig,
+    BertForSequenceClassification,
     BertModel,
     GPT2Config,
+    GPT2ForSequenceClassification,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    LlamaModel,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2ForSequenceClassification,
 )
 
 from lightning_adapt.estimate_cli import estimate_command, main
@@ -26,6 +32,7 @@ from lightning_adapt.memory import (
     PRESETS,
     QUANT_TABLE_BYTES,
     Assumptions,
+    LinearSpec,
     ModelShape,
     activation_bytes,
     estimate,
@@ -36,6 +43,11 @@ from lightning_adapt.memory import (
     smallest_gpu,
 )
 
+BERT = dict(
+    hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=500,
+    max_position_embeddings=128,
+)  # fmt: skip
+HEADS = ("classifier", "score")
 GQA = dict(
     hidden_size=256, intermediate_size=688, num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2,
     vocab_size=1000,
@@ -84,6 +96,87 @@ def _meta_numel(model_cls: Any, config: Any) -> int:
 def test_parameter_count_matches_model_built_from_config(cfg: dict[str, Any], model_cls: Any, config_cls: Any) -> None:
     fields = {k: v for k, v in cfg.items() if k != "model_type"}
     assert ModelShape.from_config(cfg).total_params == _meta_numel(model_cls, config_cls(**fields))
+
+
+def _tensor_count(shape: ModelShape) -> int:
+    """Parameter tensors as the estimator counts them: a 1-byte optimizer scalar per trainable tensor."""
+    probe = Assumptions(base_dtype="fp32", optimizer="adamw-fp32", state_bytes_per_tensor=1)
+    return estimate(shape, "full", probe).optimizer_bytes - 8 * shape.total_params
+
+
+@pytest.mark.parametrize(
+    ("model_cls", "config"),
+    [
+        (BertForSequenceClassification, BertConfig(**BERT, num_labels=3)),
+        (BertModel, BertConfig(**BERT)),
+        (LlamaForSequenceClassification, LlamaConfig(**GQA, num_labels=5)),
+        (LlamaForSequenceClassification, LlamaConfig(**GQA, num_labels=2, tie_word_embeddings=True)),
+        (LlamaModel, LlamaConfig(**GQA)),
+        (Qwen2ForSequenceClassification, Qwen2Config(**GQA, num_labels=4)),
+        (GPT2ForSequenceClassification, GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=500, num_labels=3)),
+        (GPT2LMHeadModel, GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=500)),
+        (LlamaForCausalLM, LlamaConfig(**GQA)),
+    ],
+    ids=[
+        "bert-cls",
+        "bert",
+        "llama-cls",
+        "llama-cls-tied",
+        "llama-base",
+        "qwen2-cls",
+        "gpt2-cls",
+        "gpt2-lm",
+        "llama-lm",
+    ],
+)
+def test_architectures_pick_the_head_exactly(model_cls: Any, config: Any) -> None:
+    """Parameters and parameter tensors of the model the callback sees: ``to_dict()`` keeps ``id2label``,
+    not ``num_labels``, and the live class stands for ``architectures``."""
+    with torch.device("meta"):
+        model = model_cls(config)
+    shape = ModelShape.from_config({**config.to_dict(), "architectures": [model_cls.__name__]}, model_cls.__name__)
+    assert shape.total_params == _numel(model)
+    assert _tensor_count(shape) == len(list(model.parameters()))
+    heads = {n: (m.in_features, m.out_features, m.bias is not None) for n, m in model.named_modules() if n in HEADS}
+    assert {s.name: (s.in_features, s.out_features, s.bias) for s in shape.heads} == heads
+
+
+def test_task_heads_are_trained_through_modules_to_save_and_never_quantized() -> None:
+    shape = ModelShape.from_config({**BERT, "model_type": "bert", "architectures": ["BertForSequenceClassification"]})
+    assert shape.heads == (LinearSpec("classifier", 64, 2, 1, True),)  # no num_labels, no id2label: 2
+    head = 64 * 2 + 2
+    for method in ("lora", "qlora"):
+        plain = estimate(shape, method, Assumptions(base_dtype="fp32", targets=("query", "value")))
+        saved = estimate(
+            shape, method, Assumptions(base_dtype="fp32", targets=("query", "value"), modules_to_save=("classifier",))
+        )
+        assert saved.trainable_params - plain.trainable_params == head
+        assert (saved.gradient_bytes - plain.gradient_bytes, saved.optimizer_bytes - plain.optimizer_bytes) == (
+            4 * head,
+            8 * head,
+        )
+        assert saved.weights_bytes == plain.weights_bytes  # the head stays fp32 either way
+    full = estimate(shape, "full", Assumptions(base_dtype="fp32"))
+    assert full.trainable_params == shape.total_params
+    # all-linear: every block linear and the pooler, not the head; naming the head adapts it
+    all_linear = estimate(shape, "lora", Assumptions(rank=2, targets=("all-linear",))).trainable_params
+    assert all_linear == 2 * sum((i + o) * c for n, (i, o, c) in linear_shapes(shape).items() if n != "classifier")
+    assert estimate(shape, "lora", Assumptions(rank=2, targets=("classifier",))).trainable_params == 2 * (64 + 2)
+
+
+def test_modules_to_save_naming_a_linear_trains_it_unquantized() -> None:
+    shape = ModelShape.from_config({**BERT, "model_type": "bert"})
+    fp32 = Assumptions(base_dtype="fp32", quant_compute_dtype="fp32", targets=("query",))
+    plain = estimate(shape, "qlora", fp32)
+    saved = estimate(shape, "qlora", replace(fp32, modules_to_save=("dense",)))
+    dense = [s for s in shape.linears if s.name.endswith("dense")]  # attention.output, intermediate, output, pooler
+    assert len(dense) == 4
+    numel = sum((s.in_features + 1) * s.out_features * s.count for s in dense)
+    assert saved.trainable_params - plain.trainable_params == numel
+    packed = sum(quantized_bytes(s.in_features, s.out_features, "nf4-dq") * s.count for s in dense)
+    assert plain.quantized_weights_bytes - saved.quantized_weights_bytes == packed
+    weights = sum(s.in_features * s.out_features * s.count for s in dense)
+    assert saved.base_weights_bytes - plain.base_weights_bytes == 4 * weights - packed
 
 
 def test_llama_2_7b_figures_match_the_article() -> None:
@@ -178,8 +271,8 @@ def test_modules_to_save_are_trained_fully_in_base_dtype() -> None:
         8 * extra,
     )
     assert saved.weights_bytes == plain.weights_bytes  # already counted, never quantized
-    with pytest.raises(ValueError, match=r"modules_to_save=.*q_proj.*Allowed: embed_tokens"):
-        estimate(shape, "lora", Assumptions(modules_to_save=("q_proj",)))
+    with pytest.raises(ValueError, match=r"modules_to_save='mlp': mlp not a module .*Allowed: q_proj.*embed_tokens"):
+        estimate(shape, "lora", Assumptions(modules_to_save=("mlp",)))
 
 
 def test_targets_all_linear_and_suffix_matching() -> None:
@@ -227,8 +320,19 @@ def test_config_json_path_and_folder(tmp_path: Path) -> None:
             lambda: estimate(load_model_shape("llama-2-7b"), "lora", Assumptions(targets=("query", "q_proj"))),
             ["targets=", "query", "gate_proj", "all-linear"],
         ),
+        (
+            lambda: ModelShape.from_config({**BERT, "model_type": "bert", "architectures": ["BertForMaskedLM"]}),
+            ["architectures=['BertForMaskedLM']", "*ForSequenceClassification, *Model", "Fix"],
+        ),
+        (
+            lambda: ModelShape.from_config(
+                {**BERT, "model_type": "roberta", "architectures": ["RobertaForSequenceClassification"]}
+            ),
+            ["RobertaForSequenceClassification", "roberta", "(modeled: *Model)"],
+        ),
+        (lambda: Assumptions(quant_blocksize=100), ["quant_blocksize=100", "32, 64"]),
     ],
-    ids=["preset", "config-fields", "rank-and-batch", "optimizer", "target"],
+    ids=["preset", "config-fields", "rank-and-batch", "optimizer", "target", "architecture", "roberta", "blocksize"],
 )
 def test_errors_name_argument_value_and_allowed(call: Any, needles: list[str]) -> None:
     with pytest.raises(ValueError) as err:
@@ -261,3 +365,31 @@ def test_cli_errors_exit_with_one_message(capsys: pytest.CaptureFixture[str]) ->
     with pytest.raises(SystemExit) as exit_info:
         main(["--targets", "qkv"])
     assert "targets='qkv'" in str(exit_info.value) and "all-linear" in str(exit_info.value)
+
+
+def test_cli_quant_blocksize_and_modules_to_save(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = BertConfig(**BERT, num_labels=3).to_dict()
+    (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": ["BertForSequenceClassification"]}))
+    args = ["--model", str(tmp_path), "--targets", "query,value", "--base_dtype", "fp32"]
+    main([*args, "--method", "qlora", "--quant_blocksize", "128", "--modules_to_save", "classifier", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    shape = load_model_shape(str(tmp_path))
+    expected = estimate(
+        shape,
+        "qlora",
+        Assumptions(
+            targets=("query", "value"), base_dtype="fp32", quant_blocksize=128, modules_to_save=("classifier",)
+        ),
+    )
+    assert out == expected.to_json()
+    assert out["assumptions"]["quant_blocksize"] == 128 and out["assumptions"]["modules_to_save"] == "classifier"
+    assert out["trainable_params"] == 16 * (64 + 64) * 2 * 2 + 64 * 3 + 3  # r=16 on q and v in 2 layers; the head
+    blocks64 = estimate(shape, "qlora", Assumptions(targets=("query", "value"), base_dtype="fp32"))
+    assert out["quantized_weights_bytes"] < blocks64.quantized_weights_bytes  # half the absmax constants
+    main([*args, "--modules_to_save", "classifier,LayerNorm", "--quant_blocksize", "128"])
+    text = capsys.readouterr().out
+    assert "modules_to_save classifier,LayerNorm trained fully" in text
+    assert "nf4-dq (4 + 8/128 + 32/(128·256) ≈ 4.063 bits)" in text
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--modules_to_save", "pooler"])
+    assert "modules_to_save='pooler'" in str(exit_info.value) and "pooler.dense" in str(exit_info.value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -10,14 +11,15 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+import yaml
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 from toy import ToyModule, loader, trainer
 
 from lightning_adapt.callbacks.lora import LoRAInjectionCallback
-from lightning_adapt.callbacks.memory_report import MemoryReportCallback
-from lightning_adapt.memory import format_bytes
-from lightning_adapt.tasks import CausalLMTask
+from lightning_adapt.callbacks.memory_report import MemoryReportCallback, _saved
+from lightning_adapt.memory import ModelShape, format_bytes
+from lightning_adapt.tasks import CausalLMTask, SequenceClassificationTask
 
 COMPARED = ("weights", "trainable params", "gradients", "optimizer state")
 
@@ -29,6 +31,19 @@ def _tokens(vocab: int = 1000, n: int = 4, seq: int = 16) -> DataLoader[Any]:
         ids = torch.randint(0, vocab, (seq,), generator=g)
         rows.append({"input_ids": ids, "attention_mask": torch.ones(seq, dtype=torch.long), "labels": ids})
     return DataLoader(rows, batch_size=2)  # type: ignore[arg-type]  # a list is a map-style dataset
+
+
+def _labelled(vocab: int = 30522, n: int = 4, seq: int = 16, classes: int = 3) -> DataLoader[Any]:
+    g = torch.Generator().manual_seed(0)
+    rows = [
+        {
+            "input_ids": torch.randint(0, vocab, (seq,), generator=g),
+            "attention_mask": torch.ones(seq, dtype=torch.long),
+            "labels": torch.tensor(i % classes),
+        }
+        for i in range(n)
+    ]
+    return DataLoader(rows, batch_size=2)  # type: ignore[arg-type]
 
 
 def _quantize() -> L.Callback:
@@ -81,6 +96,91 @@ def test_measured_bytes_agree_with_the_estimate(run: str, tiny_llama_dir: Path) 
         assert quantized < dense / 50, "block linears are 4-bit, the 49k-token embedding stays fp32"
     if method != "full":
         assert first["adapter weights"][0] == pytest.approx(report.estimate.adapter_bytes, rel=0.05)
+
+
+def _recipe_callbacks(recipe: str) -> list[L.Callback]:
+    """The adapter callbacks of ``recipes/sentiment/<recipe>.yaml`` (quantize, paged optimizer, LoRA), as
+    the CLI builds them from the recipe keys."""
+    config = yaml.safe_load((Path(__file__).parents[1] / f"recipes/sentiment/{recipe}.yaml").read_text())
+    callbacks: list[L.Callback] = []
+    for key in ("quantize", "paged_optimizer", "lora"):
+        if key in config:
+            if key != "lora":
+                pytest.importorskip("bitsandbytes")
+            module, _, name = config[key]["class_path"].rpartition(".")
+            callbacks.append(getattr(importlib.import_module(module), name)(**config[key].get("init_args", {})))
+    return callbacks
+
+
+@pytest.mark.parametrize(("recipe", "method"), [("full", "full"), ("lora", "lora"), ("qlora", "qlora")])
+def test_sentiment_recipes_measured_bytes_equal_the_estimate(recipe: str, method: str, tiny_bert_dir: Path) -> None:
+    """The sentiment recipes' adapter settings on a tiny BERT loaded with a new 3-label head: to the byte."""
+    report = MemoryReportCallback()
+    module = SequenceClassificationTask(model_name_or_path=str(tiny_bert_dir), num_labels=3)
+    callbacks = _recipe_callbacks(recipe)
+    trainer(callbacks=[*callbacks, report], max_steps=2).fit(module, _labelled())
+    assert report.estimate is not None, report.no_estimate_reason
+    assert (report.estimate.model, report.estimate.method) == ("BertForSequenceClassification", method)
+    for stage in ("first_step", "fit_end"):
+        rows = report.reports[stage]
+        for component in (*COMPARED, "adapter weights", "weights: quantized", "weights: fp32"):
+            if component in rows:
+                assert rows[component][0] == rows[component][1], (stage, component, rows)
+    trainable = report.reports["first_step"]["trainable params"][0]
+    assert trainable == sum(p.numel() for p in module.parameters() if p.requires_grad)
+    if method != "full":  # the recipes' names (e.g. attention.output.dense), not every "dense"
+        lora = next(c for c in callbacks if isinstance(c, LoRAInjectionCallback))
+        assert report.estimate.assumptions.targets == tuple(lora.spec.target_modules or ())
+        assert report.estimate.assumptions.modules_to_save == ("classifier",)
+        assert module.model.classifier.weight.requires_grad
+    if method == "qlora":  # the 12 block linears and the pooler packed, the classifier kept in fp32
+        assert module.model.classifier.weight.dtype == torch.float32
+        assert report.reports["first_step"]["weights: quantized"][0] == report.estimate.quantized_weights_bytes > 0
+
+
+def test_parameters_outside_the_hf_model_get_no_estimate(tiny_bert_dir: Path) -> None:
+    class Tagger(L.LightningModule):  # a BertModel with a head of its own: the config cannot know it
+        def __init__(self) -> None:
+            super().__init__()
+            from transformers import BertModel
+
+            self.encoder = BertModel.from_pretrained(tiny_bert_dir, local_files_only=True)
+            self.head = torch.nn.Linear(32, 3)
+
+        def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            hidden = self.encoder(batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            return torch.nn.functional.cross_entropy(self.head(hidden[:, 0]), batch["labels"])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    report = MemoryReportCallback()
+    trainer(callbacks=[report], max_steps=1).fit(Tagger(), _labelled())
+    assert report.estimate is None and report.no_estimate_reason is not None
+    assert "parameters outside BertModel are not modeled: head.weight, head.bias" in report.no_estimate_reason
+
+
+@pytest.mark.parametrize(
+    ("config", "entries", "expected"),
+    [
+        (
+            {"architectures": ["BertForSequenceClassification"]},
+            ["classifier", "bert.pooler.dense"],
+            ("classifier", "pooler.dense"),
+        ),
+        ({"architectures": ["BertModel"]}, ["embeddings.LayerNorm", "pooler"], ("embeddings.LayerNorm", "pooler")),
+        ({"model_type": "llama", "tie_word_embeddings": True}, ["model.norm", "lm_head"], ("norm", "embed_tokens")),
+    ],
+    ids=["head-and-full-name", "unknown-left-for-the-estimator", "llama-tied"],
+)
+def test_modules_to_save_become_names_the_shape_knows(
+    config: dict[str, Any], entries: list[str], expected: tuple[str, ...]
+) -> None:
+    fields = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, vocab_size=10)
+    shape = ModelShape.from_config({"model_type": "bert", "max_position_embeddings": 8, **fields, **config})
+    assert _saved(entries, shape) == expected
+    with pytest.raises(ValueError, match=r"'layer\.0\.output' is a regex or selects single layers"):
+        _saved(["layer.0.output"], shape)
 
 
 def test_table_has_both_columns_and_numbers_reach_the_logger(

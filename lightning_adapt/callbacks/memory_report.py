@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -14,6 +15,7 @@ from typing_extensions import override
 
 from lightning_adapt.callbacks.lora import LoRAInjectionCallback
 from lightning_adapt.callbacks.quantize import QuantizeBaseCallback
+from lightning_adapt.inject import logical_numel
 from lightning_adapt.lora import AdapterModule
 from lightning_adapt.memory import (
     Assumptions,
@@ -26,10 +28,10 @@ from lightning_adapt.memory import (
     estimate,
     format_bytes,
     format_params,
-    quantized_bytes,
+    linear_shapes,
 )
 from lightning_adapt.optim import optimizer_state_bytes
-from lightning_adapt.quant import QuantConfig, quant_storage_bytes, quantized_layers
+from lightning_adapt.quant import quant_storage_bytes, quantized_layers
 from lightning_adapt.targeting import ALL_LINEAR, DEFAULT_TARGETS
 
 _DTYPES: dict[torch.dtype, Dtype] = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -52,12 +54,14 @@ class MemoryReportCallback(L.Callback):
     and ``..._estimated``) when there are any. Gradients are measured right before each optimizer step.
 
     The estimator's input is read off the live run: the ``config`` of the first Hugging Face
-    ``PreTrainedModel`` inside the module, the method from the callbacks present
+    ``PreTrainedModel`` inside the module (its class standing for ``architectures``, which picks the head:
+    a ``BertForSequenceClassification`` adds the ``classifier``), the method from the callbacks present
     (:class:`~lightning_adapt.callbacks.quantize.QuantizeBaseCallback` → qlora,
     :class:`~lightning_adapt.callbacks.lora.LoRAInjectionCallback` → lora, else full), rank, targets and
     ``modules_to_save`` from the LoRA callback, the quantization format from the quantize callback, base and
     adapter dtypes from the parameters, the optimizer kind from the optimizer's class. A module without a
-    Hugging Face config gets measured figures only, with the reason.
+    Hugging Face config, or whose parameters the config does not account for exactly (a head outside the
+    Hugging Face model, an unmodeled architecture), gets measured figures only, with the reason.
 
     Measured peak is ``torch.cuda.max_memory_allocated`` on GPU and the process's peak resident set size
     on CPU (Python, libraries and data included, so it exceeds any estimate there).
@@ -125,8 +129,8 @@ class MemoryReportCallback(L.Callback):
 
     def _report(self, stage: str, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        self.estimate, shape, self.no_estimate_reason = _predict(trainer, pl_module, optimizer, self._tokens)
-        predicted = _predicted(self.estimate, shape, optimizer is not None) if self.estimate and shape else {}
+        self.estimate, self.no_estimate_reason = _predict(trainer, pl_module, optimizer, self._tokens)
+        predicted = _predicted(self.estimate, optimizer is not None) if self.estimate else {}
         self.reports[stage] = report = _pair(_measure(pl_module, optimizer, self._grad_bytes), predicted)
         rank_zero_info(_format(stage, report, self.estimate, self.no_estimate_reason, _peak(pl_module)[1]))
         if self.log_metrics and trainer.loggers and trainer.is_global_zero:
@@ -202,24 +206,39 @@ def _hf_model(module: nn.Module) -> Any:
 
 def _predict(
     trainer: L.Trainer, module: nn.Module, optimizer: torch.optim.Optimizer | None, tokens: tuple[int, int] | None
-) -> tuple[Estimate | None, ModelShape | None, str | None]:
-    """The estimate for this run and the shape it used, or ``(None, None, why not)``."""
+) -> tuple[Estimate | None, str | None]:
+    """The estimate for this run, or ``(None, why not)``."""
     model = _hf_model(module)
     if model is None:
-        return (
-            None,
-            None,
-            f"{type(module).__name__} holds no Hugging Face PreTrainedModel, so there is no config to estimate from",
-        )
+        why = "holds no Hugging Face PreTrainedModel, so there is no config to estimate from"
+        return None, f"{type(module).__name__} {why}"
     try:
-        shape = ModelShape.from_config(model.config.to_dict(), name=type(model).__name__)
+        name = type(model).__name__  # the live class, not the checkpoint's (a BertModel loaded with a new head)
+        shape = ModelShape.from_config({**model.config.to_dict(), "architectures": [name]}, name=name)
+        _check_accounted(module, model, shape)
         method, options = _method_options(trainer, model, shape)
         options.update(_optimizer_options(optimizer))
         if tokens is not None:
             options["batch_size"], options["seq_len"] = tokens
-        return estimate(shape, method, Assumptions(**options)), shape, None
+        return estimate(shape, method, Assumptions(**options)), None
     except ValueError as err:
-        return None, None, f"the estimator cannot describe this run: {err}"
+        return None, f"the estimator cannot describe this run: {err}"
+
+
+def _check_accounted(module: nn.Module, model: nn.Module, shape: ModelShape) -> None:
+    """Raise unless ``shape`` counts every non-adapter parameter of ``module`` (a packed 4-bit tensor as
+    the weights it holds): the estimate would silently leave the rest out."""
+    inside, adapters = {id(p) for p in model.parameters()}, _adapter_ids(module)
+    outside = [n for n, p in module.named_parameters() if id(p) not in inside and id(p) not in adapters]
+    if outside:
+        more = f" and {len(outside) - 3} more" if len(outside) > 3 else ""
+        raise ValueError(f"parameters outside {type(model).__name__} are not modeled: {', '.join(outside[:3])}{more}")
+    numel = sum(logical_numel(p) for p in model.parameters() if id(p) not in adapters)
+    if numel != shape.total_params:
+        raise ValueError(
+            f"{type(model).__name__} holds {numel:,} parameters besides adapters; its config describes "
+            f"{shape.total_params:,} (a head or layer the estimator does not model)"
+        )
 
 
 def _callback(trainer: L.Trainer, cls: type[L.Callback]) -> Any:
@@ -251,45 +270,57 @@ def _method_options(trainer: L.Trainer, model: nn.Module, shape: ModelShape) -> 
     options["modules_to_save"] = _saved(lora.spec.modules_to_save, shape)
     if quant is None:
         return "lora", options
-    options.update(_quant_options(quant.config))
+    options.update(_quant_options(quant, lora.spec.modules_to_save))
     return "qlora", options
 
 
 def _targets(lora: LoRAInjectionCallback, shape: ModelShape) -> tuple[str, ...]:
-    """The estimator's targets for the LoRA spec: ``all-linear``, or the block linears the names select."""
-    spec = lora.spec
+    """The estimator's targets for the LoRA spec: ``all-linear``, the default names the shape has, or each
+    entry as the longest dotted suffix naming linears of the shape (matched by suffix, as targeting does)."""
+    spec, names = lora.spec, list(linear_shapes(shape))
     if spec.exclude_modules:
         raise ValueError(f"exclude_modules={list(spec.exclude_modules)} has no estimator equivalent")
     if spec.target_modules == ALL_LINEAR:
         return (ALL_LINEAR,)
-    entries = DEFAULT_TARGETS if spec.target_modules is None else spec.target_modules
-    entries = (entries,) if isinstance(entries, str) else tuple(entries)
-    if any(part.isdigit() for entry in entries for part in entry.split(".")):
-        raise ValueError(
-            f"target_modules={spec.target_modules!r} selects single layers; the estimator adapts every layer"
-        )
-    leaves = {entry.rsplit(".", 1)[-1] for entry in entries}
-    matched = tuple(s.name for s in shape.linears if s.name.rsplit(".", 1)[-1] in leaves)
-    if not matched or (spec.target_modules is not None and len(leaves) > len({m.rsplit(".", 1)[-1] for m in matched})):
-        raise ValueError(f"target_modules={spec.target_modules!r} does not name whole block linears of the config")
-    return matched
+    if spec.target_modules is None:
+        return tuple(entry for entry in DEFAULT_TARGETS if _known(entry, names, "target_modules") == entry)
+    entries = (spec.target_modules,) if isinstance(spec.target_modules, str) else tuple(spec.target_modules)
+    known = [_known(entry, names, "target_modules") for entry in entries]
+    if missing := [entry for entry, name in zip(entries, known, strict=True) if name is None]:
+        raise ValueError(f"target_modules entries {missing} name no linear of the config ({', '.join(names)})")
+    return tuple(name for name in known if name is not None)
 
 
 def _saved(modules: Sequence[str], shape: ModelShape) -> tuple[str, ...]:
-    names = {name for name, _, _ in shape.others}
-    leaves = tuple(entry.rsplit(".", 1)[-1] for entry in modules)
+    """Each entry as the longest dotted suffix the shape knows (``bert.pooler.dense`` → ``pooler.dense``,
+    ``model.norm`` → ``norm``); a tied ``lm_head`` is ``embed_tokens``; unknown names are left for
+    :func:`~lightning_adapt.memory.resolve_saved` to reject with the allowed ones."""
+    names = [*linear_shapes(shape), *(n for n, _, _ in shape.others)]
+    known = [_known(entry, names, "modules_to_save") or entry for entry in modules]
     # a tied head is the embedding: training ``lm_head`` trains ``embed_tokens``
-    return tuple(
-        "embed_tokens" if leaf == "lm_head" and leaf not in names and "embed_tokens" in names else leaf
-        for leaf in leaves
-    )
+    return tuple("embed_tokens" if name == "lm_head" and name not in names else name for name in known)
 
 
-def _quant_options(config: QuantConfig) -> dict[str, Any]:
+def _known(entry: str, names: Sequence[str], argument: str) -> str | None:
+    """The longest dotted suffix of ``entry`` that is, or ends, one of ``names``; ``None`` if none does."""
+    parts = entry.split(".")
+    if not re.fullmatch(r"[\w.]+", entry) or any(part.isdigit() for part in parts):
+        raise ValueError(f"{argument} entry {entry!r} is a regex or selects single layers; the estimator needs names")
+    suffixes = (".".join(parts[i:]) for i in range(len(parts)))
+    return next((x for x in suffixes if any(n == x or n.endswith("." + x) for n in names)), None)
+
+
+def _quant_options(quant: QuantizeBaseCallback, saved: Sequence[str]) -> dict[str, Any]:
+    # the estimator quantizes every linear but task heads and ``modules_to_save`` (which must be skipped)
+    if not quant.include_default_skips:
+        raise ValueError("include_default_skips=False quantizes output heads; the estimator keeps them unquantized")
+    if extra := [entry for entry in quant.skip_modules if entry not in saved]:
+        raise ValueError(f"skip_modules={extra!r} outside modules_to_save have no estimator equivalent")
+    config = quant.config
     # fp4 is stored exactly like nf4 (codes, absmax, tables)
-    quant: Quant = "int8" if config.mode == "int8" else "nf4-dq" if config.double_quant else "nf4"
+    kind: Quant = "int8" if config.mode == "int8" else "nf4-dq" if config.double_quant else "nf4"
     compute = _DTYPES.get(config.compute_dtype, "bf16")
-    return {"quant": quant, "quant_blocksize": config.blocksize, "quant_compute_dtype": compute}
+    return {"quant": kind, "quant_blocksize": config.blocksize, "quant_compute_dtype": compute}
 
 
 def _optimizer_options(optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
@@ -312,14 +343,9 @@ def _optimizer_options(optimizer: torch.optim.Optimizer | None) -> dict[str, Any
 # --------------------------------------------------------------------------- the table
 
 
-def _predicted(est: Estimate, shape: ModelShape, has_optimizer: bool) -> dict[str, int | None]:
-    """The estimate in the report's components (the quantized part recomputed from the shape)."""
-    a = est.assumptions
-    quantized = 0
-    if est.method == "qlora":
-        quantized = sum(
-            quantized_bytes(s.in_features, s.out_features, a.quant, a.quant_blocksize) * s.count for s in shape.linears
-        )
+def _predicted(est: Estimate, has_optimizer: bool) -> dict[str, int | None]:
+    """The estimate in the report's components."""
+    a, quantized = est.assumptions, est.quantized_weights_bytes
     return {
         "weights": est.weights_bytes,
         f"weights: {a.base_dtype}": est.base_weights_bytes - quantized,
@@ -351,6 +377,7 @@ def _format(stage: str, report: _Report, est: Estimate | None, reason: str | Non
     if est is not None:
         a = est.assumptions
         what = est.method if est.method == "full" else f"{est.method} r={a.rank} on {','.join(a.targets)}"
+        what += f" + {','.join(a.modules_to_save)} trained fully" if est.method != "full" and a.modules_to_save else ""
         what += f", {a.quant}" if est.method == "qlora" else ""
         source = f"estimate for {est.model}: {what}, {a.base_dtype} base, {a.optimizer}"
     else:

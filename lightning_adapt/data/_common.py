@@ -6,7 +6,10 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
+from torch.utils.data import DataLoader
+from typing_extensions import override
 
 from lightning_adapt.models import resolve_model
 
@@ -69,3 +72,66 @@ def split_indices(n: int, val_size: int, train_size: int | None, seed: int) -> t
     val = order[:val_size]
     rest = order[val_size:]
     return rest[: train_size if train_size is not None else len(rest)], val
+
+
+class SplitDataModule(L.LightningDataModule):
+    """Base of the ready DataModules: tokenized ``train``/``val`` lists built once in ``setup``.
+
+    Subclasses fill ``self._splits`` in ``setup`` and provide ``collate`` (and may override
+    ``predict_collate``); test and predict use the validation split.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str | None,
+        max_length: int,
+        batch_size: int,
+        train_size: int | None,
+        val_size: int,
+        seed: int,
+        num_workers: int,
+    ) -> None:
+        super().__init__()
+        self.tokenizer_name = tokenizer
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.train_size = train_size
+        self.val_size = val_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self.tokenizer: Any = None
+        self._splits: dict[str, list[dict[str, Any]]] = {}
+
+    def collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def predict_collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Batches for ``predict``; the training collate unless a subclass needs another layout."""
+        return self.collate(rows)
+
+    def _loader(self, split: str, shuffle: bool, predict: bool = False) -> DataLoader[Any]:
+        if split not in self._splits:
+            raise DataError(f"{type(self).__name__}.setup() must run before asking for a dataloader.")
+        return DataLoader(
+            self._splits[split],  # type: ignore[arg-type]
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            collate_fn=self.predict_collate if predict else self.collate,
+            num_workers=self.num_workers,
+        )
+
+    @override
+    def train_dataloader(self) -> DataLoader[Any]:
+        return self._loader("train", shuffle=True)
+
+    @override
+    def val_dataloader(self) -> DataLoader[Any]:
+        return self._loader("val", shuffle=False)
+
+    @override
+    def test_dataloader(self) -> DataLoader[Any]:
+        return self._loader("val", shuffle=False)
+
+    @override
+    def predict_dataloader(self) -> DataLoader[Any]:
+        return self._loader("val", shuffle=False, predict=True)

@@ -6,14 +6,13 @@ import itertools
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 import yaml
-from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_adapt.data._common import (
     DataError,
+    SplitDataModule,
     check_readable,
     load_tokenizer,
     packaged_path,
@@ -60,7 +59,7 @@ def encode_pair(tokenizer: Any, prompt: str, response: str, max_length: int) -> 
     return {"input_ids": ids, "labels": labels, "prompt_ids": head_ids[:max_length]}
 
 
-class ChatDataModule(L.LightningDataModule):
+class ChatDataModule(SplitDataModule):
     """Prompt/response pairs rendered with the tokenizer's chat template, for causal-LM tuning.
 
     Training/validation batches hold ``input_ids``, ``attention_mask`` and ``labels`` (prompt tokens and
@@ -94,20 +93,11 @@ class ChatDataModule(L.LightningDataModule):
             seed: seed of the deterministic split.
             num_workers: DataLoader worker processes.
         """
-        super().__init__()
         check_readable(data_dir, "data.data_dir", "directory")
+        super().__init__(tokenizer, max_length, batch_size, train_size, val_size, seed, num_workers)
         self.save_hyperparameters()
-        self.tokenizer_name = tokenizer
         self.data_dir = data_dir
         self.categories = categories
-        self.max_length = max_length
-        self.batch_size = batch_size
-        self.train_size = train_size
-        self.val_size = val_size
-        self.seed = seed
-        self.num_workers = num_workers
-        self.tokenizer: Any = None
-        self._splits: dict[str, list[dict[str, Any]]] = {}
 
     @override
     def setup(self, stage: str) -> None:
@@ -131,7 +121,8 @@ class ChatDataModule(L.LightningDataModule):
                 for i in idx
             ]
 
-    def collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    @override
+    def collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Right-pad input ids and labels for teacher-forced training."""
         width = max(len(r["input_ids"]) for r in rows)
         pad = self.tokenizer.pad_token_id
@@ -145,7 +136,8 @@ class ChatDataModule(L.LightningDataModule):
             mask[i, :n] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
-    def collate_prompts(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    @override
+    def predict_collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Left-pad prompts for generation."""
         width = max(len(r["prompt_ids"]) for r in rows)
         ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -160,30 +152,3 @@ class ChatDataModule(L.LightningDataModule):
             "prompt": [r["prompt"] for r in rows],
             "reference": [r["reference"] for r in rows],
         }
-
-    def _loader(self, split: str, shuffle: bool, prompts: bool = False) -> DataLoader[Any]:
-        if split not in self._splits:
-            raise DataError("ChatDataModule.setup() must run before asking for a dataloader.")
-        return DataLoader(
-            self._splits[split],  # type: ignore[arg-type]
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            collate_fn=self.collate_prompts if prompts else self.collate,
-            num_workers=self.num_workers,
-        )
-
-    @override
-    def train_dataloader(self) -> DataLoader[Any]:
-        return self._loader("train", shuffle=True)
-
-    @override
-    def val_dataloader(self) -> DataLoader[Any]:
-        return self._loader("val", shuffle=False)
-
-    @override
-    def test_dataloader(self) -> DataLoader[Any]:
-        return self._loader("val", shuffle=False)
-
-    @override
-    def predict_dataloader(self) -> DataLoader[Any]:
-        return self._loader("val", shuffle=False, prompts=True)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import csv
 from typing import Any
 
-import lightning as L
-from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_adapt.data._common import (
     DataError,
+    SplitDataModule,
     check_readable,
     load_tokenizer,
     packaged_path,
@@ -46,7 +45,7 @@ def read_sentiment_csv(path: str, labels: list[str], min_confidence: float) -> t
     return texts, targets
 
 
-class TweetSentimentDataModule(L.LightningDataModule):
+class TweetSentimentDataModule(SplitDataModule):
     """Sentiment classification of tweets with a deterministic train/validation split.
 
     Batches are dicts with ``input_ids``, ``attention_mask`` (and ``token_type_ids`` where the tokenizer
@@ -80,21 +79,12 @@ class TweetSentimentDataModule(L.LightningDataModule):
             seed: seed of the deterministic split.
             num_workers: DataLoader worker processes.
         """
-        super().__init__()
         check_readable(csv_path, "data.csv_path", "file")
+        super().__init__(tokenizer, max_length, batch_size, train_size, val_size, seed, num_workers)
         self.save_hyperparameters()
-        self.tokenizer_name = tokenizer
         self.csv_path = csv_path
         self.labels = list(labels)
         self.min_confidence = min_confidence
-        self.max_length = max_length
-        self.batch_size = batch_size
-        self.train_size = train_size
-        self.val_size = val_size
-        self.seed = seed
-        self.num_workers = num_workers
-        self.tokenizer: Any = None
-        self._splits: dict[str, list[dict[str, Any]]] = {}
 
     @override
     def setup(self, stage: str) -> None:
@@ -110,36 +100,10 @@ class TweetSentimentDataModule(L.LightningDataModule):
                 {**{k: v[j] for k, v in enc.items()}, "labels": targets[i]} for j, i in enumerate(idx)
             ]
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader[Any]:
-        if split not in self._splits:
-            raise DataError("TweetSentimentDataModule.setup() must run before asking for a dataloader.")
-        return DataLoader(
-            self._splits[split],  # type: ignore[arg-type]
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            collate_fn=self.collate,
-            num_workers=self.num_workers,
-        )
-
+    @override
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Pad a list of tokenized rows to the longest one."""
         return dict(self.tokenizer.pad(rows, return_tensors="pt"))
-
-    @override
-    def train_dataloader(self) -> DataLoader[Any]:
-        return self._loader("train", shuffle=True)
-
-    @override
-    def val_dataloader(self) -> DataLoader[Any]:
-        return self._loader("val", shuffle=False)
-
-    @override
-    def test_dataloader(self) -> DataLoader[Any]:
-        return self._loader("val", shuffle=False)
-
-    @override
-    def predict_dataloader(self) -> DataLoader[Any]:
-        return self._loader("val", shuffle=False)
 
     @property
     def num_labels(self) -> int:

@@ -53,6 +53,12 @@ class TaskModule(L.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    @override
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss: torch.Tensor = self(batch).loss
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
     def record_validation(self, metrics: dict[str, torch.Tensor]) -> None:
         """Log epoch-level validation metrics; remember the sanity-check pass as the untrained baseline."""
         values = {k: float(v) for k, v in metrics.items()}

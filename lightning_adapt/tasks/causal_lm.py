@@ -60,12 +60,6 @@ class CausalLMTask(TaskModule):
         return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
 
     @override
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss: torch.Tensor = self(batch).loss
-        self.log("train_loss", loss, prog_bar=True)
-        return loss
-
-    @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         out = self(batch)
         self.val_ppl.update(out.logits[:, :-1].float(), batch["labels"][:, 1:])

@@ -60,12 +60,6 @@ class SequenceClassificationTask(TaskModule):
         return self.model(**batch)
 
     @override
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss: torch.Tensor = self(batch).loss
-        self.log("train_loss", loss, prog_bar=True)
-        return loss
-
-    @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         out = self(batch)
         preds = out.logits.argmax(-1)
