@@ -18,8 +18,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from lightning_adapt.export import PEFT_PREFIX, ExportError, export_root
 from lightning_adapt.lora import AdapterModule, InitMethod, LoRALinear, lora_modules
+from lightning_adapt.peft_format import PEFT_PREFIX, export_root
+from lightning_adapt.safetensors_io import ExportError
 from lightning_adapt.targeting import TargetingError, _matches, find_targets, replace_module
 
 

@@ -276,6 +276,23 @@ def test_interrupted_export_leaves_nothing_and_rerun_succeeds(
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter", "merged"]
 
 
+def test_streamed_shards_cast_floats_only_and_index_every_key(tmp_path: Path) -> None:
+    from lightning_adapt.safetensors_io import TensorEntry, parse_size, write_safetensors
+
+    assert [parse_size(s) for s in (1000, "2KB", "1 KiB", "1.5mb")] == [1000, 2000, 1024, 1_500_000]
+    tensors = {"a": torch.randn(16, 8), "b": torch.arange(6).view(2, 3), "c": torch.randn(32)}
+    entries = [TensorEntry(k, tuple(v.shape), v.dtype, lambda v=v: v) for k, v in tensors.items()]
+    names = write_safetensors(tmp_path, entries, torch.bfloat16, max_shard=300)
+    assert names == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == {"a": names[0], "b": names[1], "c": names[1]}
+    loaded = {k: v for name in names for k, v in load_file(tmp_path / name).items()}
+    assert loaded["a"].dtype == torch.bfloat16 and torch.equal(loaded["a"], tensors["a"].bfloat16())
+    assert loaded["b"].dtype == torch.int64 and torch.equal(loaded["b"], tensors["b"])
+    with pytest.raises(ExportError, match=r"max_shard_size='5 GBs'"):
+        ExportOptions(max_shard_size="5 GBs")
+
+
 # --------------------------------------------------------------------------- the CLI subcommand
 
 

@@ -1,0 +1,145 @@
+"""The merged model's state dict as lazily computed tensors. Pure torch (no Lightning).
+
+:func:`merged_entries` lists, under the un-adapted model's key names and in ``state_dict`` order, every
+persistent tensor of a module with each :class:`~lightning_adapt.lora.LoRALinear` folded in::
+
+    W' = W + ΔW                         ΔW = scaling · B @ A            (out, in), fp32
+    W' = m · (W + ΔW) / ‖W + ΔW‖_row    DoRA, m = lora_magnitude_vector  (out,)
+
+``W`` is the base weight held in memory (dequantized for a quantized base) or, given a
+:class:`~lightning_adapt.safetensors_io.SourceWeights`, the original full-precision weight re-read from
+the checkpoint. Nothing is computed until an entry's ``load()`` is called, one tensor at a time; the
+module is not modified.
+
+Example:
+    >>> entries, dropped = merged_entries(model, source=None, tied="copy")  # doctest: +SKIP
+    >>> write_safetensors(Path("merged"), entries, None, parse_size("5GB"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from lightning_adapt.lora import LoRALinear, base_weight, lora_modules
+from lightning_adapt.peft_format import is_conv1d
+from lightning_adapt.quant import is_quantized
+from lightning_adapt.safetensors_io import ExportError, SourceWeights, TensorEntry
+
+__all__ = ["check_tied_adapters", "merged_entries", "merged_weight_on"]
+
+TiedMode = Literal["drop", "copy"]
+
+
+@torch.no_grad()
+def merged_weight_on(layer: LoRALinear, weight: torch.Tensor) -> torch.Tensor:
+    """The adapted ``(out, in)`` fp32 weight of ``layer`` with ``weight`` as its base (DoRA-aware).
+
+    :meth:`LoRALinear.merged_weight` with another base: ``weight + ΔW``, or with DoRA
+    ``m · (weight + ΔW) / ‖weight + ΔW‖_row``; on ``weight``'s device.
+    """
+    weight = weight.float()
+    delta = layer.delta_weight().to(weight.device)
+    magnitude = layer.lora_magnitude_vector
+    if magnitude is None:
+        return weight + delta
+    norm = torch.linalg.vector_norm(weight + delta, dim=1)
+    merged: torch.Tensor = (magnitude.float().to(weight.device) / norm).view(-1, 1) * (weight + delta)
+    return merged
+
+
+def _natural_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype the layer's weight had before quantization (else its own floating dtype, else fp32)."""
+    dtype = getattr(layer, "original_dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    weight = getattr(layer, "weight", None)
+    return weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else torch.float32
+
+
+class _Merger:
+    """Collects the entries; ``seen`` holds the ids of tensors already listed (for tied weights)."""
+
+    def __init__(self, source: SourceWeights | None, tied: TiedMode) -> None:
+        self.source, self.tied = source, tied
+        self.seen: set[int] = set()
+        self.dropped: list[str] = []
+        self.entries: list[TensorEntry] = []
+
+    def base(self, key: str, layer: nn.Module) -> torch.Tensor:
+        if self.source is not None and is_quantized(layer):
+            return self.source.get(key).float()
+        return base_weight(layer).cpu()
+
+    def weight_entry(self, prefix: str, layer: nn.Module) -> None:
+        base = layer.base_layer if isinstance(layer, LoRALinear) else layer
+        key = prefix + "weight"
+
+        def load() -> torch.Tensor:
+            weight = self.base(key, base)
+            if isinstance(layer, LoRALinear) and not layer.merged:
+                weight = merged_weight_on(layer, weight)
+            return weight.T if is_conv1d(base) else weight
+
+        dims = (int(getattr(layer, "out_features", 0)), int(getattr(layer, "in_features", 0)))
+        self.entries.append(TensorEntry(key, dims[::-1] if is_conv1d(base) else dims, _natural_dtype(base), load))
+        bias = getattr(base, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            self.tensor_entry(prefix + "bias", bias)
+
+    def tensor_entry(self, key: str, tensor: torch.Tensor) -> None:
+        if id(tensor) in self.seen and self.tied == "drop":
+            self.dropped.append(key)  # safetensors refuses shared tensors; from_pretrained re-ties
+            return
+        self.seen.add(id(tensor))
+        # the writer streams bytes, so a tensor listed under two keys needs no copy
+        self.entries.append(TensorEntry(key, tuple(tensor.shape), tensor.dtype, lambda: tensor.detach().cpu()))
+
+    def walk(self, module: nn.Module, prefix: str = "") -> None:
+        if isinstance(module, LoRALinear) or is_quantized(module):
+            self.weight_entry(prefix, module)
+            return
+        for name, param in module._parameters.items():
+            if param is not None:
+                self.tensor_entry(prefix + name, param)
+        for name, buf in module._buffers.items():
+            if buf is not None and name not in module._non_persistent_buffers_set:
+                self.tensor_entry(prefix + name, buf)
+        for name, child in module._modules.items():
+            if child is not None:
+                self.walk(child, f"{prefix}{name}.")
+
+
+def merged_entries(
+    root: nn.Module, source: SourceWeights | None, tied: TiedMode
+) -> tuple[list[TensorEntry], list[str]]:
+    """``(entries, dropped keys)`` of the merged state of ``root`` (see the module docstring).
+
+    Args:
+        root: the adapted module; adapted and quantized layers appear as ``<name>.weight`` (+ ``.bias``).
+        source: the original weights of the quantized layers; ``None`` merges into the dequantized ones.
+        tied: ``"drop"`` lists a tensor shared by several keys once (``from_pretrained`` re-ties it) and
+            returns the other keys as dropped; ``"copy"`` lists it under every key (loads ``strict=True``).
+    """
+    merger = _Merger(source, tied)
+    merger.walk(root)
+    return merger.entries, merger.dropped
+
+
+def check_tied_adapters(root: nn.Module) -> None:
+    """Refuse an adapted layer whose base weight is shared (tied lm_head): it would be re-tied on load.
+
+    Raises:
+        ExportError: naming the adapted layers and the fix.
+    """
+    ids: dict[int, int] = {}
+    for _, param in root.named_parameters(remove_duplicate=False):
+        ids[id(param)] = ids.get(id(param), 0) + 1
+    tied = [n for n, layer in lora_modules(root) if ids.get(id(getattr(layer.base_layer, "weight", None)), 0) > 1]
+    if tied:
+        raise ExportError(
+            f"target_modules adapts {tied}, whose weight is tied to another module: the merged weight would be "
+            "re-tied (and lost) on load. Fix: exclude it from target_modules (add it to exclude_modules)."
+        )

@@ -1,0 +1,145 @@
+"""The Hugging Face / PEFT layout of an adapted model. Pure torch + safetensors (no Lightning, no peft).
+
+:func:`export_root` finds the ``transformers.PreTrainedModel`` inside a module (keys are relative to it);
+:func:`write_adapter` writes what ``peft.PeftModel.from_pretrained(base, dirpath)`` reads::
+
+    adapter_config.json         LoraConfig fields (one r / alpha / dropout / rslora / dora for all layers)
+    adapter_model.safetensors   base_model.model.<layer>.lora_A.weight          (r, in)
+                                base_model.model.<layer>.lora_B.weight          (out, r)
+                                base_model.model.<layer>.lora_magnitude_vector  (out,)   DoRA only
+                                base_model.model.<module>.<param>               modules_to_save
+
+Reading such a directory back is :func:`lightning_adapt.inject.read_adapter`.
+
+Example:
+    >>> prefix, root, is_hf = export_root(pl_module)  # doctest: +SKIP
+    >>> write_adapter(root, Path("out/adapter"), ["classifier"], "HuggingFaceTB/SmolLM2-135M")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from lightning_adapt.lora import lora_modules
+from lightning_adapt.safetensors_io import ExportError
+
+__all__ = [
+    "PEFT_PREFIX",
+    "adapter_config",
+    "adapter_state",
+    "export_root",
+    "find_hf_model",
+    "is_conv1d",
+    "write_adapter",
+]
+
+PEFT_PREFIX = "base_model.model."
+_TASK_TYPES = {
+    "ForCausalLM": "CAUSAL_LM",
+    "ForSequenceClassification": "SEQ_CLS",
+    "ForTokenClassification": "TOKEN_CLS",
+    "ForQuestionAnswering": "QUESTION_ANS",
+}
+
+
+def _loaded_transformers_class(module: str, name: str) -> type[nn.Module] | None:
+    """``transformers`` module class ``module.name`` if that module is already imported, else ``None``.
+
+    Never imports it (seconds): until it is imported, no object can be an instance of its classes.
+    """
+    loaded = sys.modules.get(module)
+    cls = getattr(loaded, name, None)
+    return cls if isinstance(cls, type) and issubclass(cls, nn.Module) else None
+
+
+def find_hf_model(module: nn.Module) -> tuple[str, nn.Module] | None:
+    """``(dotted name, model)`` of the outermost ``transformers.PreTrainedModel`` in ``module``, if any."""
+    pretrained = _loaded_transformers_class("transformers", "PreTrainedModel")
+    if pretrained is None:
+        return None
+    return next(((n, m) for n, m in module.named_modules() if isinstance(m, pretrained)), None)
+
+
+def export_root(module: nn.Module) -> tuple[str, nn.Module, bool]:
+    """``(prefix, root, is_hf)``: the HF model inside ``module`` (keys relative to it), else ``module``.
+
+    ``prefix`` is the HF model's dotted name plus ``"."`` (``""`` when it is ``module`` itself or absent).
+    """
+    found = find_hf_model(module)
+    if found is None:
+        return "", module, False
+    name, model = found
+    return (name + "." if name else ""), model, True
+
+
+def is_conv1d(layer: nn.Module) -> bool:
+    """Whether ``layer`` is a GPT-2 style ``transformers`` ``Conv1D`` (weight stored ``(in, out)``)."""
+    conv1d = _loaded_transformers_class("transformers.pytorch_utils", "Conv1D")
+    return conv1d is not None and isinstance(layer, conv1d)
+
+
+def _peft_targets(root: nn.Module, names: list[str]) -> list[str]:
+    """Leaf names when they select exactly the adapted layers (PEFT's suffix rule), else full names."""
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    selected = {n for n, _ in root.named_modules() if n.rsplit(".", 1)[-1] in leaves}
+    return leaves if selected == set(names) else sorted(names)
+
+
+def adapter_config(root: nn.Module, modules_to_save: list[str], base_model_name_or_path: str | None) -> dict[str, Any]:
+    """PEFT ``LoraConfig`` fields describing the adapters in ``root`` (one r/alpha for all layers).
+
+    Raises:
+        ExportError: the adapted layers differ in r, alpha, rslora, dora or dropout.
+    """
+    layers = lora_modules(root)
+    settings = {(m.r, m.alpha, m.use_rslora, m.use_dora, getattr(m.lora_dropout, "p", 0.0)) for _, m in layers}
+    if len(settings) != 1:
+        raise ExportError(f"the adapted layers use different (r, alpha, rslora, dora, dropout): {sorted(settings)}.")
+    r, alpha, rslora, dora, dropout = settings.pop()
+    task = next((t for suffix, t in _TASK_TYPES.items() if type(root).__name__.endswith(suffix)), None)
+    return {
+        "peft_type": "LORA",
+        "task_type": task,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+        "lora_dropout": dropout,
+        "target_modules": _peft_targets(root, [n for n, _ in layers]),
+        "modules_to_save": modules_to_save or None,
+        "use_rslora": rslora,
+        "use_dora": dora,
+        "fan_in_fan_out": any(is_conv1d(m.base_layer) for _, m in layers),
+        "bias": "none",
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+
+
+def adapter_state(root: nn.Module, modules_to_save: list[str]) -> dict[str, torch.Tensor]:
+    """PEFT keys: ``base_model.model.<layer>.lora_A.weight`` / ``lora_B.weight`` / ``lora_magnitude_vector``
+    and ``base_model.model.<module>.<param>`` for ``modules_to_save``; CPU tensors, ``root`` untouched."""
+    state: dict[str, torch.Tensor] = {}
+    for name, layer in lora_modules(root):
+        for key, param in (("lora_A.weight", layer.lora_A.weight), ("lora_B.weight", layer.lora_B.weight)):
+            state[f"{PEFT_PREFIX}{name}.{key}"] = param.detach().cpu().contiguous()
+        if layer.lora_magnitude_vector is not None:
+            state[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach().cpu()
+    for name in modules_to_save:
+        for key, value in root.get_submodule(name).state_dict().items():
+            state[f"{PEFT_PREFIX}{name}.{key}"] = value.detach().cpu().clone()
+    return state
+
+
+def write_adapter(root: nn.Module, out: Path, modules_to_save: list[str], base_model_name_or_path: str | None) -> None:
+    """Create ``out`` and write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's format) into it."""
+    out.mkdir(parents=True)
+    config = adapter_config(root, modules_to_save, base_model_name_or_path)
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file(adapter_state(root, modules_to_save), str(out / "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -1,0 +1,249 @@
+"""Safetensors files for export: a streaming sharded writer, a tensor-by-tensor reader, atomic directories.
+
+Pure torch + safetensors: nothing here knows about LoRA, quantization or Lightning.
+
+:func:`write_safetensors` takes :class:`TensorEntry` lists whose keys, shapes and dtypes are known before
+any tensor exists. Each file's header (shapes and byte offsets) is written first; then every tensor is
+computed (``entry.load()``), cast, written and released before the next, so the peak is the caller's
+model plus one tensor. Above ``max_shard`` bytes the output is sharded as Hugging Face does::
+
+    model.safetensors                                                   one shard
+    model-00001-of-0000n.safetensors, ..., model.safetensors.index.json n shards
+
+:func:`atomic_directory` yields a temporary directory next to the target that replaces the target
+(``os.replace``) only when the ``with`` block succeeds: the target is either untouched or complete.
+
+Example:
+    >>> entry = TensorEntry("w", (2, 3), torch.float32, lambda: torch.zeros(2, 3))
+    >>> with atomic_directory(Path("out/merged")) as tmp:  # doctest: +SKIP
+    ...     write_safetensors(tmp, [entry], torch.bfloat16, parse_size("5GB"))
+    ['model.safetensors']
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+__all__ = [
+    "ExportError",
+    "SourceWeights",
+    "TensorEntry",
+    "atomic_directory",
+    "check_target",
+    "parse_size",
+    "write_safetensors",
+]
+
+_ST_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+class ExportError(ValueError):
+    """An export that cannot be done as asked; raised before anything is written."""
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes of ``5GB`` / ``200MB`` / ``1GiB`` / ``1000`` (decimal units as Hugging Face; ``iB`` binary).
+
+    Raises:
+        ExportError: ``size`` is neither an int nor such a string.
+    """
+    if isinstance(size, int) and not isinstance(size, bool):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)?\s*", str(size).upper())
+    if match is None:
+        raise ExportError(f"max_shard_size={size!r}: expected bytes or e.g. '5GB', '500MB', '1GiB'.")
+    return int(float(match.group(1)) * _UNITS[match.group(2) or "B"])
+
+
+# --------------------------------------------------------------------------- streaming, sharded writer
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor to write: ``load()`` must return a tensor of ``shape`` (any dtype; it is cast on write)."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    load: Callable[[], torch.Tensor]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def _out_dtype(entry: TensorEntry, dtype: torch.dtype | None) -> torch.dtype:
+    """``dtype`` for floating entries (when given); integer and bool entries keep their own."""
+    return dtype if dtype is not None and entry.dtype.is_floating_point else entry.dtype
+
+
+def _nbytes(entry: TensorEntry, dtype: torch.dtype | None) -> int:
+    return entry.numel * torch.empty((), dtype=_out_dtype(entry, dtype)).element_size()
+
+
+def _stream_safetensors(path: Path, entries: list[TensorEntry], dtype: torch.dtype | None) -> int:
+    """Write one safetensors file tensor by tensor (header first); returns the data size in bytes."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for entry in entries:
+        nbytes = _nbytes(entry, dtype)
+        header[entry.key] = {
+            "dtype": _ST_DTYPES[_out_dtype(entry, dtype)],
+            "shape": list(entry.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for entry in entries:
+            tensor = entry.load().to(_out_dtype(entry, dtype)).contiguous()
+            if tuple(tensor.shape) != entry.shape:
+                raise ExportError(f"{entry.key}: computed shape {tuple(tensor.shape)}, expected {entry.shape}.")
+            f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)  # a buffer view: no extra copy
+    return offset
+
+
+def write_safetensors(out: Path, entries: list[TensorEntry], dtype: torch.dtype | None, max_shard: int) -> list[str]:
+    """Write ``entries`` into ``out`` in shards of at most ``max_shard`` bytes (a tensor larger than that
+    gets a shard of its own); floating tensors are cast to ``dtype`` unless it is ``None``.
+
+    Returns:
+        The file names: ``["model.safetensors"]``, or ``model-0000k-of-0000n.safetensors`` (and then
+        ``model.safetensors.index.json`` is written too).
+    """
+    shards: list[list[TensorEntry]] = [[]]
+    size = 0
+    for entry in entries:
+        nbytes = _nbytes(entry, dtype)
+        if shards[-1] and size + nbytes > max_shard:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    weight_map: dict[str, str] = {}
+    total = 0
+    for name, shard in zip(names, shards, strict=True):
+        total += _stream_safetensors(out / name, shard, dtype)
+        weight_map.update(dict.fromkeys((e.key for e in shard), name))
+    if n > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return names
+
+
+# --------------------------------------------------------------------------- reading single tensors
+
+
+class SourceWeights:
+    """Reads single tensors from a safetensors checkpoint directory (``model.safetensors`` or an index).
+
+    Keys are tried as given, then with the ``base_model_prefix`` added or removed, so a task model
+    (``bert.encoder...``) reads a bare base checkpoint (``encoder...``) and the other way round.
+    Each :meth:`get` opens the file and reads that one tensor: nothing else is held in memory.
+
+    Raises:
+        ExportError: ``path`` holds neither ``model.safetensors`` nor ``model.safetensors.index.json``.
+    """
+
+    def __init__(self, path: str | Path, base_model_prefix: str = "", argument: str = "source_path") -> None:
+        self.path = Path(path)
+        self.prefix = base_model_prefix
+        index = self.path / "model.safetensors.index.json"
+        single = self.path / "model.safetensors"
+        if index.is_file():
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            self.files = {k: self.path / f for k, f in weight_map.items()}
+        elif single.is_file():
+            with safe_open(single, framework="pt") as f:
+                self.files = dict.fromkeys(f.keys(), single)
+        else:
+            raise ExportError(
+                f"{argument}={str(path)!r}: no model.safetensors (or index) to re-read the original weights from "
+                "(pickled .bin checkpoints are not read). Fix: point it at the safetensors directory the model "
+                "was loaded from, or use merge_base='dequantized' to merge into the dequantized weights."
+            )
+
+    def resolve(self, key: str) -> str | None:
+        """The checkpoint key holding the model's ``key``, or ``None``."""
+        p = self.prefix + "." if self.prefix else ""
+        alternatives = [key, key[len(p) :] if p and key.startswith(p) else p + key]
+        return next((k for k in alternatives if k in self.files), None)
+
+    def shape(self, key: str) -> tuple[int, ...] | None:
+        """The stored shape of the model's ``key`` (read from the header only), or ``None``."""
+        found = self.resolve(key)
+        if found is None:
+            return None
+        with safe_open(self.files[found], framework="pt") as f:
+            return tuple(f.get_slice(found).get_shape())
+
+    def get(self, key: str) -> torch.Tensor:
+        """The stored tensor of the model's ``key``, as stored (dtype unchanged)."""
+        found = self.resolve(key)
+        if found is None:
+            raise ExportError(f"source {self.path}: no tensor for {key!r}.")
+        with safe_open(self.files[found], framework="pt") as f:
+            tensor: torch.Tensor = f.get_tensor(found)
+        return tensor
+
+
+# --------------------------------------------------------------------------- atomic directories
+
+
+def check_target(target: Path, overwrite: bool, argument: str) -> None:
+    """Refuse a target that is a file, or a non-empty directory unless ``overwrite``.
+
+    Raises:
+        ExportError: naming ``argument`` (e.g. ``dirpath``, ``--output``) and the fix.
+    """
+    if target.exists() and not target.is_dir():
+        raise ExportError(f"{argument}={str(target)!r} is a file. Fix: choose a directory path.")
+    entries = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
+    if entries and not overwrite:
+        raise ExportError(
+            f"{argument}={str(target)!r} exists and is not empty ({entries[:5]}). Fix: choose a new or empty "
+            "directory, or allow replacing it (overwrite=True)."
+        )
+
+
+@contextmanager
+def atomic_directory(target: Path, overwrite: bool = False, argument: str = "dirpath") -> Iterator[Path]:
+    """Yield a temp dir next to ``target``; on success it replaces ``target`` (``os.replace``), on any
+    error (or interrupt) it is removed, so ``target`` is either untouched or complete."""
+    check_target(target, overwrite, argument)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        os.chmod(tmp, 0o755)
+        yield tmp
+        old = None
+        if target.is_dir() and any(target.iterdir()):
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
