@@ -40,7 +40,7 @@ from torch import nn
 
 from lightning_adapt.inject import select_modules
 from lightning_adapt.lora import LoRALinear, base_weight, lora_modules
-from lightning_adapt.merged_state import check_tied_adapters, merged_entries, merged_weight_on
+from lightning_adapt.merged_state import check_tied_adapters, merged_entries
 from lightning_adapt.peft_format import PEFT_PREFIX, export_root, write_adapter
 from lightning_adapt.quant import quantized_layers
 from lightning_adapt.safetensors_io import (
@@ -65,7 +65,6 @@ __all__ = [
     "export_model",
     "export_root",
     "merge_report",
-    "merged_weight_on",
     "source_for",
     "write_merged",
 ]
@@ -228,7 +227,7 @@ def _merged_pair(root: nn.Module, source: SourceWeights) -> Iterator[tuple[str, 
         original = source.get(name + ".weight")
         wrapper = root.get_submodule(name)
         if isinstance(wrapper, LoRALinear):
-            yield name, merged_weight_on(wrapper, original), wrapper.merged_weight().cpu()
+            yield name, wrapper.merged_weight(original), wrapper.merged_weight().cpu()
         else:
             yield name, original.float(), base_weight(layer).cpu()
 

@@ -264,15 +264,23 @@ class LoRALinear(nn.Module):
         norm: torch.Tensor = torch.linalg.vector_norm(weight + delta.detach(), dim=1)
         return norm.detach()
 
-    def merged_weight(self) -> torch.Tensor:
-        """The ``(out, in)`` fp32 weight equivalent to the adapted layer (DoRA-aware)."""
-        weight = base_weight(self.base_layer)
-        if self.merged:
-            return weight
-        delta = self.delta_weight()
+    def merged_weight(self, base: torch.Tensor | None = None) -> torch.Tensor:
+        """The ``(out, in)`` fp32 weight equivalent to the adapted layer (DoRA-aware).
+
+        Args:
+            base: merge into this ``(out, in)`` weight instead of the layer's own (e.g. the original
+                full-precision weights of a quantized base); the result is on its device.
+        """
+        if base is None:
+            weight = base_weight(self.base_layer)
+            if self.merged:
+                return weight
+        else:
+            weight = base.float()
+        delta = self.delta_weight().to(weight.device)
         if self.lora_magnitude_vector is None:
             return weight + delta
-        scale = self.lora_magnitude_vector.float() / self._row_norm(weight, delta)
+        scale = self.lora_magnitude_vector.float().to(weight.device) / self._row_norm(weight, delta)
         return scale.view(-1, 1) * (weight + delta)
 
     def _writer(self, action: str) -> Callable[[nn.Module, torch.Tensor], None]:

@@ -28,28 +28,12 @@ from lightning_adapt.peft_format import is_conv1d
 from lightning_adapt.quant import is_quantized
 from lightning_adapt.safetensors_io import ExportError, SourceWeights, TensorEntry
 
-__all__ = ["check_tied_adapters", "merged_entries", "merged_weight_on"]
+__all__ = ["check_tied_adapters", "merged_entries"]
 
 TiedMode = Literal["drop", "copy"]
 
 
 @torch.no_grad()
-def merged_weight_on(layer: LoRALinear, weight: torch.Tensor) -> torch.Tensor:
-    """The adapted ``(out, in)`` fp32 weight of ``layer`` with ``weight`` as its base (DoRA-aware).
-
-    :meth:`LoRALinear.merged_weight` with another base: ``weight + ΔW``, or with DoRA
-    ``m · (weight + ΔW) / ‖weight + ΔW‖_row``; on ``weight``'s device.
-    """
-    weight = weight.float()
-    delta = layer.delta_weight().to(weight.device)
-    magnitude = layer.lora_magnitude_vector
-    if magnitude is None:
-        return weight + delta
-    norm = torch.linalg.vector_norm(weight + delta, dim=1)
-    merged: torch.Tensor = (magnitude.float().to(weight.device) / norm).view(-1, 1) * (weight + delta)
-    return merged
-
-
 def _natural_dtype(layer: nn.Module) -> torch.dtype:
     """The dtype the layer's weight had before quantization (else its own floating dtype, else fp32)."""
     dtype = getattr(layer, "original_dtype", None)
@@ -80,7 +64,7 @@ class _Merger:
         def load() -> torch.Tensor:
             weight = self.base(key, base)
             if isinstance(layer, LoRALinear) and not layer.merged:
-                weight = merged_weight_on(layer, weight)
+                weight = layer.merged_weight(weight)
             return weight.T if is_conv1d(base) else weight
 
         dims = (int(getattr(layer, "out_features", 0)), int(getattr(layer, "in_features", 0)))
