@@ -77,9 +77,13 @@ class AdaptTrainer(Trainer):
             checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
             model.load_state_dict(checkpoint["state_dict"])
         except (OSError, KeyError, RuntimeError, pickle.UnpicklingError) as err:
+            fix = (
+                ""
+                if "Fix:" in str(err)
+                else (" Fix: pass a checkpoint trained with this recipe (same model, quantize: and lora: settings).")
+            )
             raise ExportError(
-                f"--ckpt_path={ckpt_path!r} does not match the model built from --config: {err}. Fix: pass a "
-                "checkpoint trained with this recipe (same model, quantize: and lora: settings)."
+                f"--ckpt_path={ckpt_path!r} does not match the model built from --config: {err}{fix}"
             ) from None
         export_lightning_module(model, output, options, self, datamodule, argument="--output")
 

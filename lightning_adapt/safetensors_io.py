@@ -223,7 +223,7 @@ def check_target(target: Path, overwrite: bool, argument: str) -> None:
     if entries and not overwrite:
         raise ExportError(
             f"{argument}={str(target)!r} exists and is not empty ({entries[:5]}). Fix: choose a new or empty "
-            "directory, or allow replacing it (overwrite=True)."
+            "directory, or allow replacing it (overwrite: true / --overwrite true)."
         )
 
 

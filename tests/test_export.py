@@ -251,7 +251,7 @@ def test_missing_source_and_non_empty_target_fail_before_writing(tiny_llama_dir:
     assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == []
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy/keep.txt").write_text("mine")
-    with pytest.raises(ExportError, match=r"dirpath='.*busy' exists and is not empty.*overwrite=True"):
+    with pytest.raises(ExportError, match=r"dirpath='.*busy' exists and is not empty.*--overwrite true"):
         export_model(task, tmp_path / "busy", ExportOptions(merge_base="dequantized"))
     assert [p.name for p in (tmp_path / "busy").iterdir()] == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"], "no temp dir left behind"
