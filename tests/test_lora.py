@@ -9,7 +9,8 @@ from collections.abc import Callable
 import pytest
 import torch
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from toy import tiny_llama
+from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
 from lightning_adapt.lora import AdapterModule, LoRALinear, base_weight, lora_modules, merge_lora
@@ -172,16 +173,7 @@ def test_validation_collects_every_problem() -> None:
 
 
 def _llama() -> nn.Module:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama().eval()
 
 
 def _gpt2() -> nn.Module:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from toy import tiny_llama
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
 )
 from transformers.pytorch_utils import Conv1D
 
@@ -27,16 +26,7 @@ from lightning_adapt.targeting import (
 
 
 def _llama() -> nn.Module:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-    )
-    return LlamaForCausalLM(cfg)
+    return tiny_llama()
 
 
 def _bert() -> nn.Module:

@@ -97,3 +97,19 @@ def trainer(tmp_path: Any = None, **kwargs: Any) -> L.Trainer:
     }
     defaults.update(kwargs)
     return L.Trainer(**defaults)
+
+
+def tiny_llama(seed: int = 0, **overrides: Any) -> nn.Module:
+    """A 2-layer LlamaForCausalLM (hidden 32, GQA, vocab 100) built from its config, seeded."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    fields: dict[str, Any] = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 100,
+    }
+    return LlamaForCausalLM(LlamaConfig(**{**fields, **overrides}))
