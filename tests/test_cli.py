@@ -117,3 +117,23 @@ def test_estimate_subcommand_prints_json(capsys: pytest.CaptureFixture[str]) -> 
     for key in ("weights_bytes", "optimizer_bytes", "gradient_bytes", "total_bytes"):
         assert isinstance(report[key], int)
     assert report["total_bytes"] == report["weights_bytes"] + report["optimizer_bytes"] + report["gradient_bytes"]
+
+
+def test_adapter_checkpoint_validates_and_predicts_through_the_cli(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning_adapt.cli import AdaptCLI
+
+    monkeypatch.chdir(ROOT)
+    recipe = "recipes/sentiment/qlora.yaml"
+    fit = AdaptCLI(args=["fit", "--config", recipe, *_tiny_budget(tmp_path), "--model.init_args.learning_rate=0.01"])
+    trained = float(fit.trainer.callback_metrics["val_loss"])
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    assert ckpt.stat().st_size < 5_000_000, "adapter-only: far below MiniLM's 90 MB of weights"
+    budget = [a for a in _tiny_budget(tmp_path) if "limit_train_batches" not in a]
+    validate = AdaptCLI(args=["validate", "--config", recipe, f"--ckpt_path={ckpt}", *budget])
+    assert float(validate.trainer.callback_metrics["val_loss"]) == pytest.approx(trained, abs=1e-5)
+    fresh = AdaptCLI(args=["validate", "--config", recipe, *budget])
+    assert float(fresh.trainer.callback_metrics["val_loss"]) != pytest.approx(trained, abs=1e-3)
+    predict = AdaptCLI(args=["predict", "--config", recipe, f"--ckpt_path={ckpt}", *budget])
+    assert predict.trainer.predict_loop.predictions
