@@ -34,23 +34,18 @@ class BaseMismatchError(RuntimeError):
     """An adapter-only checkpoint was made on another base model."""
 
 
-def _quantized_prefixes(module: nn.Module) -> list[str]:
-    from lightning_adapt.quant import is_quantized
-
-    return [f"{name}." for name, m in module.named_modules() if name and is_quantized(m)]
-
-
 def frozen_keys(module: nn.Module) -> list[str]:
-    """State-dict keys of the frozen base: frozen parameters and all keys of quantized layers."""
-    prefixes = _quantized_prefixes(module)
-    keys = []
+    """State-dict keys of the frozen base: frozen parameters and the weight/quant-state keys of quantized layers."""
+    from lightning_adapt.quant import frozen_state_keys
+
     with full_state_dict(module):  # our own save hook must not hide the keys we are looking for
         state = module.state_dict(keep_vars=True)
-    for key, value in state.items():
-        frozen_param = isinstance(value, nn.Parameter) and not value.requires_grad
-        if frozen_param or any(key.startswith(p) for p in prefixes):
-            keys.append(key)
-    return keys
+        quantized = frozen_state_keys(module)
+    return [
+        key
+        for key, value in state.items()
+        if (isinstance(value, nn.Parameter) and not value.requires_grad) or key in quantized
+    ]
 
 
 def base_fingerprint(state: dict[str, Any], keys: list[str]) -> torch.Tensor:

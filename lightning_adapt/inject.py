@@ -21,7 +21,7 @@ from torch import nn
 from lightning_adapt.lora import AdapterModule, InitMethod, LoRALinear, lora_modules
 from lightning_adapt.peft_format import PEFT_PREFIX, export_root
 from lightning_adapt.safetensors_io import ExportError
-from lightning_adapt.targeting import TargetingError, _matches, find_targets, replace_module
+from lightning_adapt.targeting import TargetingError, find_targets, matches, replace_module
 
 
 @dataclass(frozen=True)
@@ -80,14 +80,14 @@ def freeze_base(model: nn.Module, modules_to_save: Sequence[str] = ()) -> None:
 def select_modules(model: nn.Module, entries: Sequence[str], argument: str) -> list[str]:
     """Names of the modules matched by ``entries`` (targeting rules); an entry matching nothing is an error."""
     names = [name for name, _ in model.named_modules() if name]
-    unmatched = [e for e in entries if not any(_matches(n, e) for n in names)]
+    unmatched = [e for e in entries if not any(matches(n, e) for n in names)]
     if unmatched:
         tops = sorted({n.rsplit(".", 1)[-1] for n in names})[:40]
         raise TargetingError(
             f"{argument}={list(entries)}: {unmatched} match no module. Module leaf names include {tops}. "
             f"Fix: use whole dotted names (e.g. 'classifier'), a '.suffix', or a full-match regex."
         )
-    return [n for n in names if any(_matches(n, e) for e in entries)]
+    return [n for n in names if any(matches(n, e) for e in entries)]
 
 
 def logical_numel(param: torch.Tensor) -> int:

@@ -30,6 +30,8 @@ from typing import Any, Literal, get_args
 import torch
 from torch import nn
 
+from lightning_adapt.targeting import matches, output_head_names
+
 QuantMode = Literal["nf4", "fp4", "int8"]
 
 _MODES: tuple[str, ...] = get_args(QuantMode)
@@ -37,7 +39,6 @@ _BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' quantiz
 _COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _STORAGE_DTYPES = (torch.uint8, torch.int8, torch.bfloat16, torch.float16, torch.float32)
 _ADAPTER_COMPONENTS = frozenset({"lora_A", "lora_B"})
-_HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "embed_out", "qa_outputs", "output_projection"})
 
 
 def require_bitsandbytes() -> ModuleType:
@@ -323,25 +324,14 @@ def _tied_linear_names(model: nn.Module) -> set[str]:
 def default_skip_names(model: nn.Module) -> set[str]:
     """Linear layers QLoRA keeps in full precision: output heads and weights tied to other modules.
 
-    Heads are found through Hugging Face's ``get_output_embeddings()`` and by the last name component
-    (``lm_head``, ``classifier``, ``score``, ``embed_out``, ``qa_outputs``, ``output_projection``).
-    A Linear whose weight is also registered by another module (tied embeddings) is always skipped:
-    quantizing it would silently untie it.
+    Heads are those of :func:`lightning_adapt.targeting.output_head_names` (Hugging Face's
+    ``get_output_embeddings()``, weights tied to an embedding, and leaf names such as ``lm_head``,
+    ``classifier``, ``score``). A Linear whose weight is also registered by another module is always
+    skipped: quantizing it would silently untie it.
     """
-    names = {
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in _HEAD_NAMES
-    }
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    if isinstance(head, nn.Module):
-        names |= {name for name, module in model.named_modules() if module is head}
-    return names | _tied_linear_names(model)
-
-
-def _matches(name: str, entry: str) -> bool:
-    return name == entry or name.endswith("." + entry)
+    heads = output_head_names(model)
+    linear = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    return (heads & linear) | _tied_linear_names(model)
 
 
 def _adapter_param_ids(model: nn.Module) -> set[int]:
@@ -370,7 +360,7 @@ def _candidate_names(model: nn.Module) -> list[str]:
 
 def _check_skip_entries(model: nn.Module, skip_modules: Sequence[str], candidates: list[str]) -> None:
     names = [name for name, _ in model.named_modules()]
-    unknown = [entry for entry in skip_modules if not any(_matches(name, entry) for name in names)]
+    unknown = [entry for entry in skip_modules if not any(matches(name, entry) for name in names)]
     if unknown:
         more = f", ... ({len(candidates)} in all)" if len(candidates) > 40 else ""
         shown = ", ".join(candidates[:40]) + more
@@ -383,7 +373,7 @@ def _check_skip_entries(model: nn.Module, skip_modules: Sequence[str], candidate
 def _is_skipped(name: str, skip: set[str]) -> bool:
     parts = name.split(".")
     prefixes = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}  # a skipped parent skips its children
-    return any(_matches(prefix, entry) for prefix in prefixes for entry in skip)
+    return any(matches(prefix, entry) for prefix in prefixes for entry in skip)
 
 
 def quantize_model(

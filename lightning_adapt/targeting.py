@@ -31,6 +31,7 @@ __all__ = [
     "TargetingError",
     "find_targets",
     "is_linear_like",
+    "matches",
     "output_head_names",
     "replace_module",
 ]
@@ -52,7 +53,7 @@ DEFAULT_TARGETS: tuple[str, ...] = (
 """The query/value projections users expect by default (QKV-fused layers where Q and V are not separate)."""
 
 OUTPUT_HEAD_NAMES: frozenset[str] = frozenset(
-    {"lm_head", "embed_out", "classifier", "score", "qa_outputs", "cls", "head", "output_layer"}
+    {"lm_head", "embed_out", "classifier", "score", "qa_outputs", "cls", "head", "output_layer", "output_projection"}
 )
 """Leaf names treated as output heads (task heads, LM heads, BERT's MLM ``cls``): their
 subtree is excluded from ``"all-linear"``, since adapting a fresh head as low-rank is a mistake."""
@@ -104,7 +105,8 @@ def output_head_names(model: nn.Module) -> set[str]:
     return {n for n, _ in modules if any(n == h or n.startswith(h + ".") for h in heads)}
 
 
-def _matches(name: str, entry: str) -> bool:
+def matches(name: str, entry: str) -> bool:
+    """Whether the dotted module ``name`` is selected by one target/skip ``entry`` (rules: module docstring)."""
     if _PLAIN_NAME.match(entry):
         return name == entry or name.endswith("." + entry)
     return re.fullmatch(entry, name) is not None
@@ -125,7 +127,7 @@ def _check_entries(entries: list[str], linear_names: list[str], all_names: list[
             re.compile(entry)
         except re.error as err:
             raise TargetingError(f"target entry {entry!r} is not a valid regex ({err}).") from err
-    unmatched = [e for e in entries if not any(_matches(n, e) for n in all_names)]
+    unmatched = [e for e in entries if not any(matches(n, e) for n in all_names)]
     if unmatched:
         raise TargetingError(
             f"target entries {unmatched} match no module in the model. Candidates: "
@@ -157,14 +159,14 @@ def find_targets(
     all_names = [n for n, _ in modules]
     linear = [n for n, m in modules if is_linear_like(m)]
     if target_modules is None:
-        selected = [n for n in linear if any(_matches(n, t) for t in DEFAULT_TARGETS)]
+        selected = [n for n in linear if any(matches(n, t) for t in DEFAULT_TARGETS)]
     elif target_modules == ALL_LINEAR:
         heads = output_head_names(model)
         selected = [n for n in linear if n not in heads]
     else:
         targets = _entries(target_modules)
         _check_entries(targets, linear, all_names)
-        selected = [n for n in all_names if any(_matches(n, t) for t in targets)]
+        selected = [n for n in all_names if any(matches(n, t) for t in targets)]
         chosen = set(selected)
         bad = [(n, type(m).__name__) for n, m in modules if n in chosen and not is_linear_like(m)]
         if bad:
@@ -176,7 +178,7 @@ def find_targets(
     excludes = _entries(exclude_modules)
     if excludes:
         _check_entries(excludes, linear, all_names)
-        selected = [n for n in selected if not any(_matches(n, e) for e in excludes)]
+        selected = [n for n in selected if not any(matches(n, e) for e in excludes)]
     if not selected:
         raise TargetingError(
             f"target_modules={target_modules!r} (minus exclude_modules={excludes}) selects no "
