@@ -183,8 +183,9 @@ class LoRALinear(nn.Module):
     """``y = base_layer(x) + scaling · lora_B(lora_A(lora_dropout(x)))``; DoRA variant when ``use_dora``.
 
     The base layer is frozen (``requires_grad=False``); only :meth:`adapter_params` train. Adapter
-    weights are fp32 on the base layer's device; the adapter path runs in their dtype and is cast back
-    to the base output dtype, so the same wrapper serves float, 4-bit and 8-bit bases. State-dict keys
+    weights are fp32 on the base layer's device and stay fp32 when the module is cast to a lower
+    precision (``module.to(torch.bfloat16)``, Lightning's ``bf16-true``); the adapter path runs in their
+    dtype and is cast back to the base output dtype, so the same wrapper serves float, 4-bit and 8-bit bases. State-dict keys
     follow PEFT: ``base_layer.weight``, ``lora_A.weight``, ``lora_B.weight``, ``lora_magnitude_vector``.
 
     Args:
@@ -234,6 +235,24 @@ class LoRALinear(nn.Module):
             self.lora_magnitude_vector = nn.Parameter(magnitude)
         # Row norm of W + ΔW captured at merge time: the only way to undo a DoRA merge exactly.
         self._merged_norm: torch.Tensor | None = None
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> LoRALinear:
+        # The base follows every conversion; the adapters refuse down-casts (module.to(bf16) by a
+        # bf16-true precision plugin) and only move device, as PEFT keeps adapters in fp32: bf16
+        # adapters lose small updates. Up-casts (double()) and non-dtype functions apply as usual.
+        def keep_precision(t: torch.Tensor) -> torch.Tensor:
+            if t.is_floating_point():
+                probe = fn(torch.zeros((), dtype=t.dtype, device=t.device))
+                if probe.is_floating_point() and probe.dtype.itemsize < t.dtype.itemsize:
+                    return t.to(device=probe.device)
+            return fn(t)
+
+        if recurse:
+            self.base_layer._apply(fn)
+            for child in (self.lora_A, self.lora_B, self.lora_dropout):
+                child._apply(keep_precision)
+        super()._apply(keep_precision, recurse=False)  # lora_magnitude_vector
+        return self
 
     @property
     def in_features(self) -> int:

@@ -317,3 +317,17 @@ def test_numerically_equal_to_peft(use_dora: bool, use_rslora: bool, dropout: fl
             pairs.append((layer.lora_magnitude_vector, peft_layer.lora_magnitude_vector["default"].weight))
         for mine, peft_param in pairs:
             torch.testing.assert_close(mine.grad, peft_param.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_adapters_stay_fp32_when_the_module_is_cast_down_and_follow_up_casts() -> None:
+    layer = LoRALinear(nn.Linear(IN, OUT), r=4, alpha=8.0, use_dora=True)
+    before = [p.detach().clone() for p in layer.adapter_params()]
+    layer.to(torch.bfloat16)
+    assert layer.base_layer.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in layer.adapter_params())
+    assert all(torch.equal(p, q) for p, q in zip(layer.adapter_params(), before, strict=True)), "no bf16 round trip"
+    out = layer(_x().to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    layer.double()
+    assert layer.base_layer.weight.dtype == torch.float64
+    assert all(p.dtype == torch.float64 for p in layer.adapter_params())

@@ -162,3 +162,13 @@ def test_trainable_table_is_printed(caplog: pytest.LogCaptureFixture) -> None:
     text = caplog.text
     assert "lora: q_proj" in text and "lora: o_proj" in text and "trainable:" in text
     assert "full: net.classifier" in text
+
+
+def test_bf16_true_keeps_adapters_fp32_so_small_updates_are_not_lost() -> None:
+    module = ToyModule(lr=1e-4)
+    t = trainer(callbacks=[_lora(modules_to_save=[])], max_steps=3, precision="bf16-true")
+    t.fit(module, loader())
+    layers = lora_modules(module)
+    assert all(layer.base_layer.weight.dtype == torch.bfloat16 for _, layer in layers)
+    assert all(p.dtype == torch.float32 for _, layer in layers for p in layer.adapter_params())
+    assert all(layer.lora_B.weight.abs().max() > 0 for _, layer in layers)

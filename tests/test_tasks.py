@@ -55,3 +55,14 @@ def test_classification_full_fine_tune_improves_on_a_learnable_split(tiny_bert_d
     trainer(max_epochs=8, num_sanity_val_steps=-1).fit(task, datamodule=data)
     assert task.last_val["val_acc"] > task.baseline["val_acc"]
     assert task.last_val["val_acc"] >= 0.9
+
+
+def test_perplexity_is_accumulated_in_fp32_under_bf16_true(tiny_llama_dir: Path) -> None:
+    task = CausalLMTask(str(tiny_llama_dir))
+    data = ChatDataModule(categories=["greetings"], val_size=8, batch_size=4, max_length=48)
+    t = trainer(precision="bf16-true", limit_val_batches=2)
+    t.validate(task, datamodule=data)
+    assert task.model.lm_head.weight.dtype == torch.bfloat16, "the precision plugin did cast the module"
+    assert task.val_ppl.total_log_probs.dtype == torch.float32
+    ppl = task.last_val["val_ppl"]
+    assert ppl != round(ppl), "a bf16 accumulator rounds perplexities of this size to whole numbers or halves"

@@ -65,7 +65,7 @@ class SequenceClassificationTask(TaskModule):
         preds = out.logits.argmax(-1)
         self.val_acc.update(preds, batch["labels"])
         self.val_f1.update(preds, batch["labels"])
-        self._val_loss.append(out.loss.detach() * len(preds))
+        self._val_loss.append(out.loss.detach().float() * len(preds))
         self._val_count += len(preds)
 
     @override
