@@ -127,14 +127,6 @@ def install_adapter_only_state(module: nn.Module) -> None:
     module.__dict__[_STATE_ATTR] = _AdapterState(module)
 
 
-def uninstall_adapter_only_state(module: nn.Module) -> None:
-    """Remove the hooks: ``state_dict()`` is complete again."""
-    state = module.__dict__.pop(_STATE_ATTR, None)
-    if state is not None:
-        for handle in state.handles:
-            handle.remove()
-
-
 @contextmanager
 def full_state_dict(module: nn.Module) -> Iterator[None]:
     """Temporarily let ``module.state_dict()`` include the frozen base (e.g. for export)."""

@@ -21,9 +21,6 @@ class TaskModule(L.LightningModule):
     after training, and where the logs and checkpoints are.
     """
 
-    #: The validation metric the summary leads with.
-    main_metric = "val_loss"
-
     def __init__(self, model_name_or_path: str, learning_rate: float, weight_decay: float, warmup_steps: int) -> None:
         super().__init__()
         problems = []

@@ -19,8 +19,6 @@ class CausalLMTask(TaskModule):
     list of ``{"prompt", "response", "reference"}`` dicts.
     """
 
-    main_metric = "val_ppl"
-
     def __init__(
         self,
         model_name_or_path: str = "smollm2-135m-instruct",

@@ -18,8 +18,6 @@ class SequenceClassificationTask(TaskModule):
     per validation epoch. ``predict`` returns class probabilities.
     """
 
-    main_metric = "val_acc"
-
     def __init__(
         self,
         model_name_or_path: str = "minilm",
