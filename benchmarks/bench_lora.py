@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 # imported by every worker before its baseline RSS is read, so library code is not counted as a contender's
-PRELOAD = ("transformers", "peft", "lightning_adapt.inject")
+PRELOAD = ("transformers", "peft", "lightning_adapt.adapters.inject")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -109,7 +109,7 @@ def peft_targets(s: Settings) -> str | list[str]:
 
 
 def ours_lora(s: Settings) -> tuple[nn.Module, dict[str, float]]:
-    from lightning_adapt.inject import LoRASpec, inject_lora
+    from lightning_adapt.adapters.inject import LoRASpec, inject_lora
 
     model = build_llama(s)
     inject_lora(model, LoRASpec(r=s.r, alpha=s.alpha, dropout=0.0, target_modules=peft_targets(s)))

@@ -27,9 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from lightning_adapt.export import ExportOptions, export_model
-from lightning_adapt.inject import LoRASpec, inject_lora
-from lightning_adapt.lora import lora_modules
+from lightning_adapt.adapters.inject import LoRASpec, inject_lora
+from lightning_adapt.adapters.lora import lora_modules
+from lightning_adapt.export.exporter import ExportOptions, export_model
 
 
 def _build(args: argparse.Namespace, path: Path) -> Any:

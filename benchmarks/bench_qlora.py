@@ -77,7 +77,7 @@ def parameter_memory(model: nn.Module) -> int:
 
 
 def _quantize_ours(model: nn.Module, s: Settings) -> dict[str, float]:
-    from lightning_adapt.quant import QuantConfig, quantize_model
+    from lightning_adapt.quantize import QuantConfig, quantize_model
 
     device = s.device
     model.to(device)
@@ -90,7 +90,7 @@ def _quantize_ours(model: nn.Module, s: Settings) -> dict[str, float]:
 
 
 def _inject_ours(model: nn.Module, s: Settings) -> None:
-    from lightning_adapt.inject import LoRASpec, inject_lora
+    from lightning_adapt.adapters.inject import LoRASpec, inject_lora
 
     inject_lora(model, LoRASpec(r=s.r, alpha=s.alpha, dropout=0.0, target_modules=peft_targets(s)))
 

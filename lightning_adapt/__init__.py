@@ -4,28 +4,36 @@ Callbacks (add them to any ``Trainer``, or use the recipe keys of the ``lightnin
 
 * :class:`QuantizeBaseCallback` (``quantize:``): NF4 / FP4 / int8 frozen base through bitsandbytes.
 * :class:`LoRAInjectionCallback` (``lora:``): LoRA / rsLoRA / DoRA adapters on the chosen layers.
-* :class:`PagedOptimizerPlugin` (``paged_optimizer:``): bitsandbytes (paged, 8-bit) optimizers.
+* :class:`PagedOptimizerCallback` (``paged_optimizer:``): bitsandbytes (paged, 8-bit) optimizers.
 * :class:`MergeOnSaveCallback` (``merge:``): the PEFT-format adapter and the merged model as safetensors.
 * :class:`MemoryReportCallback` (``memory_report:``): measured memory beside the estimator's prediction.
 
-The math lives in plain-torch modules: :mod:`lightning_adapt.lora`, :mod:`lightning_adapt.quant`,
-:mod:`lightning_adapt.targeting`, :mod:`lightning_adapt.memory`.
+The package is layered (``docs/architecture.md``): :mod:`~lightning_adapt.errors` and
+:mod:`~lightning_adapt.layers` at the bottom; :mod:`~lightning_adapt.adapters`,
+:mod:`~lightning_adapt.quantize`, :mod:`~lightning_adapt.optim` (plain torch); :mod:`~lightning_adapt.export`
+and :mod:`~lightning_adapt.memory`; the thin Lightning :mod:`~lightning_adapt.callbacks`; the CLI, tasks and data.
 """
 
+from lightning_adapt import _compat
+from lightning_adapt.adapters.lora import LoRALinear, merge_lora
 from lightning_adapt.callbacks.lora import LoRAInjectionCallback
 from lightning_adapt.callbacks.memory_report import MemoryReportCallback
 from lightning_adapt.callbacks.merge import MergeOnSaveCallback
+from lightning_adapt.callbacks.paged_optimizer import PagedOptimizerCallback, PagedOptimizerPlugin
 from lightning_adapt.callbacks.quantize import QuantizeBaseCallback
-from lightning_adapt.lora import LoRALinear, merge_lora
-from lightning_adapt.plugins.paged_optimizer import PagedOptimizerPlugin
+from lightning_adapt.errors import ConfigError
+
+_compat.install()
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConfigError",
     "LoRAInjectionCallback",
     "LoRALinear",
     "MemoryReportCallback",
     "MergeOnSaveCallback",
+    "PagedOptimizerCallback",
     "PagedOptimizerPlugin",
     "QuantizeBaseCallback",
     "__version__",

@@ -20,15 +20,18 @@ from lightning.pytorch import Callback, LightningDataModule, LightningModule, Tr
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
-from lightning_adapt.data._common import DataError
-from lightning_adapt.models import ModelNotFoundError
+from lightning_adapt.callbacks._transform import build_model
+from lightning_adapt.callbacks.merge import MergeOnSaveCallback
+from lightning_adapt.errors import ConfigError, ExportError
+from lightning_adapt.export.exporter import check_target
+from lightning_adapt.memory.cli import main as estimate_main
 
 #: Top-level recipe keys and the callback class each one configures (``class_path``/``init_args``);
 #: a key left out of the config adds nothing.
 RECIPE_KEYS: dict[str, str] = {
     "quantize": "lightning_adapt.callbacks.quantize.QuantizeBaseCallback",
     "lora": "lightning_adapt.callbacks.lora.LoRAInjectionCallback",
-    "paged_optimizer": "lightning_adapt.plugins.paged_optimizer.PagedOptimizerPlugin",
+    "paged_optimizer": "lightning_adapt.callbacks.paged_optimizer.PagedOptimizerCallback",
     "memory_report": "lightning_adapt.callbacks.memory_report.MemoryReportCallback",
     "merge": "lightning_adapt.callbacks.merge.MergeOnSaveCallback",
 }
@@ -67,12 +70,10 @@ class AdaptTrainer(Trainer):
             overwrite: replace a non-empty ``output`` (atomically).
             datamodule: the recipe's DataModule (its tokenizer is saved when the model has none).
         """
-        from lightning_adapt.callbacks.merge import export_lightning_module
-        from lightning_adapt.export import ExportError, ExportOptions, check_target
-
-        options = ExportOptions(merge_base, dtype, max_shard_size, overwrite)
         check_target(Path(output), overwrite, "--output")
-        _apply_recipe_transforms(self, model)
+        merge = MergeOnSaveCallback(output, merge_base, dtype, max_shard_size, overwrite=overwrite)
+        merge.argument = "--output"
+        build_model(self, model)
         try:
             checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
             model.load_state_dict(checkpoint["state_dict"])
@@ -85,19 +86,7 @@ class AdaptTrainer(Trainer):
             raise ExportError(
                 f"--ckpt_path={ckpt_path!r} does not match the model built from --config: {err}{fix}"
             ) from None
-        export_lightning_module(model, output, options, self, datamodule, argument="--output")
-
-
-def _apply_recipe_transforms(trainer: Trainer, model: LightningModule) -> None:
-    """Quantize / inject as in training (registered transforms, in priority order) after configure_model."""
-    transforms = [cb for cb in trainer.callbacks if callable(getattr(cb, "apply", None))]  # type: ignore[attr-defined]
-    for callback in transforms:
-        callback.setup(trainer, model, "export")
-    try:
-        model.configure_model()
-    finally:
-        for callback in transforms:
-            callback.teardown(trainer, model, "export")
+        merge.export(None, model, datamodule)
 
 
 class AdaptCLI(LightningCLI):
@@ -148,17 +137,29 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``lightning-adapt`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "estimate":
-        from lightning_adapt.estimate_cli import main as estimate_main
-
         estimate_main(args[1:])
         return
     try:
         AdaptCLI(args=argv)  # None: LightningCLI reads sys.argv itself
-    except (ModelNotFoundError, DataError, ValueError, ImportError) as err:
-        if os.environ.get("LIGHTNING_ADAPT_DEBUG"):
-            raise
-        print(f"lightning-adapt: error: {err}", file=sys.stderr)
+    except ValueError as err:
+        config_error = _config_error(err)
+        if config_error is None or os.environ.get("LIGHTNING_ADAPT_DEBUG"):
+            raise  # not a setting the user can fix: keep the traceback
+        print(f"lightning-adapt: error: {config_error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _config_error(err: BaseException) -> ConfigError | None:
+    """The :class:`ConfigError` that ``err`` is or wraps (the config parser wraps a class's own error in its
+    union-type report), else ``None``."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ConfigError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 if __name__ == "__main__":

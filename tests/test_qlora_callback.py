@@ -10,10 +10,10 @@ import pytest
 import torch
 from toy import ToyModule, loader, trainer
 
+from lightning_adapt.adapters.lora import LoRALinear, lora_modules
 from lightning_adapt.callbacks.lora import LoRAInjectionCallback
 from lightning_adapt.callbacks.quantize import QuantizeBaseCallback
-from lightning_adapt.lora import LoRALinear, base_weight, lora_modules
-from lightning_adapt.quant import dequantize_weight, is_quantized, quantized_layers
+from lightning_adapt.layers import base_weight, dequantize_weight, is_quantized, quantized_layers
 
 
 def _callbacks(order: str, **quant: Any) -> list[Any]:

@@ -1,4 +1,4 @@
-"""Tests for lightning_adapt.quant: storage cost, dequantization, forward math, skips, idempotence."""
+"""Tests for lightning_adapt.quantize: storage cost, dequantization, forward math, skips, idempotence."""
 
 from __future__ import annotations
 
@@ -12,18 +12,20 @@ from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")
 
-from lightning_adapt import quant  # noqa: E402
-from lightning_adapt.quant import (  # noqa: E402
-    QuantConfig,
-    default_skip_names,
+from lightning_adapt import quantize as quant  # noqa: E402
+from lightning_adapt.layers import (  # noqa: E402
     dequantize_weight,
     frozen_state_keys,
     is_quantized,
     quant_storage_bytes,
-    quantize_linear,
-    quantize_model,
     quantized_layers,
     require_bitsandbytes,
+)
+from lightning_adapt.quantize import (  # noqa: E402
+    QuantConfig,
+    default_skip_names,
+    quantize_linear,
+    quantize_model,
 )
 
 FP32 = torch.float32
@@ -238,7 +240,9 @@ def test_skip_modules_match_whole_dotted_names(entries: list[str], kept: set[str
 
 def test_skip_name_matching_nothing_raises_with_candidates() -> None:
     model = _mlp()
-    with pytest.raises(ValueError, match=r"skip_modules.*\['lm_hed'\].*Quantizable Linear layers: 0, 2, 4"):
+    with pytest.raises(
+        ValueError, match=r"skip_modules.*\['lm_hed'\] match no module.*Candidates: leaf names \[0, 2, 4\]"
+    ):
         quantize_model(model, NF4_DQ, ["0", "lm_hed"])
     with pytest.raises(ValueError, match="match no module"):
         quantize_model(model, NF4_DQ, ["4.weight"])  # a parameter, not a module
@@ -246,17 +250,20 @@ def test_skip_name_matching_nothing_raises_with_candidates() -> None:
 
 
 def test_lora_adapters_are_never_quantized_but_their_base_is() -> None:
-    class Wrapper(nn.Module):  # the shape of lightning_adapt.lora.LoRALinear
+    class Wrapper(nn.Module):  # an adapter found by the AdapterModule protocol, whatever its names
         def __init__(self, base: nn.Linear) -> None:
             super().__init__()
             self.base_layer = base
-            self.lora_A = nn.Linear(64, 8, bias=False)
-            self.lora_B = nn.Linear(8, 64, bias=False)
+            self.down = nn.Linear(64, 8, bias=False)
+            self.up = nn.Linear(8, 64, bias=False)
+
+        def adapter_params(self) -> list[nn.Parameter]:
+            return [self.down.weight, self.up.weight]
 
     model = nn.Sequential(Wrapper(nn.Linear(64, 64)))
     summary = quantize_model(model, NF4_DQ)
     assert [name for name, _ in quantized_layers(model)] == ["0.base_layer"] and summary.layers == 1
-    assert type(model[0].lora_A) is nn.Linear and type(model[0].lora_B) is nn.Linear
+    assert type(model[0].down) is nn.Linear and type(model[0].up) is nn.Linear
 
 
 @pytest.mark.parametrize("config", [NF4_DQ, INT8], ids=["nf4+dq", "int8"])
@@ -345,7 +352,7 @@ def test_missing_bitsandbytes_says_how_to_install(monkeypatch: pytest.MonkeyPatc
         raise ImportError(f"No module named {name!r}")
 
     monkeypatch.setattr(importlib, "import_module", fail)
-    with pytest.raises(ImportError, match=r"pip install bitsandbytes>=0\.48"):
+    with pytest.raises(ImportError, match=r"pip install 'bitsandbytes>=0\.48'"):
         require_bitsandbytes()
 
 

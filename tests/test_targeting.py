@@ -1,4 +1,4 @@
-"""Table tests for lightning_adapt.targeting on tiny Hugging Face models built from configs."""
+"""Table tests for lightning_adapt.adapters.targeting on tiny Hugging Face models built from configs."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
-from lightning_adapt.lora import LoRALinear
-from lightning_adapt.targeting import (
+from lightning_adapt.adapters.lora import LoRALinear
+from lightning_adapt.adapters.targeting import (
     DEFAULT_TARGETS,
     TargetingError,
     find_targets,
@@ -158,7 +158,7 @@ ERROR_CASES = [
     ("llama", ["embed_tokens"], (), ["Embedding", "cannot wrap"]),
     ("llama", ["q_proj"], ["nope"], ["['nope']", "match no module"]),  # excludes are checked too
     ("llama", ["q_proj"], ["q_proj"], ["selects no linear-like module"]),
-    ("llama", ["(unclosed"], (), ["not a valid regex"]),
+    ("llama", ["(unclosed"], (), ["not a valid regular expression"]),
     ("bert", ["q_proj"], (), ["query", "bert.encoder.layer.0.attention.self.query"]),  # candidates listed
 ]
 

@@ -8,9 +8,9 @@ import lightning as L
 import torch
 from toy import trainer
 
+from lightning_adapt.adapters.lora import lora_modules
 from lightning_adapt.callbacks.lora import LoRAInjectionCallback
 from lightning_adapt.data import ChatDataModule, TweetSentimentDataModule
-from lightning_adapt.lora import lora_modules
 from lightning_adapt.tasks import CausalLMTask, SequenceClassificationTask
 
 

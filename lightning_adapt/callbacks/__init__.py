@@ -1,8 +1,20 @@
-"""Thin Lightning callbacks over the plain-torch math modules; one public class per file."""
+"""Thin Lightning callbacks over the plain-torch math modules; one public class per file.
+
+:class:`~lightning_adapt.callbacks._transform.ModelTransformCallback` is the base of those that change the
+model's structure (quantize, lora); the others find them through it.
+"""
 
 from lightning_adapt.callbacks.lora import LoRAInjectionCallback
 from lightning_adapt.callbacks.memory_report import MemoryReportCallback
 from lightning_adapt.callbacks.merge import MergeOnSaveCallback
+from lightning_adapt.callbacks.paged_optimizer import PagedOptimizerCallback, PagedOptimizerPlugin
 from lightning_adapt.callbacks.quantize import QuantizeBaseCallback
 
-__all__ = ["LoRAInjectionCallback", "MemoryReportCallback", "MergeOnSaveCallback", "QuantizeBaseCallback"]
+__all__ = [
+    "LoRAInjectionCallback",
+    "MemoryReportCallback",
+    "MergeOnSaveCallback",
+    "PagedOptimizerCallback",
+    "PagedOptimizerPlugin",
+    "QuantizeBaseCallback",
+]

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
+import lightning as L
 import torch.nn as nn
+from typing_extensions import override
 
 Transform = Callable[[nn.Module], object]
 
@@ -60,3 +62,58 @@ def unregister_transform(module: nn.Module, name: str) -> None:
         del module.__dict__[_ORIGINAL]
         module.__dict__.pop("configure_model", None)
         module.__dict__.pop(_ATTR, None)
+
+
+class ModelTransformCallback(L.Callback):
+    """Base of the callbacks that change the model's structure right after ``configure_model``.
+
+    A subclass declares its ``name`` and ``priority`` (lower runs first) and implements :meth:`apply`
+    (idempotent) and :attr:`spec` (its settings, as a plain dataclass of the math layer, e.g. a
+    ``QuantPlan`` or a ``LoRASpec``). Other parts find transforms through this base class and read their
+    settings through ``spec``: the memory report describes the run from them, and ``lightning-adapt
+    export`` rebuilds the trained structure with :func:`build_model`.
+    """
+
+    name: ClassVar[str]
+    priority: ClassVar[int]
+
+    @property
+    def spec(self) -> object:
+        """The settings of this transform (a frozen dataclass)."""
+        raise NotImplementedError
+
+    def apply(self, module: nn.Module) -> object:
+        """Transform ``module`` in place; must be idempotent."""
+        raise NotImplementedError
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        register_transform(pl_module, self.name, self.priority, self.apply)
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        unregister_transform(pl_module, self.name)
+
+
+def transform_callbacks(trainer: L.Trainer | None) -> list[ModelTransformCallback]:
+    """The trainer's model transforms, in the order they run."""
+    callbacks = getattr(trainer, "callbacks", None) or []
+    found = [cb for cb in callbacks if isinstance(cb, ModelTransformCallback)]
+    return sorted(found, key=lambda cb: cb.priority)
+
+
+def transform_specs(trainer: L.Trainer | None) -> list[object]:
+    """The ``spec`` of every model transform of ``trainer``: what the run's structure was built from."""
+    return [cb.spec for cb in transform_callbacks(trainer)]
+
+
+def build_model(trainer: L.Trainer, module: L.LightningModule) -> None:
+    """Build ``module`` outside a fit loop as training built it: ``configure_model`` then the transforms."""
+    transforms = transform_callbacks(trainer)
+    for callback in transforms:
+        register_transform(module, callback.name, callback.priority, callback.apply)
+    try:
+        module.configure_model()
+    finally:
+        for callback in transforms:
+            unregister_transform(module, callback.name)

@@ -10,22 +10,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from lightning_adapt.callbacks._transform import INJECT_LORA, register_transform, unregister_transform
-from lightning_adapt.checkpoint import install_adapter_only_state
-from lightning_adapt.inject import (
-    LoRASpec,
-    inject_lora,
-    load_adapter_weights,
-    read_adapter,
-    resolve_adapter_settings,
-    trainable_table,
-)
-from lightning_adapt.lora import validate_lora_args
+from lightning_adapt.adapters.checkpoint import install_adapter_only_state
+from lightning_adapt.adapters.inject import LoRASpec, inject_lora, trainable_table
+from lightning_adapt.adapters.lora import validate_lora_args
+from lightning_adapt.callbacks._transform import INJECT_LORA, ModelTransformCallback
+from lightning_adapt.export.peft_format import load_adapter_weights, read_adapter, resolve_adapter_settings
 
 _IMPORTED = "_lightning_adapt_imported_adapter"
 
 
-class LoRAInjectionCallback(L.Callback):
+class LoRAInjectionCallback(ModelTransformCallback):
     """Freeze the base and wrap the targeted layers with ``W x + (alpha/r)·B A dropout(x)``.
 
     ``A`` starts random and ``B`` at zero, so the model is unchanged at step 0. Injection happens right
@@ -84,7 +78,7 @@ class LoRAInjectionCallback(L.Callback):
         explicit |= {"use_rslora": use_rslora, "use_dora": use_dora, "modules_to_save": modules_to_save}
         settings = resolve_adapter_settings(explicit, adapter_config)
         validate_lora_args(r=settings["r"], alpha=settings["alpha"], dropout=dropout, init=init)
-        self.spec = LoRASpec(
+        self._spec = LoRASpec(
             r=settings["r"],
             alpha=settings["alpha"],
             dropout=dropout,
@@ -99,6 +93,15 @@ class LoRAInjectionCallback(L.Callback):
         self.adapter_only_checkpoint = adapter_only_checkpoint
         self.adapted: list[str] = []
 
+    name = "lora"
+    priority = INJECT_LORA
+
+    @property
+    @override
+    def spec(self) -> LoRASpec:
+        return self._spec
+
+    @override
     def apply(self, module: nn.Module) -> list[str]:
         """Inject adapters into ``module`` (idempotent); returns the adapted layer names."""
         self.adapted = inject_lora(module, self.spec)
@@ -111,10 +114,6 @@ class LoRAInjectionCallback(L.Callback):
         return self.adapted
 
     @override
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        register_transform(pl_module, "lora", INJECT_LORA, self.apply)
-
-    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         spec = self.spec
         rank_zero_info(
@@ -122,7 +121,3 @@ class LoRAInjectionCallback(L.Callback):
             f"{' rslora' if spec.use_rslora else ''}{' dora' if spec.use_dora else ''} "
             f"on {len(self.adapted)} layers\n{trainable_table(pl_module)}"
         )
-
-    @override
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        unregister_transform(pl_module, "lora")

@@ -5,26 +5,20 @@ from __future__ import annotations
 from typing import Literal
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from lightning_adapt.callbacks._transform import QUANTIZE, register_transform, unregister_transform
-from lightning_adapt.checkpoint import install_adapter_only_state
-from lightning_adapt.quant import QuantConfig, QuantMode, QuantSummary, quantize_model, require_bitsandbytes
+from lightning_adapt.adapters.checkpoint import install_adapter_only_state
+from lightning_adapt.callbacks._transform import QUANTIZE, ModelTransformCallback
+from lightning_adapt.layers import DTYPES, require_bitsandbytes
+from lightning_adapt.quantize import QuantConfig, QuantMode, QuantPlan, QuantSummary, quantize_model
 
 DTypeName = Literal["bf16", "fp16", "fp32"]
 StorageName = Literal["uint8", "bf16", "fp16", "fp32"]
-_DTYPES: dict[str, torch.dtype] = {
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-    "fp32": torch.float32,
-    "uint8": torch.uint8,
-}
 
 
-class QuantizeBaseCallback(L.Callback):
+class QuantizeBaseCallback(ModelTransformCallback):
     """Quantize the frozen base of any LightningModule, layer by layer, right after ``configure_model``.
 
     Runs before LoRA injection whatever order the callbacks are listed in, so adapters are never
@@ -38,7 +32,7 @@ class QuantizeBaseCallback(L.Callback):
         mode: QuantMode = "nf4",
         double_quant: bool | None = None,
         blocksize: int = 64,
-        compute_dtype: DTypeName = "bf16",
+        compute_dtype: DTypeName | None = None,
         quant_storage: StorageName = "uint8",
         skip_modules: list[str] | None = None,
         include_default_skips: bool = True,
@@ -49,7 +43,9 @@ class QuantizeBaseCallback(L.Callback):
             double_quant: quantize the 4-bit block constants to 8 bits (≈4.127 instead of 4.5 bits per
                 weight). Default: on for nf4/fp4, off (and not allowed) for int8.
             blocksize: 4-bit only: weights per absmax constant (64 in QLoRA).
-            compute_dtype: dtype the dequantized matmul runs in (bf16 as QLoRA; fp32 for exact CPU checks).
+            compute_dtype: dtype the dequantized matmul runs in. ``None`` (default): bf16 on CUDA (as QLoRA),
+                else the dtype the weights are in (the run's precision): fp32 stays fast on a CPU without
+                bf16 matmul units. An explicit value always wins.
             quant_storage: 4-bit only: dtype of the packed weight tensor (non-uint8 is for sharded training).
             skip_modules: extra modules to keep in full precision (dotted names or suffixes, e.g. ``[gate]``).
             include_default_skips: keep output heads (lm_head, classifier, score, ...) and tied weights in
@@ -63,30 +59,30 @@ class QuantizeBaseCallback(L.Callback):
             mode=mode,
             double_quant=double_quant,
             blocksize=blocksize,
-            compute_dtype=_DTYPES[compute_dtype],
-            quant_storage=_DTYPES[quant_storage],
+            compute_dtype=None if compute_dtype is None else DTYPES[compute_dtype],
+            quant_storage=DTYPES[quant_storage],
         )
         self.skip_modules = list(skip_modules or [])
         self.include_default_skips = include_default_skips
         self.summary: QuantSummary | None = None
 
-    def apply(self, module: nn.Module) -> QuantSummary:
-        """Quantize ``module`` in place (idempotent) and make its checkpoints adapter-only."""
-        self.summary = quantize_model(
-            module, self.config, skip_modules=self.skip_modules, include_default_skips=self.include_default_skips
-        )
-        install_adapter_only_state(module)
-        return self.summary
+    name = "quantize"
+    priority = QUANTIZE
+
+    @property
+    @override
+    def spec(self) -> QuantPlan:
+        return QuantPlan(self.config, tuple(self.skip_modules), self.include_default_skips)
 
     @override
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        register_transform(pl_module, "quantize", QUANTIZE, self.apply)
+    def apply(self, module: nn.Module) -> QuantSummary:
+        """Quantize ``module`` in place (idempotent) and make its checkpoints adapter-only."""
+        plan = self.spec
+        self.summary = quantize_model(module, plan.config, plan.skip_modules, plan.include_default_skips)
+        install_adapter_only_state(module)
+        return self.summary
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.summary is not None:
             rank_zero_info(f"lightning-adapt: {self.summary.format()}")
-
-    @override
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        unregister_transform(pl_module, "quantize")

@@ -11,11 +11,8 @@ import torch
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from lightning_adapt.errors import DataError
 from lightning_adapt.models import resolve_model
-
-
-class DataError(ValueError):
-    """A data argument points at something that cannot be used."""
 
 
 def load_tokenizer(name_or_path: str, argument: str) -> Any:
@@ -77,8 +74,9 @@ def split_indices(n: int, val_size: int, train_size: int | None, seed: int) -> t
 class SplitDataModule(L.LightningDataModule):
     """Base of the ready DataModules: tokenized ``train``/``val`` lists built once in ``setup``.
 
-    Subclasses fill ``self._splits`` in ``setup`` and provide ``collate`` (and may override
-    ``predict_collate``); test and predict use the validation split.
+    ``setup`` loads the tokenizer, reads the examples (:meth:`read_examples`), splits them deterministically
+    and encodes each split (:meth:`encode`); subclasses provide those two and ``collate`` (and may override
+    ``predict_collate``). Test and predict use the validation split.
     """
 
     def __init__(
@@ -101,6 +99,24 @@ class SplitDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.tokenizer: Any = None
         self._splits: dict[str, list[dict[str, Any]]] = {}
+
+    @override
+    def setup(self, stage: str) -> None:
+        if self._splits:
+            return
+        self.tokenizer = load_tokenizer(tokenizer_source(self), "data.tokenizer")
+        examples = self.read_examples()
+        train_idx, val_idx = split_indices(len(examples), self.val_size, self.train_size, self.seed)
+        for name, idx in (("train", train_idx), ("val", val_idx)):
+            self._splits[name] = self.encode([examples[i] for i in idx])
+
+    def read_examples(self) -> list[Any]:
+        """Every example of the corpus, in a fixed order (``self.tokenizer`` is loaded already)."""
+        raise NotImplementedError
+
+    def encode(self, examples: list[Any]) -> list[dict[str, Any]]:
+        """Tokenized rows for one split."""
+        raise NotImplementedError
 
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         raise NotImplementedError

@@ -11,14 +11,11 @@ import yaml
 from typing_extensions import override
 
 from lightning_adapt.data._common import (
-    DataError,
     SplitDataModule,
     check_readable,
-    load_tokenizer,
     packaged_path,
-    split_indices,
-    tokenizer_source,
 )
+from lightning_adapt.errors import DataError
 
 IGNORE_INDEX = -100
 
@@ -100,26 +97,20 @@ class ChatDataModule(SplitDataModule):
         self.categories = categories
 
     @override
-    def setup(self, stage: str) -> None:
-        if self._splits:
-            return
-        self.tokenizer = load_tokenizer(tokenizer_source(self), "data.tokenizer")
+    def read_examples(self) -> list[tuple[str, str]]:
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise DataError(f"data.tokenizer={self.tokenizer_name!r} has no chat template. Fix: use a chat model.")
         folder = self.data_dir or str(
             packaged_path("chatterbot_corpus", "chatterbot-corpus==1.3.3", "data/english", "data.data_dir")
         )
-        pairs = read_chat_pairs(folder, self.categories)
-        train_idx, val_idx = split_indices(len(pairs), self.val_size, self.train_size, self.seed)
-        for name, idx in (("train", train_idx), ("val", val_idx)):
-            self._splits[name] = [
-                {
-                    **encode_pair(self.tokenizer, *pairs[i], self.max_length),
-                    "prompt": pairs[i][0],
-                    "reference": pairs[i][1],
-                }
-                for i in idx
-            ]
+        return read_chat_pairs(folder, self.categories)
+
+    @override
+    def encode(self, examples: list[tuple[str, str]]) -> list[dict[str, Any]]:
+        return [
+            {**encode_pair(self.tokenizer, prompt, reply, self.max_length), "prompt": prompt, "reference": reply}
+            for prompt, reply in examples
+        ]
 
     @override
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:

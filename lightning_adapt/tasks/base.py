@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from lightning_adapt.errors import ConfigError
 from lightning_adapt.models import resolve_model
 
 
@@ -33,7 +34,7 @@ class TaskModule(L.LightningModule):
         if warmup_steps < 0:
             problems.append(f"model.warmup_steps={warmup_steps} must be >= 0. Fix: use 0 or a positive value")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ConfigError("; ".join(problems))
         self.model_name_or_path = model_name_or_path
         self.source_path: Path = resolve_model(model_name_or_path, "model.model_name_or_path")
         self.learning_rate = learning_rate

@@ -8,6 +8,7 @@ import torch
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from typing_extensions import override
 
+from lightning_adapt.errors import ConfigError
 from lightning_adapt.tasks.base import TaskModule
 
 
@@ -35,7 +36,7 @@ class SequenceClassificationTask(TaskModule):
             warmup_steps: linear learning-rate warmup steps, then constant.
         """
         if num_labels < 2:
-            raise ValueError(f"model.num_labels={num_labels} must be >= 2. Fix: set it to the number of classes.")
+            raise ConfigError(f"model.num_labels={num_labels} must be >= 2. Fix: set it to the number of classes.")
         super().__init__(model_name_or_path, learning_rate, weight_decay, warmup_steps)
         self.save_hyperparameters()
         from transformers import AutoModelForSequenceClassification

@@ -20,17 +20,23 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-import sys
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from types import ModuleType
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
 
-from lightning_adapt.targeting import matches, output_head_names
+from lightning_adapt.adapters.targeting import output_head_names
+from lightning_adapt.errors import ConfigError
+from lightning_adapt.layers import (
+    adapter_param_ids,
+    dtype_name,
+    quant_storage_bytes,
+    quantized_layers,
+    require_bitsandbytes,
+)
+from lightning_adapt.naming import check_entries, under
 
 QuantMode = Literal["nf4", "fp4", "int8"]
 
@@ -38,17 +44,6 @@ _MODES: tuple[str, ...] = get_args(QuantMode)
 _BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' quantize_4bit check
 _COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _STORAGE_DTYPES = (torch.uint8, torch.int8, torch.bfloat16, torch.float16, torch.float32)
-_ADAPTER_COMPONENTS = frozenset({"lora_A", "lora_B"})
-
-
-def require_bitsandbytes() -> ModuleType:
-    """Import and return ``bitsandbytes``; raise an ``ImportError`` saying how to install it."""
-    try:
-        return importlib.import_module("bitsandbytes")
-    except ImportError as err:
-        raise ImportError(
-            "Quantization (QLoRA, nf4/fp4/int8) needs bitsandbytes: `pip install bitsandbytes>=0.48`."
-        ) from err
 
 
 @dataclass(frozen=True)
@@ -62,20 +57,21 @@ class QuantConfig:
             bits/param). Must be ``False`` for ``"int8"``.
         blocksize: 4-bit only: weights per absmax constant; one of 32, 64, ..., 4096.
         compute_dtype: dtype the matmul runs in (4-bit) and the bias is stored in; bfloat16, float16
-            or float32.
+            or float32. ``None`` (default): :func:`default_compute_dtype` of each weight — bf16 on CUDA,
+            the weight's own dtype elsewhere (fp32 on a CPU without bf16 matmul units stays fast).
         quant_storage: 4-bit only: dtype of the tensor holding packed codes (non-uint8 is for FSDP).
     """
 
     mode: QuantMode = "nf4"
     double_quant: bool = True
     blocksize: int = 64
-    compute_dtype: torch.dtype = torch.bfloat16
+    compute_dtype: torch.dtype | None = None
     quant_storage: torch.dtype = torch.uint8
 
     def __post_init__(self) -> None:
         problems = _config_problems(self)
         if problems:
-            raise ValueError("Invalid QuantConfig:\n  - " + "\n  - ".join(problems))
+            raise ConfigError("Invalid QuantConfig:\n  - " + "\n  - ".join(problems))
 
     @property
     def label(self) -> str:
@@ -92,7 +88,7 @@ def _config_problems(cfg: QuantConfig) -> list[str]:
         ),
         (not isinstance(cfg.double_quant, bool), f"double_quant={cfg.double_quant!r}; allowed: True, False."),
         (
-            cfg.compute_dtype not in _COMPUTE_DTYPES,
+            cfg.compute_dtype is not None and cfg.compute_dtype not in _COMPUTE_DTYPES,
             f"compute_dtype={cfg.compute_dtype} is not supported by bitsandbytes {cfg.mode} layers; "
             f"allowed: {_COMPUTE_DTYPES}. Fix: compute_dtype=torch.bfloat16.",
         ),
@@ -124,16 +120,13 @@ def _config_problems(cfg: QuantConfig) -> list[str]:
     return [message for bad, message in rules if bad]
 
 
-def is_quantized(module: nn.Module) -> bool:
-    """Whether ``module`` is a bitsandbytes Linear4bit / Linear8bitLt holding quantized weights."""
-    bnb = sys.modules.get("bitsandbytes")  # never imported → no module can be a bnb layer
-    if bnb is None:
-        return False
-    if isinstance(module, bnb.nn.Linear4bit):
-        return bool(getattr(module.weight, "bnb_quantized", False))
-    if isinstance(module, bnb.nn.Linear8bitLt):
-        return bool(module.weight.dtype == torch.int8)
-    return False
+def default_compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The compute dtype a 4-bit layer gets when none is configured: bf16 on CUDA (QLoRA's setting), else the
+    weight's own float dtype (fp32 for other dtypes). It follows the run's precision, since the weights were
+    loaded (or cast by a ``*-true`` precision) in it; a CPU without bf16 matmul units keeps fp32 speed."""
+    if weight.device.type == "cuda":
+        return torch.bfloat16
+    return weight.dtype if weight.dtype in _COMPUTE_DTYPES else torch.float32
 
 
 def _shape(linear: nn.Linear) -> tuple[int, int, bool]:
@@ -184,6 +177,8 @@ def quantize_linear(linear: nn.Linear, config: QuantConfig) -> nn.Module:
     """
     if linear.weight.device.type == "meta":
         raise ValueError("quantize_linear needs real weights, got a Linear on the meta device: load them first.")
+    if config.compute_dtype is None:
+        config = replace(config, compute_dtype=default_compute_dtype(linear.weight))
     layer: nn.Module = _QUANTIZERS[config.mode](linear, config, require_bitsandbytes())
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.detach().to(config.compute_dtype), requires_grad=False)
@@ -192,54 +187,6 @@ def quantize_linear(linear: nn.Linear, config: QuantConfig) -> nn.Module:
     layer.original_dtype = linear.weight.dtype  # type: ignore[assignment]
     layer.train(linear.training)
     return layer.requires_grad_(False)
-
-
-def _int8_scales(module: Any) -> torch.Tensor:
-    # Before the first forward the scales live on the weight, afterwards on the matmul state.
-    scales = getattr(module.weight, "SCB", None)
-    return module.state.SCB if scales is None else scales  # type: ignore[no-any-return]
-
-
-def dequantize_weight(module: nn.Module) -> torch.Tensor:
-    """Dense fp32 ``(out, in)`` weight of a quantized layer, as bitsandbytes dequantizes it.
-
-    A plain ``nn.Linear`` returns its weight in fp32 (detached copy semantics not guaranteed).
-    """
-    if not is_quantized(module):
-        if isinstance(module, nn.Linear):
-            return module.weight.detach().float()
-        raise TypeError(f"dequantize_weight expects a quantized or plain Linear, got {type(module).__name__}")
-    bnb = require_bitsandbytes()
-    weight: Any = module.weight
-    if isinstance(module, bnb.nn.Linear4bit):
-        state = weight.quant_state
-        if getattr(state, "packing_format_for_cpu", False):
-            raise RuntimeError(
-                "This Linear4bit was repacked by bitsandbytes' CPU AVX512-BF16 path; its codes no longer "
-                "dequantize correctly. Use lightning_adapt.quant.quantize_linear (it disables that)."
-            )
-        return bnb.functional.dequantize_4bit(weight.data, state).float()  # type: ignore[no-any-return]
-    return bnb.functional.int8_vectorwise_dequant(weight.data, _int8_scales(module)).float()  # type: ignore[no-any-return]
-
-
-def _state_tensors(module: Any) -> Iterator[torch.Tensor]:
-    bnb = require_bitsandbytes()
-    yield module.weight.data
-    if isinstance(module, bnb.nn.Linear4bit):
-        state = module.weight.quant_state
-        yield from (state.absmax, state.code)
-        if state.nested:
-            yield from (state.offset, state.state2.absmax, state.state2.code)
-    else:
-        yield _int8_scales(module)
-
-
-def quant_storage_bytes(module: nn.Module) -> int:
-    """Bytes of a quantized layer's weight: packed codes + quant state (absmax, nested absmax, code
-    tables, offset; int8: row scales). Counted as serialized, per layer. 0 for other modules."""
-    if not is_quantized(module):
-        return 0
-    return sum(t.numel() * t.element_size() for t in _state_tensors(module))
 
 
 def _layer_label(module: Any) -> str:
@@ -253,9 +200,6 @@ def _original_dtype(module: Any) -> torch.dtype:
     # set by quantize_linear; for layers quantized elsewhere: the dtype bnb quantized from
     fallback = getattr(getattr(module.weight, "quant_state", None), "dtype", torch.float16)
     return getattr(module, "original_dtype", fallback)  # type: ignore[no-any-return]
-
-
-_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
 
 @dataclass(frozen=True)
@@ -288,11 +232,6 @@ class QuantSummary:
         )
 
 
-def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(dotted name, layer)`` for every quantized layer in ``model``, in module order."""
-    return [(name, module) for name, module in model.named_modules() if is_quantized(module)]
-
-
 def summarize(model: nn.Module) -> QuantSummary:
     """A :class:`QuantSummary` over every quantized layer currently in ``model``."""
     layers: list[Any] = [module for _, module in quantized_layers(model)]
@@ -305,7 +244,7 @@ def summarize(model: nn.Module) -> QuantSummary:
         quantized_bytes=sum(quant_storage_bytes(module) for module in layers),
         original_bytes=original,
         label=",".join(dict.fromkeys(_layer_label(module) for module in layers)),
-        original_dtype=",".join(dict.fromkeys(_DTYPE_NAMES.get(d, str(d)) for d in dtypes)),
+        original_dtype=",".join(dict.fromkeys(dtype_name(d) for d in dtypes)),
     )
 
 
@@ -324,7 +263,7 @@ def _tied_linear_names(model: nn.Module) -> set[str]:
 def default_skip_names(model: nn.Module) -> set[str]:
     """Linear layers QLoRA keeps in full precision: output heads and weights tied to other modules.
 
-    Heads are those of :func:`lightning_adapt.targeting.output_head_names` (Hugging Face's
+    Heads are those of :func:`lightning_adapt.adapters.targeting.output_head_names` (Hugging Face's
     ``get_output_embeddings()``, weights tied to an embedding, and leaf names such as ``lm_head``,
     ``classifier``, ``score``). A Linear whose weight is also registered by another module is always
     skipped: quantizing it would silently untie it.
@@ -334,46 +273,42 @@ def default_skip_names(model: nn.Module) -> set[str]:
     return (heads & linear) | _tied_linear_names(model)
 
 
-def _adapter_param_ids(model: nn.Module) -> set[int]:
-    ids: set[int] = set()
-    for module in model.modules():
-        adapter_params = getattr(module, "adapter_params", None)
-        if callable(adapter_params):
-            ids |= {id(p) for p in adapter_params()}
-    return ids
-
-
-def _candidate_names(model: nn.Module) -> list[str]:
+def candidate_names(model: nn.Module) -> list[str]:
     """Names of full-precision Linear layers that may be quantized (never LoRA adapters)."""
     bnb = require_bitsandbytes()
     excluded = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt, nn.modules.linear.NonDynamicallyQuantizableLinear)
-    adapter_ids = _adapter_param_ids(model)
+    adapter_ids = adapter_param_ids(model)
     return [
         name
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear)
         and not isinstance(module, excluded)  # MultiheadAttention reads out_proj.weight directly
-        and not _ADAPTER_COMPONENTS.intersection(name.split("."))
         and id(module.weight) not in adapter_ids
     ]
 
 
-def _check_skip_entries(model: nn.Module, skip_modules: Sequence[str], candidates: list[str]) -> None:
-    names = [name for name, _ in model.named_modules()]
-    unknown = [entry for entry in skip_modules if not any(matches(name, entry) for name in names)]
-    if unknown:
-        more = f", ... ({len(candidates)} in all)" if len(candidates) > 40 else ""
-        shown = ", ".join(candidates[:40]) + more
-        raise ValueError(
-            f"skip_modules={list(skip_modules)!r}: {unknown!r} match no module (whole dotted names, exact or "
-            f"'.suffix'). Quantizable Linear layers: {shown or 'none'}. Fix: use one of these names."
-        )
+@dataclass(frozen=True)
+class QuantPlan:
+    """Which Linear layers of a model to quantize, and how: the settings of :func:`quantize_model`.
 
+    Args:
+        config: the storage format.
+        skip_modules: modules kept in full precision (naming rules of :mod:`lightning_adapt.naming`;
+            a skipped module keeps everything inside it).
+        include_default_skips: also keep :func:`default_skip_names` (output heads, tied weights).
+    """
 
-def _is_skipped(name: str, skip: set[str]) -> bool:
-    parts = name.split(".")
-    prefixes = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}  # a skipped parent skips its children
-    return any(matches(prefix, entry) for prefix in prefixes for entry in skip)
+    config: QuantConfig = QuantConfig()
+    skip_modules: tuple[str, ...] = ()
+    include_default_skips: bool = True
+
+    def selected(self, model: nn.Module) -> list[str]:
+        """Names of the Linear layers of ``model`` this plan quantizes (an unknown skip entry is an error)."""
+        candidates = candidate_names(model)
+        names = [name for name, _ in model.named_modules()]
+        check_entries(list(self.skip_modules), names, "skip_modules", candidates)
+        skip = set(self.skip_modules) | (default_skip_names(model) if self.include_default_skips else set())
+        return [name for name in candidates if not under(name, skip)]
 
 
 def quantize_model(
@@ -397,32 +332,9 @@ def quantize_model(
     Raises:
         ValueError: an entry of ``skip_modules`` matches no module (the message lists candidates).
     """
-    candidates = _candidate_names(model)
-    _check_skip_entries(model, skip_modules, candidates)
-    skip = set(skip_modules) | (default_skip_names(model) if include_default_skips else set())
-    for name in candidates:
-        if _is_skipped(name, skip):
-            continue
+    plan = QuantPlan(config, tuple(skip_modules), include_default_skips)
+    for name in plan.selected(model):
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, attr, quantize_linear(getattr(parent, attr), config))  # old Linear dropped here
     return summarize(model)
-
-
-def frozen_state_keys(model: nn.Module) -> set[str]:
-    """State-dict keys of every quantized layer's weight and quant state.
-
-    Found from ``state_dict(keep_vars=True)`` so wrapper prefixes (e.g. activation checkpointing's
-    ``_checkpoint_wrapped_module.``) are the real ones: ``<p>weight``, ``<p>weight.absmax``,
-    ``<p>weight.quant_map``, ``<p>weight.nested_*``, ``<p>weight.quant_state.bitsandbytes__nf4``;
-    int8: ``<p>weight``, ``<p>SCB``, ``<p>weight_format``. Biases are not included.
-    """
-    weights = {id(module.weight) for _, module in quantized_layers(model)}
-    state = model.state_dict(keep_vars=True)
-    prefixes = [key[: -len("weight")] for key, val in state.items() if key.endswith("weight") and id(val) in weights]
-    keys: set[str] = set()
-    for prefix in prefixes:
-        extra = {prefix + "SCB", prefix + "weight_format"}
-        keys |= {key for key in state if key.startswith(prefix + "weight.") or key in extra}
-        keys.add(prefix + "weight")
-    return keys

@@ -37,6 +37,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from lightning_adapt.errors import ExportError
+
 __all__ = [
     "ExportError",
     "SourceWeights",
@@ -52,10 +54,6 @@ _ST_DTYPES = {
     torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
 }  # fmt: skip
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-class ExportError(ValueError):
-    """An export that cannot be done as asked; raised before anything is written."""
 
 
 def parse_size(size: int | str) -> int:

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lightning_adapt.errors import ConfigError
 from lightning_adapt.optim import (
     OPTIMIZERS,
     OptimizerName,
@@ -35,7 +36,7 @@ def _is_deepspeed(strategy: object) -> bool:
     return any(cls.__name__ == "DeepSpeedStrategy" for cls in type(strategy).__mro__)
 
 
-class PagedOptimizerPlugin(Callback):
+class PagedOptimizerCallback(Callback):
     """Replace the optimizer built by ``configure_optimizers`` with a ``bitsandbytes.optim`` one.
 
     At ``on_fit_start`` (after Lightning built the user's optimizer and before it restores optimizer
@@ -52,7 +53,7 @@ class PagedOptimizerPlugin(Callback):
     its optimizer and is refused; so is more than one optimizer.
 
     Example:
-        >>> trainer = pl.Trainer(callbacks=[PagedOptimizerPlugin("PagedAdamW8bit", lr=2e-4)])
+        >>> trainer = pl.Trainer(callbacks=[PagedOptimizerCallback("PagedAdamW8bit", lr=2e-4)])
 
     Args:
         optimizer: The ``bitsandbytes.optim`` class name. ``Paged*`` page their state, ``*8bit``
@@ -86,8 +87,8 @@ class PagedOptimizerPlugin(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and _is_deepspeed(trainer.strategy):
-            raise RuntimeError(
-                "PagedOptimizerPlugin cannot be used with DeepSpeed: DeepSpeed builds and owns its "
+            raise ConfigError(
+                "PagedOptimizerCallback cannot be used with DeepSpeed: DeepSpeed builds and owns its "
                 "optimizer. Remove the `paged_optimizer` setting or use another strategy (ddp, fsdp)."
             )
 
@@ -95,8 +96,8 @@ class PagedOptimizerPlugin(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         old = trainer.strategy.optimizers
         if len(old) > 1:
-            raise RuntimeError(
-                f"PagedOptimizerPlugin replaces a single optimizer, but configure_optimizers returned "
+            raise ConfigError(
+                f"PagedOptimizerCallback replaces a single optimizer, but configure_optimizers returned "
                 f"{len(old)}. Return one optimizer (with param groups) or remove the plugin."
             )
         groups = rebuild_param_groups(old[0].param_groups if old else [], pl_module.parameters(), self.overrides)
@@ -157,7 +158,12 @@ def _validate(
     if min_8bit_size < 1:
         problems.append(f"min_8bit_size={min_8bit_size} must be >= 1")
     if problems:
-        raise ValueError("Invalid PagedOptimizerPlugin settings:\n  - " + "\n  - ".join(problems))
+        raise ConfigError("Invalid PagedOptimizerCallback settings:\n  - " + "\n  - ".join(problems))
 
 
-__all__ = ["PagedOptimizerFallbackWarning", "PagedOptimizerPlugin"]
+__all__ = ["PagedOptimizerCallback", "PagedOptimizerFallbackWarning", "PagedOptimizerPlugin"]
+
+
+#: The first release's name (a Callback, not a Trainer plugin: pass it in ``callbacks=[...]``); recipes that
+#: name ``lightning_adapt.PagedOptimizerPlugin`` keep working.
+PagedOptimizerPlugin = PagedOptimizerCallback

@@ -20,22 +20,19 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import math
-import sys
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal, Protocol, cast, runtime_checkable
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_adapt.errors import ConfigError
+from lightning_adapt.layers import base_weight, is_linear_like, layer_dims, layer_writer, linear_like_types
+
 __all__ = [
-    "AdapterModule",
     "LoRALinear",
-    "base_weight",
-    "linear_like_types",
     "lora_modules",
     "merge_lora",
     "validate_lora_args",
@@ -45,121 +42,10 @@ InitMethod = Literal["kaiming", "gaussian"]
 _INITS: tuple[str, ...] = ("kaiming", "gaussian")
 
 
-@runtime_checkable
-class AdapterModule(Protocol):
-    """A module that owns trainable adapter parameters. Callers find adapter weights through this
-    protocol (``isinstance(m, AdapterModule)``), never by matching ``"lora_"`` in parameter names."""
-
-    def adapter_params(self) -> list[nn.Parameter]: ...
-
-
-# --------------------------------------------------------------------------- linear-like layer table
-
-
-@dataclass(frozen=True)
-class _LayerKind:
-    """How to read (and, for float layers, write) the dense ``(out, in)`` weight of a layer type."""
-
-    read: Callable[[nn.Module], torch.Tensor]
-    write: Callable[[nn.Module, torch.Tensor], None] | None  # None: quantized, cannot merge in place
-
-
-def _weight(layer: nn.Module) -> torch.Tensor:
-    weight = getattr(layer, "weight", None)
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"{type(layer).__name__} has no weight tensor.")
-    return weight
-
-
-def _read_linear(layer: nn.Module) -> torch.Tensor:
-    return _weight(layer).float()
-
-
-def _write_linear(layer: nn.Module, weight: torch.Tensor) -> None:
-    _weight(layer).data.copy_(weight)
-
-
-def _read_conv1d(layer: nn.Module) -> torch.Tensor:
-    return _weight(layer).float().T  # Conv1D stores its weight as (in, out)
-
-
-def _write_conv1d(layer: nn.Module, weight: torch.Tensor) -> None:
-    _weight(layer).data.copy_(weight.T)
-
-
-def _read_quantized(layer: nn.Module) -> torch.Tensor:
-    from lightning_adapt.quant import dequantize_weight  # quant imports bitsandbytes: keep it lazy
-
-    weight: torch.Tensor = dequantize_weight(layer)
-    return weight.float()
-
-
-def _layer_kinds() -> dict[type, _LayerKind]:
-    return _build_layer_kinds("bitsandbytes" in sys.modules)
-
-
-@functools.cache
-def _build_layer_kinds(with_bitsandbytes: bool) -> dict[type, _LayerKind]:
-    """The dispatch table. Looked up along the MRO, so the bitsandbytes classes (subclasses of
-    ``nn.Linear``) win over ``nn.Linear``. bitsandbytes entries appear only once it is imported:
-    a quantized layer cannot exist before that, and importing it costs seconds."""
-    kinds: dict[type, _LayerKind] = {nn.Linear: _LayerKind(_read_linear, _write_linear)}
-    try:
-        from transformers.pytorch_utils import Conv1D
-
-        kinds[Conv1D] = _LayerKind(_read_conv1d, _write_conv1d)
-    except ImportError:  # pragma: no cover - transformers is a dependency, but the math must not need it
-        pass
-    bnb = sys.modules.get("bitsandbytes")
-    if with_bitsandbytes and bnb is not None:
-        for cls_name in ("Linear4bit", "Linear8bitLt"):
-            cls = getattr(bnb.nn, cls_name, None)
-            if isinstance(cls, type):
-                kinds[cls] = _LayerKind(_read_quantized, None)
-    return kinds
-
-
-def _kind(layer: nn.Module) -> _LayerKind | None:
-    kinds = _layer_kinds()
-    return next((kinds[cls] for cls in type(layer).__mro__ if cls in kinds), None)
-
-
-def linear_like_types() -> tuple[type, ...]:
-    """The layer types LoRA can wrap (bitsandbytes ones only once ``bitsandbytes`` is imported)."""
-    return tuple(_layer_kinds())
-
-
-def base_weight(layer: nn.Module) -> torch.Tensor:
-    """Dense ``(out, in)`` fp32 weight of a linear-like layer; quantized weights are dequantized.
-
-    Raises:
-        TypeError: ``layer`` is not linear-like.
-    """
-    kind = _kind(layer)
-    if kind is None:
-        raise TypeError(
-            f"base_weight: {type(layer).__name__} is not linear-like; expected one of "
-            f"{[t.__name__ for t in linear_like_types()]}."
-        )
-    return kind.read(layer)
-
-
-def _dims(layer: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) without dequantizing."""
-    in_features, out_features = getattr(layer, "in_features", None), getattr(layer, "out_features", None)
-    if isinstance(in_features, int) and isinstance(out_features, int):
-        return in_features, out_features
-    nx, nf = _weight(layer).shape  # Conv1D: weight (in, out); a 4-bit weight is packed, hence in_features
-    return int(nx), int(nf)
-
-
-# --------------------------------------------------------------------------- the wrapper
-
-
 def validate_lora_args(
     r: object, alpha: object, dropout: object, init: object = "kaiming", base_layer: nn.Module | None = None
 ) -> None:
-    """Raise one ``ValueError`` listing every invalid LoRA argument (argument, value, allowed, fix)."""
+    """Raise one :class:`~lightning_adapt.errors.ConfigError` listing every invalid LoRA argument (argument, value, allowed, fix)."""
     problems: list[str] = []
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         problems.append(f"r={r!r}: the rank must be an int >= 1 (typical 8-64); set e.g. r=8.")
@@ -169,14 +55,14 @@ def validate_lora_args(
         problems.append(f"dropout={dropout!r}: must satisfy 0 <= dropout < 1; use 0.0 to disable it.")
     if init not in _INITS:
         problems.append(f"init={init!r}: must be one of {_INITS}; PEFT's default is 'kaiming'.")
-    if base_layer is not None and _kind(base_layer) is None:
+    if base_layer is not None and not is_linear_like(base_layer):
         allowed = [t.__name__ for t in linear_like_types()]
         problems.append(
             f"base_layer={type(base_layer).__name__}: LoRA wraps linear-like layers only ({allowed}); "
-            "target a Linear/Conv1D module instead (see lightning_adapt.targeting.find_targets)."
+            "target a Linear/Conv1D module instead (see lightning_adapt.adapters.targeting.find_targets)."
         )
     if problems:
-        raise ValueError("Invalid LoRALinear arguments:\n  - " + "\n  - ".join(problems))
+        raise ConfigError("Invalid LoRALinear arguments:\n  - " + "\n  - ".join(problems))
 
 
 class LoRALinear(nn.Module):
@@ -218,7 +104,7 @@ class LoRALinear(nn.Module):
         self.scaling = self.alpha / (math.sqrt(r) if use_rslora else r)
         self.use_rslora = use_rslora
         self.merged = False
-        in_features, out_features = _dims(base_layer)
+        in_features, out_features = layer_dims(base_layer)
         device = next(iter(base_layer.parameters())).device
         self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=torch.float32)
@@ -256,11 +142,11 @@ class LoRALinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return _dims(self.base_layer)[0]
+        return layer_dims(self.base_layer)[0]
 
     @property
     def out_features(self) -> int:
-        return _dims(self.base_layer)[1]
+        return layer_dims(self.base_layer)[1]
 
     @property
     def use_dora(self) -> bool:
@@ -303,14 +189,14 @@ class LoRALinear(nn.Module):
         return scale.view(-1, 1) * (weight + delta)
 
     def _writer(self, action: str) -> Callable[[nn.Module, torch.Tensor], None]:
-        kind = _kind(self.base_layer)
-        if kind is None or kind.write is None:
+        write = layer_writer(self.base_layer)
+        if write is None:
             raise TypeError(
                 f"LoRALinear.{action}(): the base layer is {type(self.base_layer).__name__} (quantized), "
-                "whose weight cannot be updated in place; call lightning_adapt.lora.merge_lora(model), "
+                "whose weight cannot be updated in place; call lightning_adapt.adapters.lora.merge_lora(model), "
                 "which replaces it by an nn.Linear holding dequant(W) + ΔW."
             )
-        return kind.write
+        return write
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -389,8 +275,7 @@ def _compute_dtype(layer: LoRALinear) -> torch.dtype:
 def _plain_module(layer: LoRALinear) -> nn.Module:
     """The merged replacement: the float base itself after :meth:`LoRALinear.merge` (type, dtype and
     bias kept), or a new ``nn.Linear`` of the compute dtype holding ``dequant(W) + ΔW``."""
-    kind = _kind(layer.base_layer)
-    if kind is not None and kind.write is not None:
+    if layer_writer(layer.base_layer) is not None:
         layer.merge()
         return layer.base_layer
     weight = layer.merged_weight()

@@ -1,13 +1,13 @@
 """The merged model's state dict as lazily computed tensors. Pure torch (no Lightning).
 
 :func:`merged_entries` lists, under the un-adapted model's key names and in ``state_dict`` order, every
-persistent tensor of a module with each :class:`~lightning_adapt.lora.LoRALinear` folded in::
+persistent tensor of a module with each :class:`~lightning_adapt.adapters.lora.LoRALinear` folded in::
 
     W' = W + ΔW                         ΔW = scaling · B @ A            (out, in), fp32
     W' = m · (W + ΔW) / ‖W + ΔW‖_row    DoRA, m = lora_magnitude_vector  (out,)
 
 ``W`` is the base weight held in memory (dequantized for a quantized base) or, given a
-:class:`~lightning_adapt.safetensors_io.SourceWeights`, the original full-precision weight re-read from
+:class:`~lightning_adapt.export.safetensors_io.SourceWeights`, the original full-precision weight re-read from
 the checkpoint. Nothing is computed until an entry's ``load()`` is called, one tensor at a time; the
 module is not modified.
 
@@ -23,10 +23,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from lightning_adapt.lora import LoRALinear, base_weight, lora_modules
-from lightning_adapt.peft_format import is_conv1d
-from lightning_adapt.quant import is_quantized
-from lightning_adapt.safetensors_io import ExportError, SourceWeights, TensorEntry
+from lightning_adapt.adapters.lora import LoRALinear, lora_modules
+from lightning_adapt.errors import ExportError
+from lightning_adapt.export.peft_format import is_conv1d
+from lightning_adapt.export.safetensors_io import SourceWeights, TensorEntry
+from lightning_adapt.layers import base_weight, is_quantized
 
 __all__ = ["check_tied_adapters", "merged_entries"]
 

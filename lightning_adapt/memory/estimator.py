@@ -19,7 +19,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, get_args
 
-from lightning_adapt.memory_shapes import (
+from lightning_adapt.errors import ConfigError
+from lightning_adapt.memory.shapes import (
     PRESETS,
     LinearSpec,
     ModelShape,
@@ -97,7 +98,7 @@ class Assumptions:
             in the compute dtype).
         modules_to_save: LoRA/QLoRA: modules trained fully in ``base_dtype``, by name or dotted suffix: a
             task head (``classifier``, ``score``), ``embed_tokens``, ``norm``, an untied ``lm_head``, or any
-            linear (see :func:`~lightning_adapt.memory_shapes.resolve_saved`). Under QLoRA a named linear
+            linear (see :func:`~lightning_adapt.memory.shapes.resolve_saved`). Under QLoRA a named linear
             stays unquantized (bitsandbytes cannot train 4-bit weights: skip it from quantization).
         state_bytes_per_tensor: Optimizer scalars per trainable tensor (``torch.optim.AdamW`` keeps a
             4-byte fp32 ``step`` tensor per parameter; bitsandbytes a Python int: 0).
@@ -140,7 +141,7 @@ class Assumptions:
             if (v := getattr(self, arg)) is not None and v <= 0:
                 problems.append(f"{arg}={v} must be a positive integer")
         if problems:
-            raise ValueError("invalid estimate options: " + "; ".join(problems) + ".")
+            raise ConfigError("invalid estimate options: " + "; ".join(problems) + ".")
 
 
 _LITERAL_ARGS = {"base_dtype": Dtype, "adapter_dtype": Dtype, "optimizer": Optimizer, "quant": Quant}
@@ -215,7 +216,7 @@ def estimate(shape: ModelShape, method: Method, assumptions: Assumptions | None 
     """Weights, optimizer state, gradients (and activations when asked) for ``method`` on ``shape``."""
     a = assumptions or Assumptions()
     if method not in get_args(Method):
-        raise ValueError(f"method={method!r} is not one of {', '.join(get_args(Method))}.")
+        raise ConfigError(f"method={method!r} is not one of {', '.join(get_args(Method))}.")
     dense = shape.total_params * DTYPE_BYTES[a.base_dtype]
     if method == "full":
         linears = (*shape.linears, *shape.heads)

@@ -26,18 +26,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_adapt.errors import BaseMismatchError
+from lightning_adapt.layers import frozen_state_keys
+
+__all__ = ["FINGERPRINT_KEY", "BaseMismatchError", "frozen_keys", "full_state_dict", "install_adapter_only_state"]
+
 FINGERPRINT_KEY = "lightning_adapt.base_fingerprint"
 _STATE_ATTR = "_lightning_adapt_adapter_state"
 
 
-class BaseMismatchError(RuntimeError):
-    """An adapter-only checkpoint was made on another base model."""
-
-
 def frozen_keys(module: nn.Module) -> list[str]:
     """State-dict keys of the frozen base: frozen parameters and the weight/quant-state keys of quantized layers."""
-    from lightning_adapt.quant import frozen_state_keys
-
     with full_state_dict(module):  # our own save hook must not hide the keys we are looking for
         state = module.state_dict(keep_vars=True)
         quantized = frozen_state_keys(module)

@@ -9,7 +9,7 @@
                                 base_model.model.<layer>.lora_magnitude_vector  (out,)   DoRA only
                                 base_model.model.<module>.<param>               modules_to_save
 
-Reading such a directory back is :func:`lightning_adapt.inject.read_adapter`.
+Reading such a directory back: :func:`read_adapter`, :func:`resolve_adapter_settings`, :func:`load_adapter_weights`.
 
 Example:
     >>> prefix, root, is_hf = export_root(pl_module)  # doctest: +SKIP
@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lightning_adapt.lora import lora_modules
-from lightning_adapt.safetensors_io import ExportError
+from lightning_adapt.adapters.lora import lora_modules
+from lightning_adapt.errors import ConfigError, ExportError
+from lightning_adapt.layers import adapter_param_ids
 
 __all__ = [
     "PEFT_PREFIX",
@@ -37,6 +38,9 @@ __all__ = [
     "export_root",
     "find_hf_model",
     "is_conv1d",
+    "load_adapter_weights",
+    "read_adapter",
+    "resolve_adapter_settings",
     "write_adapter",
 ]
 
@@ -143,3 +147,85 @@ def write_adapter(root: nn.Module, out: Path, modules_to_save: list[str], base_m
     config = adapter_config(root, modules_to_save, base_model_name_or_path)
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     save_file(adapter_state(root, modules_to_save), str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+# --------------------------------------------------------------------------- starting from a PEFT adapter
+
+#: Our LoRA setting -> its name in PEFT's adapter_config.json, and the default when neither sets it.
+ADAPTER_SETTINGS: dict[str, tuple[str, object]] = {
+    "r": ("r", 8),
+    "alpha": ("lora_alpha", 16.0),
+    "target_modules": ("target_modules", None),
+    "use_rslora": ("use_rslora", False),
+    "use_dora": ("use_dora", False),
+    "modules_to_save": ("modules_to_save", None),
+}
+
+
+def _same(ours: object, theirs: object) -> bool:
+    if isinstance(ours, list | tuple) or isinstance(theirs, list | tuple):
+        as_set = lambda v: {v} if isinstance(v, str) else set(v or ())  # noqa: E731
+        return as_set(ours) == as_set(theirs)
+    return ours == theirs
+
+
+def resolve_adapter_settings(
+    explicit: dict[str, object], adapter_config: dict[str, Any] | None, argument: str = "adapter_path"
+) -> dict[str, Any]:
+    """Fill the settings the user left ``None`` from ``adapter_config`` (else the defaults); a setting the
+    user gave that disagrees with the adapter is an error (all listed at once)."""
+    resolved: dict[str, Any] = {}
+    problems = []
+    for ours, (theirs, default) in ADAPTER_SETTINGS.items():
+        value, from_adapter = explicit.get(ours), (adapter_config or {}).get(theirs)
+        if adapter_config is not None and value is not None and not _same(value, from_adapter):
+            problems.append(f"{ours}={value!r} but the adapter has {theirs}={from_adapter!r}")
+        resolved[ours] = value if value is not None else (from_adapter if from_adapter is not None else default)
+    unsupported = {k: (adapter_config or {}).get(k) for k in ("rank_pattern", "alpha_pattern", "layers_to_transform")}
+    problems += [f"the adapter uses {k}={v!r}, which is not supported" for k, v in unsupported.items() if v]
+    if adapter_config is not None and adapter_config.get("bias", "none") != "none":
+        problems.append(f"the adapter trains biases (bias={adapter_config['bias']!r}); only bias='none' is supported")
+    if problems:
+        raise ConfigError(
+            f"{argument}: " + "; ".join(problems) + ". Fix: leave these settings unset to take the adapter's values."
+        )
+    return resolved
+
+
+def read_adapter(path: str | Path, argument: str = "adapter_path") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(adapter_config.json, weights)`` of a PEFT LoRA adapter directory (safetensors only)."""
+    directory = Path(path)
+    config_file, weights = directory / "adapter_config.json", directory / "adapter_model.safetensors"
+    if not (config_file.is_file() and weights.is_file()):
+        raise ExportError(
+            f"{argument}={str(path)!r}: expected a PEFT adapter directory with adapter_config.json and "
+            "adapter_model.safetensors. Fix: pass the directory PeftModel.save_pretrained (or export) wrote."
+        )
+    config: dict[str, Any] = json.loads(config_file.read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ExportError(f"{argument}={str(path)!r}: peft_type={config.get('peft_type')!r}; only LORA is supported.")
+    return config, load_file(str(weights))
+
+
+@torch.no_grad()
+def load_adapter_weights(module: nn.Module, weights: dict[str, torch.Tensor], argument: str = "adapter_path") -> None:
+    """Copy PEFT-keyed adapter weights into the injected ``module``; every adapter weight must be covered."""
+    prefix, root, _ = export_root(module)
+    own = dict(module.named_parameters())
+    mapped = {prefix + k.removeprefix(PEFT_PREFIX): v for k, v in weights.items()}
+    unknown = [k for k in mapped if k not in own]
+    shapes = [
+        f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in mapped.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    adapter_ids = adapter_param_ids(root)
+    adapter_keys = {k for k, p in own.items() if id(p) in adapter_ids}
+    missing = sorted(adapter_keys - set(mapped))
+    if unknown or shapes or missing:
+        raise ExportError(
+            f"{argument}: the adapter does not fit the injected model (unknown keys {unknown[:3]}, shape mismatches "
+            f"{shapes[:3]}, missing {missing[:3]}). Fix: use the base model and r/target_modules it was trained with."
+        )
+    for key, value in mapped.items():
+        own[key].copy_(value)

@@ -1,7 +1,7 @@
 """``lightning-adapt estimate``: will this fine-tuning fit on my GPU? (No Lightning import.)
 
 Example:
-    python -m lightning_adapt.estimate_cli --model llama-2-7b --method qlora --json true
+    python -m lightning_adapt.memory.cli --model llama-2-7b --method qlora --json true
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import json as _json
 import sys
 from typing import Literal, get_args
 
-from lightning_adapt.memory import (
+from lightning_adapt.memory.estimator import (
     DTYPE_BYTES,
     Assumptions,
     Dtype,
@@ -159,8 +159,9 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     try:
         auto_cli(estimate_command, args=_bare_flags_to_true(args))
-    except ValueError as err:
-        raise SystemExit(f"lightning-adapt estimate: error: {err}") from None
+    except ValueError as err:  # the estimator's own checks (one message each); exit 2 like the other subcommands
+        print(f"lightning-adapt estimate: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 _BOOL_FLAGS = ("--json", "--master_weights", "--activation_checkpointing")

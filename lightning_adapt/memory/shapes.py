@@ -1,4 +1,4 @@
-"""Exact parameter layouts from a model config (pure Python): the input of :mod:`lightning_adapt.memory`.
+"""Exact parameter layouts from a model config (pure Python): the input of :mod:`lightning_adapt.memory.estimator`.
 
 Every linear layer is ``in × out`` (+ ``out`` bias); grouped-query attention gives k/v an output of
 ``num_key_value_heads · head_dim``; a gated MLP has three matrices; tied embeddings count once. Every
@@ -20,6 +20,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from lightning_adapt.errors import ConfigError
+from lightning_adapt.naming import matches
 
 _LLAMA_FIELDS: tuple[str, ...] = ("hidden_size", "intermediate_size", "num_hidden_layers")
 _LLAMA_FIELDS += ("num_attention_heads", "num_key_value_heads", "vocab_size")
@@ -53,7 +56,7 @@ class ModelShape:
 
     ``linears`` are what QLoRA quantizes and ``"all-linear"`` adapts (block linears, BERT's pooler);
     ``heads`` are linear task heads kept in ``base_dtype`` and left out of ``"all-linear"`` (``classifier``,
-    ``score``), as :mod:`lightning_adapt.quant` and :mod:`lightning_adapt.targeting` treat them. ``others``
+    ``score``), as :mod:`lightning_adapt.quantize` and :mod:`lightning_adapt.adapters.targeting` treat them. ``others``
     rows are ``(name, numel, count)``, ``count`` tensors of ``numel`` each: embeddings, norms (weight and
     bias are two tensors), an untied ``lm_head``. ``lm_vocab`` is the language-model head's vocabulary
     (0 without one).
@@ -84,13 +87,13 @@ class ModelShape:
         need = _REQUIRED[family]
         missing = [f for f in need if cfg.get(f) is None]
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"model={name!r}: config lacks {', '.join(missing)}, needed for a {family} shape "
                 f"(requires {', '.join(need)}). Fix: pass a Hugging Face config.json of a "
                 f"Llama/Mistral/Qwen2, GPT-2 or BERT model, or a preset: {', '.join(PRESETS)}."
             )
         if cfg.get("num_local_experts") or cfg.get("num_experts"):
-            raise ValueError(f"model={name!r}: mixture-of-experts configs are not supported; use a dense one.")
+            raise ConfigError(f"model={name!r}: mixture-of-experts configs are not supported; use a dense one.")
         return _BUILDERS[family](cfg, name, _task(cfg, family, name))
 
 
@@ -120,7 +123,7 @@ def _task(cfg: Mapping[str, Any], family: str, name: str) -> str:
     task = next((t for suffix, t in _TASK_SUFFIXES if str(archs[0]).endswith(suffix)), None)
     if task not in tasks:
         modeled = ", ".join(f"*{suffix}" for suffix, t in _TASK_SUFFIXES if t in tasks)
-        raise ValueError(
+        raise ConfigError(
             f"model={name!r}: architectures={list(archs)!r} is not modeled for a "
             f"{cfg.get('model_type', family)} config (modeled: {modeled}). Fix: name one of those in "
             f"architectures, or drop the field to estimate the default ({_TASK_WORDS[tasks[0]]})."
@@ -202,7 +205,7 @@ def load_model_shape(name_or_path: str) -> ModelShape:
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise ValueError(
+        raise ConfigError(
             f"model={name_or_path!r} is neither a preset nor a config.json (or a folder holding one). "
             f"Presets: {', '.join(PRESETS)}. Fix: pick a preset or pass a Hugging Face config.json path."
         )
@@ -220,18 +223,18 @@ def resolve_targets(shape: ModelShape, targets: tuple[str, ...]) -> tuple[Linear
     if targets == ("all-linear",):
         return shape.linears
     specs = (*shape.linears, *shape.heads)
-    unknown = [t for t in targets if not any(_matches(s.name, t) for s in specs)]
+    unknown = [t for t in targets if not any(matches(s.name, t) for s in specs)]
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"targets={','.join(targets)!r}: {', '.join(unknown)} not a linear layer of {shape.name!r} "
             f"({shape.family}). Allowed: {', '.join(linear_shapes(shape))} or 'all-linear'."
         )
-    return tuple(s for s in specs if any(_matches(s.name, t) for t in targets))
+    return tuple(s for s in specs if any(matches(s.name, t) for t in targets))
 
 
 def saved_linears(shape: ModelShape, modules: tuple[str, ...]) -> tuple[LinearSpec, ...]:
     """The linears and heads that ``modules`` (LoRA's ``modules_to_save``) name; see :func:`resolve_saved`."""
-    return tuple(s for s in (*shape.linears, *shape.heads) if any(_matches(s.name, m) for m in modules))
+    return tuple(s for s in (*shape.linears, *shape.heads) if any(matches(s.name, m) for m in modules))
 
 
 def resolve_saved(shape: ModelShape, modules: tuple[str, ...]) -> tuple[tuple[str, int, int], ...]:
@@ -243,16 +246,12 @@ def resolve_saved(shape: ModelShape, modules: tuple[str, ...]) -> tuple[tuple[st
     is counted once however many entries match it.
     """
     names = [*linear_shapes(shape), *(n for n, _, _ in shape.others)]
-    unknown = [m for m in modules if not any(_matches(name, m) for name in names)]
+    unknown = [m for m in modules if not any(matches(name, m) for name in names)]
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"modules_to_save={','.join(modules)!r}: {', '.join(unknown)} not a module of {shape.name!r} "
             f"({shape.family}). Allowed: {', '.join(names)} (whole names or dotted suffixes)."
         )
     rows = [(f"{s.name}.weight", s.in_features * s.out_features, s.count) for s in saved_linears(shape, modules)]
     rows += [(f"{s.name}.bias", s.out_features, s.count) for s in saved_linears(shape, modules) if s.bias]
-    return (*rows, *(row for row in shape.others if any(_matches(row[0], m) for m in modules)))
-
-
-def _matches(name: str, target: str) -> bool:
-    return name == target or name.endswith("." + target)
+    return (*rows, *(row for row in shape.others if any(matches(row[0], m) for m in modules)))

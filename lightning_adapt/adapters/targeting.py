@@ -1,12 +1,7 @@
 """Which modules a target spec selects, and how to swap a child module by dotted name. Pure torch.
 
-Matching rules (one entry of ``target_modules`` or ``exclude_modules``):
-
-* a plain dotted name (``^[\\w.]+$``, e.g. ``"q_proj"`` or ``"layers.0.mlp.up_proj"``) matches a module
-  whose dotted name equals it or ends with ``"." + entry``: whole components only, so ``"proj"`` does
-  not match ``q_proj``;
-* anything else is a regular expression that must *full-match* the dotted name
-  (``r".*\\.(q|v)_proj"``).
+Entries of ``target_modules`` / ``exclude_modules`` follow :mod:`lightning_adapt.naming` (whole dotted
+names, exact or as a ``.suffix``, or a full-match regex).
 
 ``None`` selects :data:`DEFAULT_TARGETS` (the query/value projections of common architectures) and
 ``"all-linear"`` every linear-like layer except the output heads (:func:`output_head_names`).
@@ -18,12 +13,13 @@ Example:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 from torch import nn
 
-from lightning_adapt.lora import AdapterModule, linear_like_types
+from lightning_adapt.errors import TargetingError
+from lightning_adapt.layers import AdapterModule, is_linear_like
+from lightning_adapt.naming import check_entries, matches
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -59,16 +55,6 @@ OUTPUT_HEAD_NAMES: frozenset[str] = frozenset(
 subtree is excluded from ``"all-linear"``, since adapting a fresh head as low-rank is a mistake."""
 
 ALL_LINEAR = "all-linear"
-_PLAIN_NAME = re.compile(r"^[\w.]+$")
-
-
-class TargetingError(ValueError):
-    """A target spec that selects nothing, or selects a module LoRA cannot wrap."""
-
-
-def is_linear_like(module: nn.Module) -> bool:
-    """True for ``nn.Linear``, ``transformers`` ``Conv1D``, bitsandbytes ``Linear4bit`` / ``Linear8bitLt``."""
-    return isinstance(module, linear_like_types())
 
 
 def _named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -105,13 +91,6 @@ def output_head_names(model: nn.Module) -> set[str]:
     return {n for n, _ in modules if any(n == h or n.startswith(h + ".") for h in heads)}
 
 
-def matches(name: str, entry: str) -> bool:
-    """Whether the dotted module ``name`` is selected by one target/skip ``entry`` (rules: module docstring)."""
-    if _PLAIN_NAME.match(entry):
-        return name == entry or name.endswith("." + entry)
-    return re.fullmatch(entry, name) is not None
-
-
 def _candidates(linear_names: list[str]) -> str:
     leaves = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
     return f"linear-like leaf names {leaves}; e.g. full names {linear_names[:3]}"
@@ -119,20 +98,6 @@ def _candidates(linear_names: list[str]) -> str:
 
 def _entries(spec: str | Sequence[str]) -> list[str]:
     return [spec] if isinstance(spec, str) else list(spec)
-
-
-def _check_entries(entries: list[str], linear_names: list[str], all_names: list[str]) -> None:
-    for entry in entries:
-        try:
-            re.compile(entry)
-        except re.error as err:
-            raise TargetingError(f"target entry {entry!r} is not a valid regex ({err}).") from err
-    unmatched = [e for e in entries if not any(matches(n, e) for n in all_names)]
-    if unmatched:
-        raise TargetingError(
-            f"target entries {unmatched} match no module in the model. Candidates: "
-            f"{_candidates(linear_names)}. Use a whole dotted name, a '.suffix' or a full-match regex."
-        )
 
 
 def find_targets(
@@ -165,7 +130,7 @@ def find_targets(
         selected = [n for n in linear if n not in heads]
     else:
         targets = _entries(target_modules)
-        _check_entries(targets, linear, all_names)
+        check_entries(targets, all_names, "target_modules", linear)
         selected = [n for n in all_names if any(matches(n, t) for t in targets)]
         chosen = set(selected)
         bad = [(n, type(m).__name__) for n, m in modules if n in chosen and not is_linear_like(m)]
@@ -177,7 +142,7 @@ def find_targets(
             )
     excludes = _entries(exclude_modules)
     if excludes:
-        _check_entries(excludes, linear, all_names)
+        check_entries(excludes, all_names, "exclude_modules", linear)
         selected = [n for n in selected if not any(matches(n, e) for e in excludes)]
     if not selected:
         raise TargetingError(

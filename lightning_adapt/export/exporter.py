@@ -16,9 +16,9 @@ model is never re-quantized. :class:`MergeReport` says how far the two choices d
 
 Memory: tensors are computed and written shard by shard, so the peak is the model plus one shard.
 
-The parts live in :mod:`lightning_adapt.peft_format` (adapter layout, HF model lookup),
-:mod:`lightning_adapt.merged_state` (the merged tensors, computed lazily) and
-:mod:`lightning_adapt.safetensors_io` (streaming sharded writer, source reader, atomic directories);
+The parts live in :mod:`lightning_adapt.export.peft_format` (adapter layout, HF model lookup),
+:mod:`lightning_adapt.export.merged_state` (the merged tensors, computed lazily) and
+:mod:`lightning_adapt.export.safetensors_io` (streaming sharded writer, source reader, atomic directories);
 this module chooses the source of the original weights, orchestrates the writes and reports.
 
 Example:
@@ -38,19 +38,19 @@ from typing import Any, Literal, get_args
 import torch
 from torch import nn
 
-from lightning_adapt.inject import select_modules
-from lightning_adapt.lora import LoRALinear, base_weight, lora_modules
-from lightning_adapt.merged_state import check_tied_adapters, merged_entries
-from lightning_adapt.peft_format import PEFT_PREFIX, export_root, write_adapter
-from lightning_adapt.quant import quantized_layers
-from lightning_adapt.safetensors_io import (
-    ExportError,
+from lightning_adapt.adapters.lora import LoRALinear, lora_modules
+from lightning_adapt.errors import ExportError
+from lightning_adapt.export.merged_state import check_tied_adapters, merged_entries
+from lightning_adapt.export.peft_format import PEFT_PREFIX, export_root, write_adapter
+from lightning_adapt.export.safetensors_io import (
     SourceWeights,
     atomic_directory,
     check_target,
     parse_size,
     write_safetensors,
 )
+from lightning_adapt.layers import DTYPES, base_weight, quantized_layers
+from lightning_adapt.naming import select
 
 __all__ = [
     "DTYPES",
@@ -64,6 +64,8 @@ __all__ = [
     "check_target",
     "export_model",
     "export_root",
+    "find_tokenizer",
+    "make_probe",
     "merge_report",
     "source_for",
     "write_merged",
@@ -71,7 +73,6 @@ __all__ = [
 
 MergeBase = Literal["original", "dequantized"]
 DTypeName = Literal["fp32", "bf16", "fp16"]
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -98,8 +99,8 @@ class ExportOptions:
         problems = []
         if self.merge_base not in get_args(MergeBase):
             problems.append(f"merge_base={self.merge_base!r}: allowed {get_args(MergeBase)}.")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            problems.append(f"dtype={self.dtype!r}: allowed {list(DTYPES)} or None (keep the base dtype).")
+        if self.dtype is not None and self.dtype not in get_args(DTypeName):
+            problems.append(f"dtype={self.dtype!r}: allowed {list(get_args(DTypeName))} or None (keep the base dtype).")
         try:
             if parse_size(self.max_shard_size) < 1:
                 problems.append(f"max_shard_size={self.max_shard_size!r}: must be > 0, e.g. '5GB'.")
@@ -308,6 +309,28 @@ class ExportResult:
     report: MergeReport | None = None
 
 
+def find_tokenizer(*owners: Any) -> Any:
+    """The first ``tokenizer`` attribute of ``owners`` that can be saved (``save_pretrained``), else ``None``."""
+    for owner in owners:
+        tokenizer = getattr(owner, "tokenizer", None)
+        if callable(getattr(tokenizer, "save_pretrained", None)):
+            return tokenizer
+    return None
+
+
+def make_probe(module: nn.Module, batch: Any) -> Callable[[], torch.Tensor] | None:
+    """A forward on (up to two rows of) ``batch``: the HF model on ``input_ids``/``attention_mask``, or
+    the module on its ``example_input_array``; ``None`` when neither applies."""
+    _, root, hf = export_root(module)
+    if hf and isinstance(batch, dict) and isinstance(batch.get("input_ids"), torch.Tensor):
+        inputs = {k: batch[k][:2].detach().clone() for k in ("input_ids", "attention_mask") if k in batch}
+        return lambda: root(**inputs).logits  # type: ignore[no-any-return]
+    example = getattr(module, "example_input_array", None)
+    if isinstance(example, torch.Tensor):
+        return lambda: module(example)  # type: ignore[no-any-return]
+    return None
+
+
 def export_model(
     module: nn.Module,
     dirpath: str | Path,
@@ -340,7 +363,8 @@ def export_model(
     check_target(target, options.overwrite, argument)
     _, root, hf = export_root(module)
     source = _optional_source(module, root, source_path, options.merge_base)
-    to_save = select_modules(root, list(modules_to_save), "modules_to_save") if modules_to_save else []
+    names = [name for name, _ in root.named_modules() if name]
+    to_save = select(names, list(modules_to_save), "modules_to_save") if modules_to_save else []
     name = _source_dir(module, root, source_path)
     result = ExportResult(target)
     with atomic_directory(target, options.overwrite, argument) as tmp:

@@ -1,0 +1,158 @@
+"""Inject LoRA into a model, freeze its base, and describe what trains. Pure torch (no Lightning).
+
+Example:
+    >>> names = inject_lora(model, LoRASpec(r=16, alpha=32, target_modules=["q_proj", "v_proj"]))  # doctest: +SKIP
+    >>> print(trainable_table(model))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from lightning_adapt.adapters.lora import InitMethod, LoRALinear, lora_modules
+from lightning_adapt.adapters.targeting import find_targets, replace_module
+from lightning_adapt.errors import ConfigError
+from lightning_adapt.layers import AdapterModule
+from lightning_adapt.naming import select
+
+_SPEC_ATTR = "_lightning_adapt_lora_spec"
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    """What to adapt and how; the arguments of :class:`~lightning_adapt.adapters.lora.LoRALinear` plus targeting."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: str | Sequence[str] | None = None
+    exclude_modules: Sequence[str] = ()
+    modules_to_save: Sequence[str] = ()
+    init: InitMethod = "kaiming"
+    use_rslora: bool = False
+    use_dora: bool = False
+
+
+def inject_lora(model: nn.Module, spec: LoRASpec) -> list[str]:
+    """Wrap the targeted layers of ``model`` in :class:`LoRALinear` and freeze everything else.
+
+    Idempotent for one spec: on a model already adapted with ``spec`` nothing is wrapped again (the adapted
+    names are returned), so calling it on every ``configure_model`` is safe. ``modules_to_save`` stay fully
+    trainable.
+
+    Returns:
+        The dotted names of the adapted layers.
+
+    Raises:
+        ConfigError: ``model`` already holds adapters made with another spec (both are named).
+    """
+    existing = [name for name, _ in lora_modules(model)]
+    if existing:
+        _check_same_spec(model, spec, existing)
+    else:
+        for name in find_targets(model, spec.target_modules, spec.exclude_modules):
+            layer = LoRALinear(
+                model.get_submodule(name),
+                r=spec.r,
+                alpha=spec.alpha,
+                dropout=spec.dropout,
+                init=spec.init,
+                use_rslora=spec.use_rslora,
+                use_dora=spec.use_dora,
+            )
+            replace_module(model, name, layer)
+            existing.append(name)
+        model.__dict__[_SPEC_ATTR] = spec
+    freeze_base(model, spec.modules_to_save)
+    return existing
+
+
+def _check_same_spec(model: nn.Module, spec: LoRASpec, existing: list[str]) -> None:
+    """Refuse to re-adapt with another spec: keeping the old adapters silently would train something else."""
+    recorded = model.__dict__.get(_SPEC_ATTR)
+    if recorded is not None:
+        same = _comparable(recorded) == _comparable(spec)
+        held = repr(recorded)
+    else:  # adapters made by hand: compare what the layers themselves hold
+        layers = [layer for _, layer in lora_modules(model)]
+        held = f"{len(layers)} LoRALinear layers with r={sorted({layer.r for layer in layers})}"
+        same = all((layer.r, layer.alpha, layer.use_dora) == (spec.r, spec.alpha, spec.use_dora) for layer in layers)
+    if not same:
+        raise ConfigError(
+            f"inject_lora: the model already holds LoRA adapters on {len(existing)} layers ({held}); "
+            f"asked for {spec!r}. Fix: pass the same settings, or start from a model without adapters "
+            "(merge_lora(model) first to fold the old ones in)."
+        )
+
+
+def _comparable(spec: LoRASpec) -> dict[str, object]:
+    fields = asdict(spec)
+    for key in ("target_modules", "exclude_modules", "modules_to_save"):
+        value = fields[key]
+        fields[key] = value if value is None or isinstance(value, str) else tuple(value)
+    return fields
+
+
+def freeze_base(model: nn.Module, modules_to_save: Sequence[str] = ()) -> None:
+    """Freeze every parameter except adapter parameters and those of ``modules_to_save``."""
+    model.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, AdapterModule):
+            for param in module.adapter_params():
+                param.requires_grad_(True)
+    names = [name for name, _ in model.named_modules() if name]
+    for name in select(names, list(modules_to_save), argument="modules_to_save"):
+        model.get_submodule(name).requires_grad_(True)
+
+
+def logical_numel(param: torch.Tensor) -> int:
+    """Number of weights a parameter stands for (a packed 4-bit tensor holds two per byte)."""
+    quant_state = getattr(param, "quant_state", None)
+    shape = getattr(quant_state, "shape", None)
+    return int(torch.Size(shape).numel()) if shape is not None else param.numel()
+
+
+@dataclass(frozen=True)
+class TrainableRow:
+    """One line of the trainable-parameter table."""
+
+    kind: str
+    layers: int
+    trainable: int
+
+
+def trainable_rows(model: nn.Module) -> list[TrainableRow]:
+    """Trainable parameters per adapted layer type (leaf name), plus fully trained modules."""
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    seen: set[int] = set()
+    for name, layer in lora_modules(model):
+        row = counts[f"lora: {name.rsplit('.', 1)[-1]}"]
+        row[0] += 1
+        for param in layer.adapter_params():
+            seen.add(id(param))
+            row[1] += param.numel() if param.requires_grad else 0
+    for name, param in model.named_parameters():
+        if param.requires_grad and id(param) not in seen:
+            row = counts[f"full: {name.rsplit('.', 1)[0]}"]
+            row[0] = 1
+            row[1] += param.numel()
+    return [TrainableRow(kind, layers, n) for kind, (layers, n) in counts.items()]
+
+
+def trainable_table(model: nn.Module) -> str:
+    """A printable table: per adapted layer type the layer count and trainable parameters; then totals."""
+    rows = trainable_rows(model)
+    total = sum(logical_numel(p) for p in model.parameters())
+    trainable = sum(r.trainable for r in rows)
+    width = max([len(r.kind) for r in rows] + [len("trainable (total)")])
+    lines = [f"{'module':<{width}}  {'layers':>6}  {'trainable':>12}"]
+    lines += [f"{r.kind:<{width}}  {r.layers:>6}  {r.trainable:>12,}" for r in rows]
+    lines.append(f"{'trainable (total)':<{width}}  {'':>6}  {trainable:>12,}")
+    lines.append(f"{'all parameters':<{width}}  {'':>6}  {total:>12,}")
+    lines.append(f"trainable: {100.0 * trainable / max(total, 1):.3f}% of {total:,} parameters")
+    return "\n".join(lines)
