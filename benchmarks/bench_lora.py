@@ -36,6 +36,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from _models import llama_config as shared_llama_config
+
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 # imported by every worker before its baseline RSS is read, so library code is not counted as a contender's
 PRELOAD = ("transformers", "peft", "lightning_adapt.adapters.inject")
@@ -79,19 +81,7 @@ class Settings:
 
 
 def llama_config(s: Settings) -> Any:
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        hidden_size=s.hidden,
-        intermediate_size=s.intermediate,
-        num_hidden_layers=s.layers,
-        num_attention_heads=s.heads,
-        num_key_value_heads=s.heads,
-        vocab_size=s.vocab,
-        max_position_embeddings=max(s.seq, 128),
-        tie_word_embeddings=False,
-        use_cache=False,
-    )
+    return shared_llama_config(s.hidden, s.intermediate, s.layers, s.heads, s.vocab, s.seq)
 
 
 def build_llama(s: Settings, dtype: torch.dtype | None = None) -> nn.Module:

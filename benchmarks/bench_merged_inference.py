@@ -27,24 +27,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from _models import llama_config
+
 from lightning_adapt.adapters.inject import LoRASpec, inject_lora
 from lightning_adapt.adapters.lora import lora_modules
 from lightning_adapt.export.exporter import ExportOptions, export_model
 
 
 def _build(args: argparse.Namespace, path: Path) -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        tie_word_embeddings=True,
-    )
+    config = llama_config(args.hidden, args.intermediate, args.layers, args.heads, args.vocab, tied=True)
     LlamaForCausalLM(config).save_pretrained(path)
     return _load(path)
 

@@ -29,17 +29,21 @@ from lightning_adapt.errors import MissingDependencyError
 
 __all__ = [
     "DTYPES",
+    "OUTPUT_HEAD_NAMES",
     "AdapterModule",
     "adapter_param_ids",
     "base_weight",
     "dequantize_weight",
     "dtype_name",
     "frozen_state_keys",
+    "is_conv1d",
     "is_linear_like",
     "is_quantized",
     "layer_dims",
     "layer_writer",
     "linear_like_types",
+    "named_modules_outside_adapters",
+    "output_head_names",
     "quant_storage_bytes",
     "quantized_layers",
     "require_bitsandbytes",
@@ -150,6 +154,13 @@ def _kind(layer: nn.Module) -> _LayerKind | None:
 def is_linear_like(module: nn.Module) -> bool:
     """True for ``nn.Linear``, ``transformers`` ``Conv1D``, bitsandbytes ``Linear4bit`` / ``Linear8bitLt``."""
     return _kind(module) is not None
+
+
+def is_conv1d(layer: nn.Module) -> bool:
+    """Whether ``layer`` is a GPT-2 style ``transformers`` ``Conv1D`` (weight stored ``(in, out)``)."""
+    conv1d = sys.modules.get("transformers.pytorch_utils")  # never imported: no layer can be a Conv1D
+    cls = getattr(conv1d, "Conv1D", None)
+    return isinstance(cls, type) and isinstance(layer, cls)
 
 
 def layer_writer(layer: nn.Module) -> Callable[[nn.Module, torch.Tensor], None] | None:
@@ -269,6 +280,47 @@ def frozen_state_keys(model: nn.Module) -> set[str]:
         keys |= {key for key in state if key.startswith(prefix + "weight.") or key in extra}
         keys.add(prefix + "weight")
     return keys
+
+
+OUTPUT_HEAD_NAMES: frozenset[str] = frozenset(
+    {"lm_head", "embed_out", "classifier", "score", "qa_outputs", "cls", "head", "output_layer", "output_projection"}
+)
+"""Leaf names treated as output heads (task heads, LM heads, BERT's MLM ``cls``): their
+subtree is excluded from ``"all-linear"``, since adapting a fresh head as low-rank is a mistake."""
+
+
+def named_modules_outside_adapters(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``named_modules`` without the root and without the insides of existing adapters, so that
+    targeting an already adapted model never selects ``base_layer`` / ``lora_A`` / ``lora_B``."""
+    out: list[tuple[str, nn.Module]] = []
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(p + ".") for p in inside):
+            continue
+        out.append((name, module))
+        if isinstance(module, AdapterModule):
+            inside.append(name)
+    return out
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Dotted names of the output heads of ``model`` (and of every module inside one).
+
+    A head is: the module returned by a Hugging Face ``get_output_embeddings()``; a module whose
+    ``weight`` is the very tensor of an ``nn.Embedding`` (tied embeddings); or a module whose leaf name
+    is in :data:`OUTPUT_HEAD_NAMES`.
+    """
+    modules = named_modules_outside_adapters(model)
+    heads: set[str] = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out_emb = get_out() if callable(get_out) else None
+    embedding_weights = {id(m.weight) for _, m in modules if isinstance(m, nn.Embedding)}
+    for name, module in modules:
+        weight = getattr(module, "weight", None)
+        tied = not isinstance(module, nn.Embedding) and id(weight) in embedding_weights
+        if module is out_emb or tied or name.rsplit(".", 1)[-1] in OUTPUT_HEAD_NAMES:
+            heads.add(name)
+    return {n for n, _ in modules if any(n == h or n.startswith(h + ".") for h in heads)}
 
 
 def adapter_param_ids(model: nn.Module) -> set[int]:

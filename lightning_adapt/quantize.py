@@ -27,11 +27,11 @@ from typing import Any, Literal, get_args
 import torch
 from torch import nn
 
-from lightning_adapt.adapters.targeting import output_head_names
 from lightning_adapt.errors import ConfigError
 from lightning_adapt.layers import (
     adapter_param_ids,
     dtype_name,
+    output_head_names,
     quant_storage_bytes,
     quantized_layers,
     require_bitsandbytes,
@@ -263,7 +263,7 @@ def _tied_linear_names(model: nn.Module) -> set[str]:
 def default_skip_names(model: nn.Module) -> set[str]:
     """Linear layers QLoRA keeps in full precision: output heads and weights tied to other modules.
 
-    Heads are those of :func:`lightning_adapt.adapters.targeting.output_head_names` (Hugging Face's
+    Heads are those of :func:`lightning_adapt.layers.output_head_names` (Hugging Face's
     ``get_output_embeddings()``, weights tied to an embedding, and leaf names such as ``lm_head``,
     ``classifier``, ``score``). A Linear whose weight is also registered by another module is always
     skipped: quantizing it would silently untie it.

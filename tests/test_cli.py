@@ -74,6 +74,7 @@ def test_print_config_round_trips(
         ("--model.init_args.model_name_or_path=not-a-model", "model.model_name_or_path='not-a-model'"),
         ("--data.init_args.csv_path=/nonexistent/tweets.csv", "data.csv_path='/nonexistent/tweets.csv'"),
         ("--model.init_args.learning_rate=-1", "model.learning_rate=-1.0"),
+        ("--lora.init_args.r=0", "r=0"),
     ],
 )
 def test_bad_input_exits_with_one_clear_message(
@@ -84,14 +85,47 @@ def test_bad_input_exits_with_one_clear_message(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    recipe = str(ROOT / "recipes/sentiment/full.yaml")
+    recipe = str(ROOT / "recipes/sentiment/qlora.yaml")
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", recipe, override])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert expected in err and "Fix" in err
     assert "Traceback" not in err
+    assert "Does not validate against any of the Union subtypes" not in err, "the parser's noise is cut"
+    message = err[err.index("lightning-adapt: error:") :]  # after the model loader's progress bar
+    assert expected in message
     assert not list(tmp_path.rglob("*")), "nothing was written"
+
+
+def test_a_bug_keeps_its_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the project's ConfigError family becomes a one-line message: a ValueError from deep inside a run
+    (here: the training step) is a bug and reaches the user with its traceback."""
+    from lightning_adapt.tasks import SequenceClassificationTask
+
+    def broken(self: object, batch: object, batch_idx: int) -> None:
+        raise ValueError("a bug inside the training step")
+
+    monkeypatch.setattr(SequenceClassificationTask, "training_step", broken)
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ValueError, match="a bug inside the training step"):
+        main(["fit", "--config", "recipes/sentiment/lora.yaml", *_tiny_budget(tmp_path)])
+
+
+def test_recipes_with_the_first_release_class_paths_still_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe = yaml.safe_load((ROOT / "recipes/sentiment/qlora.yaml").read_text())
+    recipe["paged_optimizer"]["class_path"] = "lightning_adapt.plugins.paged_optimizer.PagedOptimizerPlugin"
+    recipe["lora"]["class_path"] = "lightning_adapt.LoRAInjectionCallback"
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump(recipe))
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(old), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["paged_optimizer"]["init_args"]["optimizer"] == recipe["paged_optimizer"]["init_args"]["optimizer"]
 
 
 def test_help_documents_recipe_arguments(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,4 +1,4 @@
-"""Exact-math tests for lightning_adapt.adapters.lora on tiny CPU layers and models (and against PEFT)."""
+"""Exact-math tests for lightning_adapt.adapters.lora on tiny CPU layers and models (PEFT parity: test_peft_parity.py)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,10 @@ from collections.abc import Callable
 import pytest
 import torch
 from torch import nn
-from toy import tiny_llama
-from transformers import GPT2Config, GPT2LMHeadModel
+from toy import IDS, adapt_randomly, tiny_gpt2, tiny_llama
 from transformers.pytorch_utils import Conv1D
 
 from lightning_adapt.adapters.lora import LoRALinear, lora_modules, merge_lora
-from lightning_adapt.adapters.targeting import find_targets, replace_module
 from lightning_adapt.layers import AdapterModule, base_weight
 
 IN, OUT = 12, 6
@@ -178,21 +176,10 @@ def _llama() -> nn.Module:
 
 
 def _gpt2() -> nn.Module:
-    torch.manual_seed(0)
-    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(cfg).eval()
+    return tiny_gpt2().eval()
 
 
-IDS = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(2))
-
-
-def _adapt(model: nn.Module, targets: str | list[str], **kwargs: object) -> nn.Module:
-    torch.manual_seed(3)
-    for name in find_targets(model, targets):
-        layer = LoRALinear(model.get_submodule(name), r=4, alpha=8.0, **kwargs)  # type: ignore[arg-type]
-        nn.init.normal_(layer.lora_B.weight, std=0.3)
-        replace_module(model, name, layer)
-    return model
+_adapt = adapt_randomly
 
 
 @pytest.mark.parametrize(
@@ -258,68 +245,6 @@ def test_quantized_base(use_dora: bool) -> None:
         torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=1e-4)
 
 
-# ---------------------------------------------------------------------------------------------- PEFT
-
-peft = pytest.importorskip("peft")
-
-
-@pytest.mark.parametrize("init", ["kaiming", "gaussian"])
-def test_init_matches_peft(init: str) -> None:
-    base = nn.Sequential(nn.Linear(IN, OUT))
-    peft_init = True if init == "kaiming" else "gaussian"
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=peft_init)
-    torch.manual_seed(5)
-    theirs = peft.get_peft_model(copy.deepcopy(base), config).base_model.model[0]
-    torch.manual_seed(5)
-    ours = LoRALinear(copy.deepcopy(base[0]), r=4, alpha=8.0, init=init)  # type: ignore[arg-type]
-    assert torch.equal(ours.lora_A.weight, theirs.lora_A["default"].weight)
-    assert torch.equal(ours.lora_B.weight, theirs.lora_B["default"].weight)
-
-
-@pytest.mark.parametrize(
-    ("use_dora", "use_rslora", "dropout"),
-    [(False, False, 0.0), (False, True, 0.0), (True, False, 0.0), (True, True, 0.0), (True, False, 0.3)],
-)
-def test_numerically_equal_to_peft(use_dora: bool, use_rslora: bool, dropout: float) -> None:
-    plain = _llama()
-    targets = ["q_proj", "v_proj", "down_proj"]
-    kwargs = {"use_dora": use_dora, "use_rslora": use_rslora, "dropout": dropout}
-    ours = _adapt(copy.deepcopy(plain), targets, **kwargs)
-    config = peft.LoraConfig(
-        r=4,
-        lora_alpha=8,
-        target_modules=targets,
-        lora_dropout=dropout,
-        use_dora=use_dora,
-        use_rslora=use_rslora,
-    )
-    theirs = peft.get_peft_model(copy.deepcopy(plain), config)
-    with torch.no_grad():
-        for name, layer in lora_modules(ours):
-            peft_layer = theirs.base_model.model.get_submodule(name)
-            peft_layer.lora_A["default"].weight.copy_(layer.lora_A.weight)
-            peft_layer.lora_B["default"].weight.copy_(layer.lora_B.weight)
-            if layer.lora_magnitude_vector is not None:
-                layer.lora_magnitude_vector.mul_(torch.rand(layer.out_features) + 0.5)
-                peft_layer.lora_magnitude_vector["default"].weight.copy_(layer.lora_magnitude_vector)
-    ours.train()
-    theirs.train()
-    torch.manual_seed(6)  # same dropout masks: both draw them in the same module order
-    ours_logits = ours(IDS).logits
-    torch.manual_seed(6)
-    theirs_logits = theirs(input_ids=IDS).logits
-    torch.testing.assert_close(ours_logits, theirs_logits, atol=1e-5, rtol=0)
-    ours_logits.pow(2).mean().backward()
-    theirs_logits.pow(2).mean().backward()
-    for name, layer in lora_modules(ours):  # gradients agree too (DoRA detaches the norm as PEFT does)
-        peft_layer = theirs.base_model.model.get_submodule(name)
-        pairs = [(layer.lora_A.weight, peft_layer.lora_A["default"].weight)]
-        if layer.lora_magnitude_vector is not None:
-            pairs.append((layer.lora_magnitude_vector, peft_layer.lora_magnitude_vector["default"].weight))
-        for mine, peft_param in pairs:
-            torch.testing.assert_close(mine.grad, peft_param.grad, atol=1e-5, rtol=1e-4)
-
-
 def test_adapters_stay_fp32_when_the_module_is_cast_down_and_follow_up_casts() -> None:
     layer = LoRALinear(nn.Linear(IN, OUT), r=4, alpha=8.0, use_dora=True)
     before = [p.detach().clone() for p in layer.adapter_params()]
@@ -332,3 +257,31 @@ def test_adapters_stay_fp32_when_the_module_is_cast_down_and_follow_up_casts() -
     layer.double()
     assert layer.base_layer.weight.dtype == torch.float64
     assert all(p.dtype == torch.float64 for p in layer.adapter_params())
+
+
+def test_inject_lora_twice_with_the_same_spec_is_a_no_op_and_another_spec_is_refused() -> None:
+    from lightning_adapt.adapters.inject import LoRASpec, inject_lora
+    from lightning_adapt.errors import ConfigError
+
+    model = tiny_llama()
+    spec = LoRASpec(r=4, alpha=8.0, target_modules=["q_proj", "v_proj"])
+    names = inject_lora(model, spec)
+    layers = {name: model.get_submodule(name) for name in names}
+    assert inject_lora(model, LoRASpec(r=4, alpha=8.0, target_modules=("q_proj", "v_proj"))) == names
+    assert all(model.get_submodule(name) is layer for name, layer in layers.items()), "nothing re-wrapped"
+    with pytest.raises(ConfigError) as info:
+        inject_lora(model, LoRASpec(r=16, alpha=8.0, target_modules=["q_proj", "v_proj"]))
+    assert "r=4" in str(info.value) and "r=16" in str(info.value) and "Fix" in str(info.value)
+    with pytest.raises(ConfigError, match="k_proj"):
+        inject_lora(model, LoRASpec(r=4, alpha=8.0, target_modules=["k_proj"]))
+    assert all(layer.r == 4 for layer in layers.values())
+
+
+def test_inject_lora_on_hand_made_adapters_compares_their_rank() -> None:
+    from lightning_adapt.adapters.inject import LoRASpec, inject_lora
+    from lightning_adapt.errors import ConfigError
+
+    model = nn.Sequential(LoRALinear(nn.Linear(IN, OUT), r=4, alpha=8.0))
+    assert inject_lora(model, LoRASpec(r=4, alpha=8.0, target_modules=["0"])) == ["0"]
+    with pytest.raises(ConfigError, match=r"r=\[4\]"):
+        inject_lora(model, LoRASpec(r=8, alpha=8.0, target_modules=["0"]))

@@ -12,6 +12,8 @@ from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")
 
+from toy import tiny_llama  # noqa: E402
+
 from lightning_adapt import quantize as quant  # noqa: E402
 from lightning_adapt.layers import (  # noqa: E402
     dequantize_weight,
@@ -155,18 +157,7 @@ def test_quantizing_twice_is_a_noop(config: QuantConfig) -> None:
 
 
 def _tiny_llama(tied: bool) -> nn.Module:
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_llama(vocab_size=96, hidden_size=64, intermediate_size=128, tie_word_embeddings=tied).eval()
 
 
 def test_default_skips_keep_a_tied_lm_head_in_full_precision() -> None:
@@ -373,3 +364,23 @@ def test_cuda_quantizes_on_the_device_and_matches(config: QuantConfig) -> None:
     torch.testing.assert_close(layer(x), expected, atol=2e-2, rtol=1e-2)  # CUDA kernels: tf32 / fp16 int8
     cpu = quantize_linear(_linear(), config)
     torch.testing.assert_close(dequantize_weight(layer).cpu(), dequantize_weight(cpu), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_compute_dtype_follows_the_weights_unless_given(dtype: torch.dtype) -> None:
+    """Default: the dtype the weights are in (the run's precision) on CPU; an explicit value wins."""
+    linear = nn.Linear(64, 64).to(dtype)
+    layer = quantize_linear(linear, QuantConfig(mode="nf4"))
+    assert layer.compute_dtype == dtype and layer.weight.quant_state.dtype == dtype
+    assert layer.bias.dtype == dtype
+    explicit = quantize_linear(linear, QuantConfig(mode="nf4", compute_dtype=torch.float32))
+    assert explicit.compute_dtype == torch.float32
+
+
+def test_default_compute_dtype_is_bf16_on_cuda_and_fp32_for_other_dtypes() -> None:
+    from lightning_adapt.quantize import default_compute_dtype
+
+    assert default_compute_dtype(torch.empty(2, device="meta", dtype=torch.float64)) == torch.float32
+    assert default_compute_dtype(torch.empty(2, dtype=torch.float16)) == torch.float16
+    if torch.cuda.is_available():  # pragma: no cover - no GPU in CI
+        assert default_compute_dtype(torch.empty(2, device="cuda")) == torch.bfloat16

@@ -113,3 +113,46 @@ def tiny_llama(seed: int = 0, **overrides: Any) -> nn.Module:
         "vocab_size": 100,
     }
     return LlamaForCausalLM(LlamaConfig(**{**fields, **overrides}))
+
+
+def tiny_bert() -> nn.Module:
+    """A 2-layer BertForSequenceClassification (hidden 32, 3 labels) built from its config, seeded."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=100,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
+    return BertForSequenceClassification(cfg)
+
+
+def tiny_gpt2() -> nn.Module:
+    """A 2-layer GPT2LMHeadModel (Conv1D projections, hidden 32, vocab 100) built from its config, seeded."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg)
+
+
+IDS = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(2))
+"""Token ids for the tiny models' forward passes."""
+
+
+def adapt_randomly(model: nn.Module, targets: str | list[str], **kwargs: Any) -> nn.Module:
+    """Wrap ``targets`` in LoRA (r=4, alpha=8) with a non-zero B, so adapters change the output."""
+    from lightning_adapt.adapters.lora import LoRALinear
+    from lightning_adapt.adapters.targeting import find_targets, replace_module
+
+    torch.manual_seed(3)
+    for name in find_targets(model, targets):
+        layer = LoRALinear(model.get_submodule(name), r=4, alpha=8.0, **kwargs)
+        nn.init.normal_(layer.lora_B.weight, std=0.3)
+        replace_module(model, name, layer)
+    return model

@@ -48,13 +48,13 @@ def validate_lora_args(
     """Raise one :class:`~lightning_adapt.errors.ConfigError` listing every invalid LoRA argument (argument, value, allowed, fix)."""
     problems: list[str] = []
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        problems.append(f"r={r!r}: the rank must be an int >= 1 (typical 8-64); set e.g. r=8.")
+        problems.append(f"r={r!r}: the rank must be an int >= 1 (typical 8-64). Fix: r=8.")
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 0:
-        problems.append(f"alpha={alpha!r}: must be a number > 0 (commonly 2*r); set e.g. alpha=16.")
+        problems.append(f"alpha={alpha!r}: must be a number > 0 (commonly 2*r). Fix: alpha=16.")
     if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
-        problems.append(f"dropout={dropout!r}: must satisfy 0 <= dropout < 1; use 0.0 to disable it.")
+        problems.append(f"dropout={dropout!r}: must satisfy 0 <= dropout < 1. Fix: dropout=0.05, or 0.0 to disable it.")
     if init not in _INITS:
-        problems.append(f"init={init!r}: must be one of {_INITS}; PEFT's default is 'kaiming'.")
+        problems.append(f"init={init!r}: must be one of {_INITS}; Fix: init='kaiming' (PEFT's default).")
     if base_layer is not None and not is_linear_like(base_layer):
         allowed = [t.__name__ for t in linear_like_types()]
         problems.append(

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from lightning_adapt.errors import TargetingError
-from lightning_adapt.layers import AdapterModule, is_linear_like
+from lightning_adapt.layers import OUTPUT_HEAD_NAMES, is_linear_like, named_modules_outside_adapters, output_head_names
 from lightning_adapt.naming import check_entries, matches
 
 __all__ = [
@@ -48,47 +48,7 @@ DEFAULT_TARGETS: tuple[str, ...] = (
 )
 """The query/value projections users expect by default (QKV-fused layers where Q and V are not separate)."""
 
-OUTPUT_HEAD_NAMES: frozenset[str] = frozenset(
-    {"lm_head", "embed_out", "classifier", "score", "qa_outputs", "cls", "head", "output_layer", "output_projection"}
-)
-"""Leaf names treated as output heads (task heads, LM heads, BERT's MLM ``cls``): their
-subtree is excluded from ``"all-linear"``, since adapting a fresh head as low-rank is a mistake."""
-
 ALL_LINEAR = "all-linear"
-
-
-def _named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``named_modules`` without the root and without the insides of existing adapters, so that
-    targeting an already adapted model never selects ``base_layer`` / ``lora_A`` / ``lora_B``."""
-    out: list[tuple[str, nn.Module]] = []
-    inside: list[str] = []
-    for name, module in model.named_modules():
-        if not name or any(name.startswith(p + ".") for p in inside):
-            continue
-        out.append((name, module))
-        if isinstance(module, AdapterModule):
-            inside.append(name)
-    return out
-
-
-def output_head_names(model: nn.Module) -> set[str]:
-    """Dotted names of the output heads of ``model`` (and of every module inside one).
-
-    A head is: the module returned by a Hugging Face ``get_output_embeddings()``; a module whose
-    ``weight`` is the very tensor of an ``nn.Embedding`` (tied embeddings); or a module whose leaf name
-    is in :data:`OUTPUT_HEAD_NAMES`.
-    """
-    modules = _named_modules(model)
-    heads: set[str] = set()
-    get_out = getattr(model, "get_output_embeddings", None)
-    out_emb = get_out() if callable(get_out) else None
-    embedding_weights = {id(m.weight) for _, m in modules if isinstance(m, nn.Embedding)}
-    for name, module in modules:
-        weight = getattr(module, "weight", None)
-        tied = not isinstance(module, nn.Embedding) and id(weight) in embedding_weights
-        if module is out_emb or tied or name.rsplit(".", 1)[-1] in OUTPUT_HEAD_NAMES:
-            heads.add(name)
-    return {n for n, _ in modules if any(n == h or n.startswith(h + ".") for h in heads)}
 
 
 def _candidates(linear_names: list[str]) -> str:
@@ -120,7 +80,7 @@ def find_targets(
         TargetingError: a listed entry matches nothing (the message lists candidate names), a matched
             module is not linear-like, or the selection is empty.
     """
-    modules = _named_modules(model)
+    modules = named_modules_outside_adapters(model)
     all_names = [n for n, _ in modules]
     linear = [n for n, m in modules if is_linear_like(m)]
     if target_modules is None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning as L
 import torch
@@ -69,6 +70,27 @@ def split_indices(n: int, val_size: int, train_size: int | None, seed: int) -> t
     val = order[:val_size]
     rest = order[val_size:]
     return rest[: train_size if train_size is not None else len(rest)], val
+
+
+_SHARED_ARGUMENTS = """
+            tokenizer: a packaged model name or a local Hugging Face directory with a tokenizer; ``None`` uses
+                the model's (``model_name_or_path`` of the LightningModule being trained).
+            max_length: tokens per example (longer ones are truncated).
+            batch_size: examples per batch.
+            train_size: training examples (``None``: all that remain after validation).
+            val_size: held-out validation examples.
+            seed: seed of the deterministic split.
+            num_workers: DataLoader worker processes.
+"""
+
+_F = TypeVar("_F", bound=Callable[..., None])
+
+
+def shared_arguments_doc(init: _F) -> _F:
+    """Append the documentation of the arguments every ready DataModule takes to ``init``'s ``Args:``
+    (written once here; LightningCLI reads it for ``--help``)."""
+    init.__doc__ = (init.__doc__ or "").rstrip() + "\n" + _SHARED_ARGUMENTS + "        "
+    return init
 
 
 class SplitDataModule(L.LightningDataModule):

@@ -14,6 +14,7 @@ from lightning_adapt.data._common import (
     SplitDataModule,
     check_readable,
     packaged_path,
+    shared_arguments_doc,
 )
 from lightning_adapt.errors import DataError
 
@@ -64,6 +65,7 @@ class ChatDataModule(SplitDataModule):
     and the ``prompt`` / ``reference`` strings, for generation.
     """
 
+    @shared_arguments_doc
     def __init__(
         self,
         tokenizer: str | None = None,
@@ -78,17 +80,9 @@ class ChatDataModule(SplitDataModule):
     ) -> None:
         """
         Args:
-            tokenizer: a packaged model name or a local Hugging Face directory with a tokenizer; ``None`` uses
-                the model's (``model_name_or_path`` of the LightningModule being trained).
             data_dir: a folder of chatterbot-style ``*.yml`` files; ``None`` uses the English corpus of
                 ``chatterbot-corpus``.
             categories: file stems to keep (e.g. ``[greetings, science]``); ``None`` keeps all.
-            max_length: tokens per example (longer ones are truncated).
-            batch_size: examples per batch.
-            train_size: training pairs (``None``: all that remain after validation).
-            val_size: held-out validation pairs.
-            seed: seed of the deterministic split.
-            num_workers: DataLoader worker processes.
         """
         check_readable(data_dir, "data.data_dir", "directory")
         super().__init__(tokenizer, max_length, batch_size, train_size, val_size, seed, num_workers)

