@@ -16,14 +16,21 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import lightning as L
+import torch
 import torch.nn as nn
+from lightning.pytorch.strategies import DDPStrategy
+from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
+
+from lightning_adapt.adapters.checkpoint import base_fingerprint
+from lightning_adapt.errors import ConfigError
 
 Transform = Callable[[nn.Module], object]
 
 #: Priorities: lower runs first.
 QUANTIZE = 0
 INJECT_LORA = 10
+DISTRIBUTED = 100  # after every structural change: what the strategy must know about the final model
 
 _ATTR = "_lightning_adapt_transforms"
 _ORIGINAL = "_lightning_adapt_configure_model"
@@ -89,10 +96,46 @@ class ModelTransformCallback(L.Callback):
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         register_transform(pl_module, self.name, self.priority, self.apply)
+        if isinstance(trainer.strategy, DDPStrategy):
+            register_transform(pl_module, "ddp_frozen_base", DISTRIBUTED, ddp_ignore_frozen)
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self is transform_callbacks(trainer)[0]:  # once per run, whichever transforms are present
+            check_same_base_on_every_rank(trainer, pl_module)
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         unregister_transform(pl_module, self.name)
+        unregister_transform(pl_module, "ddp_frozen_base")
+
+
+def ddp_ignore_frozen(module: nn.Module) -> None:
+    """Tell DDP to leave the frozen parameters alone: it would broadcast them from rank 0 when it wraps the
+    model (the whole base, for a few adapter weights), and they get no gradient buckets anyway. Every rank
+    loads the same base; :func:`check_same_base_on_every_rank` verifies that instead of copying it."""
+    frozen = [name for name, param in module.named_parameters() if not param.requires_grad]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
+
+
+def check_same_base_on_every_rank(trainer: L.Trainer, module: nn.Module) -> None:
+    """Compare a checksum of the frozen base across ranks (a base not broadcast must be identical everywhere).
+
+    Raises:
+        ConfigError: ranks hold different frozen weights (e.g. a randomly initialised base with per-rank seeds).
+    """
+    if trainer.world_size < 2:
+        return
+    frozen = {name: p for name, p in module.named_parameters() if not p.requires_grad}
+    local = base_fingerprint(frozen, sorted(frozen)).to(trainer.strategy.root_device)
+    gathered = trainer.strategy.all_gather(local).reshape(trainer.world_size, -1).cpu()
+    differ = [rank for rank in range(trainer.world_size) if not torch.equal(gathered[rank], gathered[0])]
+    if differ:
+        raise ConfigError(
+            f"the frozen base differs between rank 0 and rank(s) {differ}: under DDP it is not broadcast, so every "
+            "rank must build it identically. Fix: load the base from the same files on every rank, or seed its "
+            "random initialisation identically (seed_everything before building it)."
+        )
 
 
 def transform_callbacks(trainer: L.Trainer | None) -> list[ModelTransformCallback]:

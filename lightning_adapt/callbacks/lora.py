@@ -115,6 +115,7 @@ class LoRAInjectionCallback(ModelTransformCallback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
         spec = self.spec
         rank_zero_info(
             f"lightning-adapt: LoRA r={spec.r} alpha={spec.alpha:g} dropout={spec.dropout:g}"

@@ -84,5 +84,6 @@ class QuantizeBaseCallback(ModelTransformCallback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
         if self.summary is not None:
             rank_zero_info(f"lightning-adapt: {self.summary.format()}")
