@@ -396,3 +396,29 @@ def test_cli_quant_blocksize_and_modules_to_save(tmp_path: Path, capsys: pytest.
         main([*args, "--modules_to_save", "pooler"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "modules_to_save='pooler'" in err and "pooler.dense" in err
+
+
+def test_fsdp_divides_float_weights_gradients_and_optimizer_state_per_rank_ddp_divides_nothing() -> None:
+    shape = load_model_shape("llama-2-7b")
+    for method in ("full", "lora", "qlora"):
+        one = estimate(shape, method, Assumptions())
+        ddp = estimate(shape, method, Assumptions(world_size=8, strategy="ddp"))
+        fsdp = estimate(shape, method, Assumptions(world_size=8, strategy="fsdp"))
+        assert ddp == replace(one, assumptions=ddp.assumptions)
+        quantized = one.quantized_weights_bytes
+        assert fsdp.base_weights_bytes == -(-(one.base_weights_bytes - quantized) // 8) + quantized
+        assert fsdp.optimizer_bytes == -(-one.optimizer_bytes // 8)
+        assert fsdp.gradient_bytes == -(-one.gradient_bytes // 8)
+        assert fsdp.total_bytes < one.total_bytes
+    assert estimate(shape, "qlora", Assumptions(world_size=8, strategy="fsdp")).quantized_weights_bytes > 3e9
+    with pytest.raises(ValueError, match="world_size=0"):
+        Assumptions(world_size=0)
+
+
+def test_cli_states_the_per_rank_figures(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["--world_size", "4", "--strategy", "fsdp", "--method", "full"])
+    out = capsys.readouterr().out
+    assert "Per rank of 4 (fsdp)" in out
+    full_one = estimate(load_model_shape("llama-2-7b"), "full", Assumptions())
+    full_four = estimate(load_model_shape("llama-2-7b"), "full", Assumptions(world_size=4, strategy="fsdp"))
+    assert f"{full_four.total_bytes / 1e9:.2f}" in out and full_four.total_bytes * 3 < full_one.total_bytes

@@ -18,6 +18,7 @@ from lightning_adapt.memory.estimator import (
     Method,
     Optimizer,
     Quant,
+    Strategy,
     estimate,
     format_table,
     load_model_shape,
@@ -39,6 +40,8 @@ def estimate_command(
     batch_size: int | None = None,
     seq_len: int | None = None,
     activation_checkpointing: bool = False,
+    world_size: int = 1,
+    strategy: Strategy = "ddp",
     json: bool = False,
 ) -> None:
     """Estimate training memory for full fine-tuning, LoRA and QLoRA from a model config.
@@ -69,6 +72,9 @@ def estimate_command(
         batch_size: Sequences per step; with seq_len adds an activation estimate.
         seq_len: Tokens per sequence; with batch_size adds an activation estimate.
         activation_checkpointing: Estimate activations with per-block checkpointing.
+        world_size: Processes (GPUs) training together; figures are per rank.
+        strategy: ddp (every rank holds everything) or fsdp (FSDP2: float weights, gradients and optimizer
+            state divided by world_size; 4-bit weights replicated).
         json: Print one JSON object (integer byte counts and assumptions) instead of the table.
     """
     assumptions = Assumptions(
@@ -84,6 +90,8 @@ def estimate_command(
         batch_size=batch_size,
         seq_len=seq_len,
         activation_checkpointing=activation_checkpointing,
+        world_size=world_size,
+        strategy=strategy,
     )
     if method != "all" and method not in get_args(Method):
         raise ValueError(f"method={method!r} is not one of {', '.join(get_args(Method))}, all.")
@@ -136,6 +144,13 @@ def _quant_note(quant: Quant, blocksize: int) -> str:
 def _report(estimates: list[Estimate], assumptions: Assumptions) -> str:
     e0 = estimates[0]
     lines = [f"Training memory for {e0.model} ({e0.total_params:,} parameters; GB = 10^9 bytes)", ""]
+    if assumptions.world_size > 1:
+        what = (
+            "float weights, gradients and optimizer state sharded (FSDP2), 4-bit weights replicated"
+            if assumptions.strategy == "fsdp"
+            else "everything replicated (DDP)"
+        )
+        lines[-1:] = [f"Per rank of {assumptions.world_size} ({assumptions.strategy}): {what}.", ""]
     lines += [format_table(estimates), "", "Assumptions:"]
     for e in estimates:
         lines += describe(assumptions, e.method)

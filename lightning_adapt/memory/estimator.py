@@ -45,6 +45,7 @@ __all__ = [
     "ModelShape",
     "Optimizer",
     "Quant",
+    "Strategy",
     "activation_bytes",
     "estimate",
     "format_bytes",
@@ -64,6 +65,7 @@ Method = Literal["full", "lora", "qlora"]
 Dtype = Literal["bf16", "fp16", "fp32"]
 Optimizer = Literal["adamw-fp32", "adamw-16bit", "adamw-8bit"]
 Quant = Literal["nf4-dq", "nf4", "int8"]
+Strategy = Literal["ddp", "fsdp"]
 
 DTYPE_BYTES: dict[str, int] = {"bf16": 2, "fp16": 2, "fp32": 4}
 OPTIMIZER_BYTES_PER_PARAM: dict[str, int] = {"adamw-fp32": 8, "adamw-16bit": 4, "adamw-8bit": 2}
@@ -105,6 +107,11 @@ class Assumptions:
         batch_size: With ``seq_len``, adds an activation estimate (see :func:`activation_bytes`).
         seq_len: Tokens per sequence.
         activation_checkpointing: Keep only each block's input; recompute one block at a time.
+        world_size: Processes (GPUs) training together; the figures are per rank.
+        strategy: ``ddp`` replicates everything (each rank holds the whole estimate); ``fsdp`` (FSDP2 full
+            sharding) divides the float weights, gradients and optimizer state by ``world_size``. 4-bit
+            weights stay replicated (bitsandbytes has no FSDP2 all-gather hooks). Activations are per rank
+            either way (``batch_size`` is the per-rank batch).
     """
 
     rank: int = 16
@@ -121,6 +128,8 @@ class Assumptions:
     batch_size: int | None = None
     seq_len: int | None = None
     activation_checkpointing: bool = False
+    world_size: int = 1
+    strategy: Strategy = "ddp"
 
     def __post_init__(self) -> None:
         problems = []
@@ -135,6 +144,8 @@ class Assumptions:
             problems.append(f"quant_blocksize={self.quant_blocksize} is not one of {', '.join(map(str, NF4_BLOCKS))}")
         if self.state_bytes_per_tensor < 0:
             problems.append(f"state_bytes_per_tensor={self.state_bytes_per_tensor} must be >= 0")
+        if self.world_size < 1:
+            problems.append(f"world_size={self.world_size} must be >= 1 (the number of processes / GPUs)")
         if (self.batch_size is None) != (self.seq_len is None):
             problems.append("batch_size and seq_len go together: give both (activation estimate) or neither")
         for arg in ("batch_size", "seq_len"):
@@ -144,7 +155,13 @@ class Assumptions:
             raise ConfigError("invalid estimate options: " + "; ".join(problems) + ".")
 
 
-_LITERAL_ARGS = {"base_dtype": Dtype, "adapter_dtype": Dtype, "optimizer": Optimizer, "quant": Quant}
+_LITERAL_ARGS = {
+    "base_dtype": Dtype,
+    "adapter_dtype": Dtype,
+    "optimizer": Optimizer,
+    "quant": Quant,
+    "strategy": Strategy,
+}
 _LITERAL_ARGS["quant_compute_dtype"] = Dtype
 
 
@@ -261,11 +278,18 @@ def _finish(
     acts = 0
     if a.batch_size is not None and a.seq_len is not None:
         acts = activation_bytes(shape, a.batch_size, a.seq_len, a.activation_checkpointing)
+    if a.strategy == "fsdp" and a.world_size > 1:  # per rank: 1/N of every sharded float tensor
+        base = _per_rank(base - quantized, a.world_size) + quantized
+        adapter, opt, grads = (_per_rank(x, a.world_size) for x in (adapter, opt, grads))
     total = base + adapter + opt + grads + acts
     return Estimate(
         shape.name, method, shape.total_params, trainable, base, adapter, base + adapter,
         opt, grads, acts, total, smallest_gpu(total), a, quantized,
     )  # fmt: skip
+
+
+def _per_rank(n: int, world_size: int) -> int:
+    return -(-n // world_size)  # FSDP pads each tensor to a multiple of the world size: round up
 
 
 def smallest_gpu(total_bytes: int) -> str | None:
