@@ -93,8 +93,15 @@ class ModelTransformCallback(L.Callback):
         """Transform ``module`` in place; must be idempotent."""
         raise NotImplementedError
 
+    def before_configure_model(self, module: nn.Module) -> None:
+        """Tell ``module`` what it may use while it builds itself (e.g. quantize while loading); default: nothing."""
+
+    def after_teardown(self, module: nn.Module) -> None:
+        """Undo :meth:`before_configure_model`; default: nothing."""
+
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.before_configure_model(pl_module)
         register_transform(pl_module, self.name, self.priority, self.apply)
         if isinstance(trainer.strategy, DDPStrategy):
             register_transform(pl_module, "ddp_frozen_base", DISTRIBUTED, ddp_ignore_frozen)
@@ -108,6 +115,7 @@ class ModelTransformCallback(L.Callback):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         unregister_transform(pl_module, self.name)
         unregister_transform(pl_module, "ddp_frozen_base")
+        self.after_teardown(pl_module)
 
 
 def ddp_ignore_frozen(module: nn.Module) -> None:
@@ -154,9 +162,11 @@ def build_model(trainer: L.Trainer, module: L.LightningModule) -> None:
     """Build ``module`` outside a fit loop as training built it: ``configure_model`` then the transforms."""
     transforms = transform_callbacks(trainer)
     for callback in transforms:
+        callback.before_configure_model(module)
         register_transform(module, callback.name, callback.priority, callback.apply)
     try:
         module.configure_model()
     finally:
         for callback in transforms:
             unregister_transform(module, callback.name)
+            callback.after_teardown(module)

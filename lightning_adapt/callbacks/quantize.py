@@ -12,6 +12,7 @@ from typing_extensions import override
 from lightning_adapt.adapters.checkpoint import install_adapter_only_state
 from lightning_adapt.callbacks._transform import QUANTIZE, ModelTransformCallback
 from lightning_adapt.layers import DTYPES, require_bitsandbytes
+from lightning_adapt.loading import attach_quant_plan
 from lightning_adapt.quantize import QuantConfig, QuantMode, QuantPlan, QuantSummary, quantize_model
 
 DTypeName = Literal["bf16", "fp16", "fp32"]
@@ -73,6 +74,15 @@ class QuantizeBaseCallback(ModelTransformCallback):
     @override
     def spec(self) -> QuantPlan:
         return QuantPlan(self.config, tuple(self.skip_modules), self.include_default_skips)
+
+    @override
+    def before_configure_model(self, module: nn.Module) -> None:
+        # a module that loads through lightning_adapt.loading quantizes each weight as it arrives
+        attach_quant_plan(module, self.spec)
+
+    @override
+    def after_teardown(self, module: nn.Module) -> None:
+        attach_quant_plan(module, None)
 
     @override
     def apply(self, module: nn.Module) -> QuantSummary:
