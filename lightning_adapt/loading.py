@@ -1,23 +1,18 @@
-"""Build a model with empty weights, then stream a safetensors checkpoint into it, quantizing on the way.
-
-Peak memory ≈ the final model + one checkpoint tensor (+ the temporaries of quantizing it), instead of
-the whole model in fp32 first::
+"""Build a model with empty weights, then stream a safetensors checkpoint into it, quantizing on the way::
 
     with empty_weights():  # parameters on meta, buffers (RoPE inv_freq) real
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     report = load_pretrained(model, WeightSource("ckpt/"), plan=QuantPlan(QuantConfig("nf4")), dtype=torch.bfloat16)
 
-The Linear layers the plan selects (the rules of :func:`~lightning_adapt.quantize.quantize_model`) stay
-empty until their weight arrives; it is then cast to fp32 and quantized by
-:func:`~lightning_adapt.quantize.quantize_linear`, bit-identical to loading in fp32 and calling
-``quantize_model``. Every other tensor goes straight to ``dtype``. Tensors are read with plain file reads,
-one at a time: a memory-mapped shard counts every touched page as resident until it is closed. Headers are
-checked before any data is read, and every problem is reported in one :class:`~lightning_adapt.errors.LoadError`.
-Pure torch: no Lightning here.
+Peak memory ≈ final model + one checkpoint tensor (+ quantization temporaries). A layer the plan selects is
+quantized by ``quantize_linear`` from its weight cast to fp32 as it arrives (bit-identical to an fp32 load, then
+``quantize_model``); others go straight to ``dtype``. Plain reads, one tensor at a time: no mapped shard stays resident.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import math
 import os
@@ -30,26 +25,15 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_adapt.errors import ConfigError, LoadError
+from lightning_adapt.errors import LoadError
 from lightning_adapt.layers import quant_storage_bytes, quantized_layers
 from lightning_adapt.naming import check_entries, under
 from lightning_adapt.quantize import QuantConfig, QuantPlan, default_compute_dtype, quantize_linear
-
-__all__ = [
-    "LoadReport",
-    "QuantPlan",
-    "WeightSource",
-    "attach_quant_plan",
-    "current_rss_bytes",
-    "empty_weights",
-    "load_pretrained",
-    "peak_rss_bytes",
-    "quant_plan",
-]
 
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
@@ -63,13 +47,9 @@ _PLAN_KEY = "_lightning_adapt_quant_plan"
 
 @contextmanager
 def empty_weights() -> Iterator[None]:
-    """Build modules with their parameters on the meta device and their buffers real.
-
-    Parameters cost nothing until :func:`load_pretrained` fills them; buffers computed in ``__init__`` and
-    absent from checkpoints (RoPE ``inv_freq``) keep their values. This is accelerate's
-    ``init_empty_weights(include_buffers=False)`` without the dependency. The patch is process-wide while
-    the block runs: build nothing in other threads meanwhile.
-    """
+    """Build modules with their parameters on the meta device (no memory) and their buffers real, so buffers
+    computed in ``__init__`` and absent from checkpoints (RoPE ``inv_freq``) keep their values. This is
+    accelerate's ``init_empty_weights(include_buffers=False)``; the patch is process-wide while the block runs."""
     original = nn.Module.register_parameter
 
     def register_parameter(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
@@ -90,16 +70,13 @@ class WeightSource:
     """Where pretrained weights live, and which submodule of the loaded module they describe.
 
     Args:
-        path: a directory holding ``model.safetensors`` or a sharded ``model.safetensors.index.json``, or
-            one ``.safetensors`` file.
-        prefix: dotted name of the submodule the file describes (``"model"`` for a LightningModule keeping
-            its Hugging Face model in ``self.model``; ``""``: the whole module): file key ``k`` is the
-            module's ``prefix.k``.
+        path: a directory with ``model.safetensors`` or a sharded ``model.safetensors.index.json``, or a file.
+        prefix: dotted name of the submodule the file describes (``"model"`` for a LightningModule keeping its
+            Hugging Face model in ``self.model``; ``""``: the whole module): file key ``k`` is ``prefix.k``.
 
-    Hugging Face's ``base_model_prefix`` (e.g. ``"bert"``) of that submodule is handled automatically: when
-    the module's names carry it and the file's keys do not (BertForSequenceClassification from a BertModel
-    checkpoint) it is stripped; when the file's keys carry it and the module's names do not (LlamaModel
-    from a LlamaForCausalLM checkpoint) it is added, and the file's other keys (the head) are ignored.
+    That submodule's Hugging Face ``base_model_prefix`` (e.g. ``"bert"``) is handled automatically: stripped
+    from its names when the file's keys lack it (BertForSequenceClassification from a BertModel checkpoint),
+    added when only the file has it (LlamaModel from a LlamaForCausalLM file; the file's head is ignored).
     """
 
     path: str | Path
@@ -108,12 +85,8 @@ class WeightSource:
 
 @dataclass(frozen=True)
 class LoadReport:
-    """What :func:`load_pretrained` did; sizes in bytes.
-
-    ``peak_rss_increase_bytes`` is the growth of ``ru_maxrss``, a process-lifetime peak: 0 when the load
-    stayed under an earlier peak. ``peak_rss_bytes - baseline_rss_bytes`` is the peak over the resident
-    memory measured before the build (or before the load when no baseline was given).
-    """
+    """What :func:`load_pretrained` did; sizes in bytes. ``peak_rss_increase_bytes``: growth of the process's peak
+    RSS (0 if an earlier peak was higher); ``peak_rss_bytes - baseline_rss_bytes``: peak over the pre-build RSS."""
 
     files: tuple[str, ...]
     tensors_loaded: int
@@ -128,56 +101,43 @@ class LoadReport:
     peak_rss_bytes: int
     peak_rss_increase_bytes: int
 
-    def format(self) -> str:
-        """One log line (MB = 10^6 bytes)."""
-        return (
-            f"loaded {self.tensors_loaded} tensors ({self.bytes_read / 1e6:.1f} MB read, {self.quantized_layers} "
-            f"layers quantized) into {self.weight_bytes / 1e6:.1f} MB in {self.seconds:.1f}s; peak RSS "
-            f"{(self.peak_rss_bytes - self.baseline_rss_bytes) / 1e6:.1f} MB over the baseline"
-        )
-
 
 def current_rss_bytes() -> int:
     """Resident set size now (``/proc/self/statm``); 0 where there is no ``/proc``."""
-    try:
+    with contextlib.suppress(OSError, IndexError, ValueError):
         return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, IndexError, ValueError):
-        return 0
+    return 0
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (``ru_maxrss``; Linux reports KiB)."""
-    peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-    return peak if sys.platform == "darwin" else peak * 1024
+    """Peak resident set size of this process: ``VmHWM``, else ``ru_maxrss``, which Linux carries over ``exec``
+    (a spawned child starts with its parent's resident size as its peak)."""
+    with contextlib.suppress(OSError, StopIteration, ValueError, IndexError):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return 1024 * int(next(line for line in status if line.startswith("VmHWM:")).split()[1])
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * (1 if sys.platform == "darwin" else 1024)
 
 
 def attach_quant_plan(module: nn.Module, plan: QuantPlan | None) -> None:
     """Ask ``module`` to quantize while it loads (``None`` withdraws it): the seam for a callback that runs
     before ``configure_model``; a module loading through :func:`load_pretrained` reads :func:`quant_plan`."""
+    module.__dict__[_PLAN_KEY] = plan
     if plan is None:
-        module.__dict__.pop(_PLAN_KEY, None)
-    else:
-        module.__dict__[_PLAN_KEY] = plan
+        del module.__dict__[_PLAN_KEY]
 
 
 def quant_plan(module: nn.Module) -> QuantPlan | None:
     """The plan attached to ``module`` by :func:`attach_quant_plan`, or ``None``."""
-    plan: QuantPlan | None = module.__dict__.get(_PLAN_KEY)
-    return plan
-
-
-# --------------------------------------------------------------------------- safetensors headers and reads
+    return module.__dict__.get(_PLAN_KEY)  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)
 class _Stored:
-    """One tensor of a file; ``start`` is the absolute offset of its bytes."""
-
     file: Path
     key: str
     dtype: torch.dtype
     shape: tuple[int, ...]
-    start: int
+    start: int  # absolute offset of the bytes
     nbytes: int
 
 
@@ -185,30 +145,27 @@ def _few(names: Sequence[str], shown: int = 5) -> str:
     return ", ".join(map(repr, names[:shown])) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
-def _entry(file: Path, key: str, meta: dict[str, list[int] | str], data_start: int, size: int) -> _Stored:
-    dtype, shape = _ST_DTYPES[str(meta["dtype"])], tuple(int(d) for d in meta["shape"])
-    begin, end = (int(o) for o in meta["data_offsets"])
-    nbytes = math.prod(shape) * dtype.itemsize
-    if end - begin != nbytes or begin < 0 or data_start + end > size:
-        raise ValueError(f"tensor {key!r}: bytes [{begin}, {end}) do not hold {dtype} {list(shape)} in {size} bytes")
-    return _Stored(file, key, dtype, shape, data_start + begin, nbytes)
-
-
 def _read_header(file: Path, expected: Sequence[str]) -> dict[str, _Stored]:
     """The entries of ``file``; ``expected`` (the keys it should hold) is for the error message."""
+    entries = {}
     try:
         size = file.stat().st_size
         with open(file, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
             if length > size - 8:
                 raise ValueError(f"header length {length} exceeds the file size {size}")
-            header = json.loads(f.read(length))
-        return {k: _entry(file, k, v, 8 + length, size) for k, v in header.items() if k != "__metadata__"}
-    except (struct.error, ValueError, KeyError, TypeError, AttributeError) as err:
+            header: dict[str, dict[str, Any]] = json.loads(f.read(length))
+        for key, meta in ((k, v) for k, v in header.items() if k != "__metadata__"):
+            dtype, shape, (begin, end) = _ST_DTYPES[meta["dtype"]], tuple(meta["shape"]), meta["data_offsets"]
+            if end - begin != math.prod(shape) * dtype.itemsize or begin < 0 or 8 + length + end > size:
+                raise ValueError(f"tensor {key!r}: bytes [{begin}, {end}) do not hold {dtype} {list(shape)}")
+            entries[key] = _Stored(file, key, dtype, shape, 8 + length + begin, end - begin)
+    except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError) as err:
         raise LoadError(
-            f"{file}: not a valid safetensors file ({err}); it should hold {_few(expected)}. "
-            "Fix: download or save the checkpoint again."
+            f"{file}: missing or not a valid safetensors file ({err}); it should hold {_few(expected)}. "
+            "Fix: download it again."
         ) from err
+    return entries
 
 
 def _index(path: Path, hint: Sequence[str]) -> dict[str, _Stored]:
@@ -221,12 +178,9 @@ def _index(path: Path, hint: Sequence[str]) -> dict[str, _Stored]:
             files.setdefault(path / name, []).append(key)
     else:
         raise LoadError(
-            f"WeightSource.path={str(path)!r}: no {_SINGLE}, {_INDEX} or .safetensors file there. "
-            "Fix: point it at the checkpoint directory (pickled .bin checkpoints are not read)."
+            f"WeightSource.path={str(path)!r}: no {_SINGLE}, {_INDEX} or .safetensors file there (.bin is not "
+            "read). Fix: point it at the checkpoint directory."
         )
-    lost = [f"{f}: file not found; it should hold {_few(keys)}" for f, keys in files.items() if not f.is_file()]
-    if lost:
-        raise LoadError("\n".join(lost) + "\nFix: download the missing shards again.")
     return {k: v for file, keys in files.items() for k, v in _read_header(file, keys).items()}
 
 
@@ -244,13 +198,8 @@ def _read(stored: _Stored) -> torch.Tensor:
     return buffer.view(stored.dtype).reshape(stored.shape)
 
 
-# --------------------------------------------------------------------------- matching the model to the file
-
-
 @dataclass
-class _Slot:
-    """One parameter or persistent buffer, registered under one or more names (tied weights)."""
-
+class _Slot:  # one parameter or persistent buffer, registered under one or more names (tied weights)
     names: list[str]
     owners: list[tuple[nn.Module, str]]
     tensor: torch.Tensor
@@ -259,23 +208,19 @@ class _Slot:
     layer: str = ""  # the quantized layer it belongs to
 
 
-def _slots(root: nn.Module, prefix: str) -> tuple[list[_Slot], list[str]]:
-    """The loadable tensors of ``root`` and the names of its non-persistent buffers."""
+def _slots(root: nn.Module, prefix: str) -> list[_Slot]:
+    """The loadable tensors of ``root``: parameters and persistent buffers, one slot per tensor object."""
     slots: dict[int, _Slot] = {}
-    transient: list[str] = []
     for mod_name, mod in root.named_modules(remove_duplicate=False):
-        dotted = ".".join(p for p in (prefix, mod_name) if p)
-        dotted += "." if dotted else ""
-        skip = mod._non_persistent_buffers_set
+        dotted = "".join(p + "." for p in (prefix, mod_name) if p)
         named = [(n, t, True) for n, t in mod._parameters.items()]
-        named += [(n, t, False) for n, t in mod._buffers.items() if n not in skip]
-        transient += [dotted + n for n in skip]
+        named += [(n, t, False) for n, t in mod._buffers.items() if n not in mod._non_persistent_buffers_set]
         for n, t, is_param in named:
             if t is not None:
                 slot = slots.setdefault(id(t), _Slot([], [], t, is_param))
                 slot.names.append(dotted + n)
                 slot.owners.append((mod, n))
-    return list(slots.values()), transient
+    return list(slots.values())
 
 
 def _key_map(root: nn.Module, names: list[str], prefix: str, keys: set[str]) -> tuple[dict[str, str], str]:
@@ -313,99 +258,76 @@ def _match(slots: list[_Slot], key_of: dict[str, str], stored: dict[str, _Stored
     return problems
 
 
-def _unexpected(
-    stored: dict[str, _Stored], used: set[str], foreign: str, ignorable: set[str], root: nn.Module
-) -> tuple[list[str], list[str]]:
-    """File keys the model has no tensor for: ``(ignored, problems)``."""
-    patterns = [*_IGNORABLE, *(getattr(root, "_keys_to_ignore_on_load_unexpected", None) or ())]
-    ignored, problems = [], []
-    for key, entry in stored.items():
-        if key in used:
-            continue
-        if (foreign and not key.startswith(foreign)) or key in ignorable or any(re.search(p, key) for p in patterns):
-            ignored.append(key)
-        else:
-            problems.append(f"{entry.file}: unexpected tensor {key!r}, which the model does not have")
-    return ignored, problems
-
-
 def _prepare(
     model: nn.Module, source: WeightSource, plan: QuantPlan | None, init: Sequence[str]
-) -> tuple[list[_Slot], dict[str, _Stored], list[str]]:
-    """Match the model to the checkpoint's headers; raise one :class:`LoadError` listing every problem."""
-    root = model.get_submodule(source.prefix)
-    check_entries(
-        list(init), [n for n, _ in model.named_modules()], "init_missing", [n for n, _ in root.named_modules()]
-    )
-    slots, transient = _slots(root, source.prefix)
-    stored = _index(Path(source.path), [n for s in slots for n in s.names])
-    key_of, foreign = _key_map(root, [n for s in slots for n in s.names] + transient, source.prefix, set(stored))
+) -> tuple[list[_Slot], list[str], list[str]]:
+    """Match the model to the headers, raising one :class:`LoadError` for every problem; mark the layers to
+    quantize. Returns the slots, the files and the file keys ignored as known-ignorable."""
+    root, modules = model.get_submodule(source.prefix), [n for n, _ in model.named_modules()]
+    check_entries(list(init), modules, "init_missing", [n for n, _ in root.named_modules()])
+    slots = _slots(root, source.prefix)
+    names = [n for s in slots for n in s.names]
+    stored = _index(Path(source.path), names)
+    key_of, foreign = _key_map(root, names, source.prefix, set(stored))
     problems = _match(slots, key_of, stored, init)
-    used = {key_of[n] for s in slots for n in s.names}
-    ignored, unexpected = _unexpected(stored, used, foreign, {key_of[n] for n in transient}, root)
-    if problems or unexpected:
-        raise LoadError(f"{source.path} does not fit the model:\n  - " + "\n  - ".join(problems + unexpected))
+    used, ignored = {key_of[n] for n in names}, []
+    patterns = [*_IGNORABLE, *(getattr(root, "_keys_to_ignore_on_load_unexpected", None) or ())]
+    for key in (k for k in stored if k not in used):
+        if (foreign and not key.startswith(foreign)) or any(re.search(p, key) for p in patterns):
+            ignored.append(key)
+        else:
+            problems.append(f"{stored[key].file}: unexpected tensor {key!r}, which the model does not have")
+    if problems:
+        raise LoadError(f"{source.path} does not fit the model:\n  - " + "\n  - ".join(problems))
     selected = {n for n in plan.selected(model) if not under(n, init)} if plan is not None else set()
     for slot in slots:
         slot.layer = next((n.rpartition(".")[0] for n in slot.names if n.rpartition(".")[0] in selected), "")
-    return slots, stored, ignored
-
-
-# --------------------------------------------------------------------------- streaming
+    return slots, sorted({str(s.file) for s in stored.values()}), ignored
 
 
 def _assign(slot: _Slot, value: torch.Tensor) -> None:
     """Give every name that shared the old tensor the new one: tied weights stay tied."""
-    param = nn.Parameter(value, requires_grad=slot.tensor.requires_grad) if slot.is_param else None
+    new = nn.Parameter(value, requires_grad=slot.tensor.requires_grad) if slot.is_param else value
     for module, attr in slot.owners:
-        if param is not None:
-            module._parameters[attr] = param
-        else:
-            module._buffers[attr] = value
+        (module._parameters if slot.is_param else module._buffers)[attr] = new  # type: ignore[assignment]
 
 
 def _load_quantized(
-    model: nn.Module, name: str, parts: list[_Slot], config: QuantConfig, dtype: torch.dtype, device: torch.device
+    model: nn.Module, name: str, slots: list[_Slot], config: QuantConfig, dtype: torch.dtype, device: torch.device
 ) -> None:
-    """Quantize layer ``name`` from its weight (and bias) cast to fp32, as after ``from_pretrained(dtype=fp32)``.
-    Its ``original_dtype`` (what :func:`~lightning_adapt.quantize.summarize` compares with) is ``dtype``."""
-    old = model.get_submodule(name)
-    temp = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None, device="meta")  # type: ignore[arg-type]
-    for slot in parts:
-        assert slot.stored is not None
-        value = _read(slot.stored).to(device=device, dtype=torch.float32)
-        setattr(temp, slot.names[0].rpartition(".")[2], nn.Parameter(value, requires_grad=False))
-    temp.train(old.training)
-    layer = quantize_linear(temp, config)
-    layer.original_dtype = dtype  # type: ignore[assignment]
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent), attr, layer)
-
-
-def _stream(
-    model: nn.Module, slots: list[_Slot], config: QuantConfig | None, dtype: torch.dtype, device: torch.device
-) -> None:
-    """Load the slots in file order, one tensor (or one quantized layer) at a time."""
-    layers: dict[str, list[_Slot]] = {}
+    """Quantize layer ``name`` on ``device`` from its weight (and bias) cast to fp32, as ``quantize_model`` does
+    after ``from_pretrained(dtype=torch.float32)``; its ``original_dtype`` (for ``summarize``) is ``dtype``."""
+    old: Any = model.get_submodule(name)
+    temp = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None, device="meta")
     for slot in slots:
-        if slot.layer:
-            layers.setdefault(slot.layer, []).append(slot)
+        if slot.layer == name and slot.stored is not None:
+            value = _read(slot.stored).to(device=device, dtype=torch.float32)
+            setattr(temp, slot.names[0].rpartition(".")[2], nn.Parameter(value, requires_grad=False))
+    layer = quantize_linear(temp.train(old.training), config)
+    layer.original_dtype = dtype  # type: ignore[assignment]
+    setattr(model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2], layer)
+
+
+def _stream(model: nn.Module, slots: list[_Slot], config: QuantConfig, dtype: torch.dtype, dev: torch.device) -> None:
+    """Load the slots in file order, one tensor (or one quantized layer) at a time."""
     pending = [s for s in slots if s.stored is not None]
     for slot in sorted(pending, key=lambda s: (str(s.stored.file), s.stored.start)):  # type: ignore[union-attr]
-        if not slot.layer and slot.stored is not None:
+        if slot.stored is not None and not slot.layer:
             source = _read(slot.stored)
-            _assign(slot, source.to(device=device, dtype=dtype if source.is_floating_point() else source.dtype))
-            del source  # the full-precision source is gone before the next read
-        elif config is not None and slot.names[0] == slot.layer + ".weight":  # the bias comes with it
-            _load_quantized(model, slot.layer, layers[slot.layer], config, dtype, device)
+            _assign(slot, source.to(device=dev, dtype=dtype if source.is_floating_point() else source.dtype))
+            del source  # the full-precision source is freed before the next read
+        elif slot.names[0] == slot.layer + ".weight":  # the bias comes with it
+            _load_quantized(model, slot.layer, slots, config, dtype, dev)
+            with contextlib.suppress(OSError, AttributeError):  # glibc only; it would keep the freed fp32
+                ctypes.CDLL(None).malloc_trim(0)  # transients resident (64M-param nf4 load: peak 1.8x final)
 
 
 def _initialize(root: nn.Module, slots: list[_Slot], dtype: torch.dtype, device: torch.device) -> list[str]:
-    """Materialize and initialize what the file lacks (Hugging Face ``_init_weights``, else ``reset_parameters``)."""
+    """Materialize and initialize what the files lack: Hugging Face ``_init_weights``, else ``reset_parameters``."""
     todo = [s for s in slots if s.stored is None and s.tensor.is_meta]
     for slot in todo:
-        t = slot.tensor
-        _assign(slot, torch.empty(t.shape, dtype=dtype if t.is_floating_point() else t.dtype, device=device))
+        floating = slot.tensor.is_floating_point()
+        _assign(slot, torch.empty(slot.tensor.shape, dtype=dtype if floating else slot.tensor.dtype, device=device))
     init_weights = getattr(root, "_init_weights", None)
     with torch.no_grad():
         for module in {id(m): m for s in todo for m, _ in s.owners}.values():
@@ -416,29 +338,18 @@ def _initialize(root: nn.Module, slots: list[_Slot], dtype: torch.dtype, device:
     return [n for s in todo for n in s.names]
 
 
-def _check_no_meta(model: nn.Module, files: list[str]) -> None:
+def _finish(model: nn.Module, root: nn.Module, files: list[str]) -> int:
+    """Fail if any tensor is still on meta; else the bytes of ``root``'s weights (quantized: codes + state)."""
     named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
     left = [name for name, t in named if t.is_meta]
     if left:
         raise LoadError(
-            f"after loading {_few(files)}, {len(left)} tensors are still on the meta device: {_few(left)}. Fix: "
-            "build the model under empty_weights() (buffers stay real), check WeightSource.prefix, or list new "
-            "modules in init_missing."
+            f"after loading {_few(files)}, {len(left)} tensors are still on meta: {_few(left)}. Fix: build under "
+            "empty_weights() (buffers stay real), check WeightSource.prefix, or list new modules in init_missing."
         )
-
-
-def _weight_bytes(root: nn.Module) -> int:
-    quantized = [m for _, m in quantized_layers(root)]
-    skip = {id(m.weight) for m in quantized}
-    tensors = {id(t): t for t in [*root.parameters(), *root.buffers()] if id(t) not in skip}
-    return sum(t.nbytes for t in tensors.values()) + sum(quant_storage_bytes(m) for m in quantized)
-
-
-def _resolve(plan: QuantPlan | None, dtype: torch.dtype, device: torch.device) -> QuantConfig | None:
-    """The plan's config with the compute dtype ``quantize_model`` would pick after a load in ``dtype``."""
-    if plan is None or plan.config.compute_dtype is not None:
-        return None if plan is None else plan.config
-    return replace(plan.config, compute_dtype=default_compute_dtype(torch.empty(0, dtype=dtype, device=device)))
+    quantized = {id(m.weight): m for _, m in quantized_layers(root)}
+    tensors = {id(t): t for t in [*root.parameters(), *root.buffers()] if id(t) not in quantized}
+    return sum(t.nbytes for t in tensors.values()) + sum(quant_storage_bytes(m) for m in quantized.values())
 
 
 def load_pretrained(
@@ -454,46 +365,36 @@ def load_pretrained(
     """Fill ``model`` (built under :func:`empty_weights`) from a safetensors checkpoint, tensor by tensor.
 
     Args:
-        model: the module to fill, in place (its ``source.prefix`` submodule is what the file describes).
+        model: the module to fill, in place; its ``source.prefix`` submodule is what the files describe.
         source: the checkpoint.
-        plan: quantize the Linear layers it selects (selection on ``model``) as their weights arrive.
-        dtype: of every other floating tensor; default ``torch.get_default_dtype()``, which Lightning sets
-            to bf16 inside ``configure_model`` under ``precision="bf16-true"``.
+        plan: quantize the Linear layers it selects in ``model`` (``quantize_model``'s rules) as they arrive.
+        dtype: of every other floating tensor; default ``torch.get_default_dtype()`` (bf16 inside Lightning's
+            ``configure_model`` under ``precision="bf16-true"``).
         device: where tensors go and quantization runs; default CPU.
-        init_missing: new modules absent from the checkpoint (e.g. a classification head; naming rules of
-            :mod:`lightning_adapt.naming`): initialized by the model's Hugging Face ``_init_weights``, else
-            ``reset_parameters()``; never quantized.
-        baseline_rss: resident bytes measured before the build (:func:`current_rss_bytes`); default: now.
+        init_missing: new modules absent from the checkpoint (naming rules of :mod:`lightning_adapt.naming`),
+            initialized by Hugging Face ``_init_weights`` if the model has it, else ``reset_parameters()``.
+        baseline_rss: resident bytes before the build (:func:`current_rss_bytes`); default: now.
 
     Raises:
-        LoadError: a missing or corrupt file, a wrong shape, a tensor the files lack, an unexpected key not
-            known to be ignorable (all found from the headers, before any data is read, and reported in
-            one error naming each file and tensor), or a tensor still on meta after loading.
+        LoadError: missing or corrupt files, wrong shapes, tensors the files lack, unexpected keys not known to
+            be ignorable (one error naming each file and tensor, before any data is read); meta tensors left.
     """
     baseline = current_rss_bytes() if baseline_rss is None else baseline_rss
-    peak_before, start = peak_rss_bytes(), time.perf_counter()
+    peak0, start = peak_rss_bytes(), time.perf_counter()
     dtype = torch.get_default_dtype() if dtype is None else dtype
-    if not dtype.is_floating_point:
-        raise ConfigError(f"dtype={dtype} is not a floating dtype. Fix: dtype=torch.bfloat16 or torch.float32.")
-    target = torch.device("cpu" if device is None else device)
-    slots, stored, ignored = _prepare(model, source, plan, init_missing)
-    _stream(model, slots, _resolve(plan, dtype, target), dtype, target)
+    device = torch.device("cpu" if device is None else device)
+    slots, files, ignored = _prepare(model, source, plan, init_missing)
+    config = plan.config if plan is not None else QuantConfig()
+    if config.compute_dtype is None:  # the one quantize_model would pick after a load in ``dtype``
+        config = replace(config, compute_dtype=default_compute_dtype(torch.empty(0, dtype=dtype, device=device)))
+    _stream(model, slots, config, dtype, device)
     root = model.get_submodule(source.prefix)
-    initialized = _initialize(root, slots, dtype, target)
-    files = sorted({str(s.file) for s in stored.values()})
-    _check_no_meta(model, files)
+    initialized, weight_bytes = _initialize(root, slots, dtype, device), _finish(model, root, files)
     loaded = [s.stored for s in slots if s.stored is not None]
+    end, peak = time.perf_counter(), peak_rss_bytes()
     return LoadReport(
-        files=tuple(files),
-        tensors_loaded=len(loaded),
-        quantized_layers=len({s.layer for s in slots if s.layer}),
-        initialized=tuple(initialized),
-        ignored_keys=tuple(ignored),
-        bytes_read=sum(s.nbytes for s in loaded),
-        weight_bytes=_weight_bytes(root),
-        largest_tensor_fp32_bytes=max((4 * math.prod(s.shape) for s in loaded), default=0),
-        seconds=time.perf_counter() - start,
-        baseline_rss_bytes=baseline,
-        peak_rss_bytes=peak_rss_bytes(),
-        peak_rss_increase_bytes=peak_rss_bytes() - peak_before,
-    )
+        files=tuple(files), tensors_loaded=len(loaded), quantized_layers=len({s.layer for s in slots if s.layer}),
+        initialized=tuple(initialized), ignored_keys=tuple(ignored), bytes_read=sum(s.nbytes for s in loaded),
+        weight_bytes=weight_bytes, largest_tensor_fp32_bytes=max((4 * math.prod(s.shape) for s in loaded), default=0),
+        seconds=end - start, baseline_rss_bytes=baseline, peak_rss_bytes=peak, peak_rss_increase_bytes=peak - peak0,
+    )  # fmt: skip

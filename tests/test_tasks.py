@@ -16,6 +16,8 @@ from lightning_adapt.tasks import CausalLMTask, SequenceClassificationTask
 
 def test_packaged_smollm2_is_the_real_pretrained_model() -> None:
     task = CausalLMTask("smollm2-135m-instruct")
+    assert task.model is None, "nothing is loaded before configure_model"
+    task.configure_model()
     tokenizer = task.tokenizer
     prompt = "The capital of France is Paris. The capital of Germany is"
     ids = tokenizer(prompt, return_tensors="pt").input_ids

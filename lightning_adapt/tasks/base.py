@@ -1,7 +1,9 @@
-"""What the ready tasks share: AdamW with warmup, a before/after metric summary, the source model path."""
+"""What the ready tasks share: the streaming build of the pretrained model, AdamW with warmup, a before/after
+metric summary, the source model path."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +13,21 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_adapt.errors import ConfigError
+from lightning_adapt.loading import (
+    LoadReport,
+    WeightSource,
+    current_rss_bytes,
+    empty_weights,
+    load_pretrained,
+    quant_plan,
+)
 from lightning_adapt.models import resolve_model
 
 
 class TaskModule(L.LightningModule):
-    """Base of the ready tasks. Subclasses build ``self.model`` (a Hugging Face model) in ``__init__``.
+    """Base of the ready tasks. ``self.model`` (a Hugging Face model) is ``None`` until ``configure_model`` builds it
+    on the meta device and streams the checkpoint into it (:meth:`build_pretrained`): Lightning calls it in every
+    ``fit``/``validate``/``test``/``predict``; call it yourself to use a task without a trainer.
 
     With ``num_sanity_val_steps: -1`` in the trainer config, the sanity check evaluates the untrained model
     on the whole validation set; the summary at the end of ``fit`` prints each validation metric before and
@@ -40,8 +52,45 @@ class TaskModule(L.LightningModule):
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.warmup_steps = warmup_steps
+        self.model: Any = None
+        self.load_report: LoadReport | None = None
         self.baseline: dict[str, float] = {}
         self.last_val: dict[str, float] = {}
+
+    def build_pretrained(self, build: Callable[[torch.dtype], Any], init_missing: Sequence[str] = ()) -> bool:
+        """Build ``self.model = build(dtype)`` without allocating weights, then stream the checkpoint into it.
+
+        Floating weights load in ``torch.get_default_dtype()`` (Lightning makes it bf16 in ``configure_model``
+        under ``precision="bf16-true"``: no fp32 copy on the way) on the trainer's root device (CPU without a
+        trainer). With a ``QuantPlan`` attached (``QuantizeBaseCallback``), the layers it selects are quantized
+        as they arrive. ``init_missing`` names new modules (a task head) to initialise. Once only: returns
+        ``False`` when the model exists already.
+        """
+        if self.model is not None:
+            return False
+        baseline, dtype = current_rss_bytes(), torch.get_default_dtype()
+        try:
+            device = self.trainer.strategy.root_device
+        except RuntimeError:  # not attached to a trainer
+            device = torch.device("cpu")
+        with empty_weights():
+            self.model = build(dtype)
+        source = WeightSource(self.source_path, prefix="model")
+        try:
+            plan = quant_plan(self)
+            report = load_pretrained(self, source, plan=plan, dtype=dtype, device=device, init_missing=init_missing, baseline_rss=baseline)  # fmt: skip
+        except BaseException:
+            self.model = None  # a later configure_model tries again instead of keeping an empty model
+            raise
+        self.load_report = report
+        self.model.train()  # Lightning keeps submodule modes
+        rank_zero_info(
+            f"lightning-adapt: loaded {self.model_name_or_path} ({report.tensors_loaded} tensors, "
+            f"{report.quantized_layers} layers quantized while loading) into {report.weight_bytes / 1e6:.1f} MB "
+            f"of {dtype} weights in {report.seconds:.1f}s; load peak {_mb(report.peak_rss_bytes - report.baseline_rss_bytes)} "
+            "above the resident memory before the build"
+        )
+        return True
 
     @override
     def configure_optimizers(self) -> Any:
@@ -87,3 +136,7 @@ class TaskModule(L.LightningModule):
         if self.trainer.log_dir:
             lines.append(f"  logs: {self.trainer.log_dir}")
         rank_zero_info("\n".join(lines))
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 from torchmetrics.text import Perplexity
 from typing_extensions import override
 
+from lightning_adapt.errors import ConfigError
 from lightning_adapt.tasks.base import TaskModule
 
 
@@ -17,6 +19,8 @@ class CausalLMTask(TaskModule):
     Logs ``train_loss`` per step and ``val_loss`` / ``val_ppl`` (torchmetrics perplexity over response
     tokens) per validation epoch. ``predict`` greedily generates a response for each prompt and returns a
     list of ``{"prompt", "response", "reference"}`` dicts.
+
+    ``self.model`` is ``None`` until ``configure_model`` (see :class:`TaskModule`).
     """
 
     def __init__(
@@ -40,18 +44,31 @@ class CausalLMTask(TaskModule):
                 works with a frozen base) to save memory.
         """
         if max_new_tokens < 1:
-            raise ValueError(f"model.max_new_tokens={max_new_tokens} must be >= 1.")
+            raise ConfigError(f"model.max_new_tokens={max_new_tokens} must be >= 1. Fix: max_new_tokens=32.")
         super().__init__(model_name_or_path, learning_rate, weight_decay, warmup_steps)
         self.save_hyperparameters()
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
-        self.model = AutoModelForCausalLM.from_pretrained(self.source_path, dtype=torch.float32, local_files_only=True)
-        self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes
+        self.hf_config = AutoConfig.from_pretrained(self.source_path, local_files_only=True)
         self.tokenizer = AutoTokenizer.from_pretrained(self.source_path, local_files_only=True)
         self.max_new_tokens = max_new_tokens
-        if activation_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.activation_checkpointing = activation_checkpointing
         self.val_ppl = Perplexity(ignore_index=-100)
+
+    @override
+    def configure_model(self) -> None:
+        """Build the model on meta and stream the checkpoint into it, once (:meth:`TaskModule.build_pretrained`)."""
+        from transformers import AutoModelForCausalLM, GenerationConfig
+
+        def build(dtype: torch.dtype) -> Any:  # from_config keeps from_pretrained's attention implementation
+            return AutoModelForCausalLM.from_config(copy.deepcopy(self.hf_config), dtype=dtype)
+
+        if not self.build_pretrained(build):
+            return
+        if (self.source_path / "generation_config.json").is_file():  # as from_pretrained does
+            self.model.generation_config = GenerationConfig.from_pretrained(self.source_path, local_files_only=True)
+        if self.activation_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     @override
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:

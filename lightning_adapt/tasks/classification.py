@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -16,7 +17,8 @@ class SequenceClassificationTask(TaskModule):
     """Fine-tune ``AutoModelForSequenceClassification`` on batches of ``input_ids``/``attention_mask``/``labels``.
 
     Logs ``train_loss`` per step and ``val_loss``, ``val_acc`` (micro accuracy) and ``val_f1`` (macro F1)
-    per validation epoch. ``predict`` returns class probabilities.
+    per validation epoch. ``predict`` returns class probabilities. ``self.model`` is ``None`` until
+    ``configure_model`` (see :class:`TaskModule`).
     """
 
     def __init__(
@@ -39,20 +41,22 @@ class SequenceClassificationTask(TaskModule):
             raise ConfigError(f"model.num_labels={num_labels} must be >= 2. Fix: set it to the number of classes.")
         super().__init__(model_name_or_path, learning_rate, weight_decay, warmup_steps)
         self.save_hyperparameters()
-        from transformers import AutoModelForSequenceClassification
-        from transformers.utils import logging as hf_logging
+        from transformers import AutoConfig
 
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # the "newly initialized classifier" notice is expected here
-        try:
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                self.source_path, num_labels=num_labels, local_files_only=True
-            )
-        finally:
-            hf_logging.set_verbosity(verbosity)
-        self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes
+        self.hf_config = AutoConfig.from_pretrained(self.source_path, num_labels=num_labels, local_files_only=True)
         self.val_acc = MulticlassAccuracy(num_classes=num_labels, average="micro")
         self.val_f1 = MulticlassF1Score(num_classes=num_labels, average="macro")
+
+    @override
+    def configure_model(self) -> None:
+        """Build the encoder and its new head on meta, stream the encoder's checkpoint in and initialise the head,
+        once (:meth:`TaskModule.build_pretrained`)."""
+        from transformers import AutoModelForSequenceClassification
+
+        def build(dtype: torch.dtype) -> Any:
+            return AutoModelForSequenceClassification.from_config(copy.deepcopy(self.hf_config), dtype=dtype)
+
+        self.build_pretrained(build, init_missing=["classifier"])
 
     @override
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
