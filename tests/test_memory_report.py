@@ -90,6 +90,11 @@ def test_measured_bytes_agree_with_the_estimate(run: str, tiny_llama_dir: Path) 
     assert first["trainable params"][0] == trainable
     assert first["gradients"][0] == 4 * trainable, "fp32 gradients of every trainable parameter, measured once"
     assert report.reports["fit_start"]["gradients"][0] is None, "no gradients before the first backward"
+    load_peak, _ = report.reports["fit_start"]["load peak"]
+    assert module.load_report is not None and load_peak == (
+        module.load_report.peak_rss_bytes - module.load_report.baseline_rss_bytes
+    ), "the load peak of the streaming build is reported beside the weights"
+    assert module.load_report.quantized_layers == (14 if method == "qlora" else 0), "quantized while loading"
     if method == "qlora":
         (quantized, predicted), (dense, _) = first["weights: quantized"], first["weights: fp32"]
         assert quantized is not None and dense is not None

@@ -117,7 +117,8 @@ class MemoryReportCallback(L.Callback):
         self.estimate, self.no_estimate_reason = predict(pl_module, specs, optimizer, self._tokens)
         predicted = _predicted(self.estimate, optimizer is not None) if self.estimate else {}
         self.reports[stage] = report = _pair(_measure(pl_module, optimizer, self._grad_bytes), predicted)
-        rank_zero_info(_format(stage, report, self.estimate, self.no_estimate_reason, _peak(pl_module)[1]))
+        text = _format(stage, report, self.estimate, self.no_estimate_reason, _peak(pl_module)[1])
+        rank_zero_info(text + _load_line(pl_module) if stage == "fit_start" else text)
         if self.log_metrics and trainer.loggers and trainer.is_global_zero:
             metrics = {
                 f"{self.prefix}/{stage}/{component.replace(' ', '_')}_{kind}": float(value)
@@ -155,6 +156,9 @@ def _measure(module: nn.Module, optimizer: torch.optim.Optimizer | None, grads: 
     out["gradients"] = grads
     out["optimizer state"] = optimizer_state_bytes(optimizer) if optimizer is not None else None
     out["peak"] = _peak(module)[0]
+    load = getattr(module, "load_report", None)
+    if load is not None:
+        out["load peak"] = load.peak_rss_bytes - load.baseline_rss_bytes
     return out
 
 
@@ -200,6 +204,20 @@ def _pair(measured: dict[str, int | None], predicted: dict[str, int | None]) -> 
     """Rows present in either column (empty ones dropped, the main components always kept)."""
     keys = dict.fromkeys([*measured, *predicted])
     return {k: (measured.get(k), predicted.get(k)) for k in keys if k in _ALWAYS or measured.get(k) or predicted.get(k)}
+
+
+def _load_line(module: nn.Module) -> str:
+    """How the weights were loaded, for a module that streamed them (``lightning_adapt.loading``)."""
+    load = getattr(module, "load_report", None)
+    if load is None:
+        return ""
+    peak = load.peak_rss_bytes - load.baseline_rss_bytes
+    return (
+        f"\nload: peak {format_bytes(peak)} above the resident memory before the model was built, for "
+        f"{format_bytes(load.weight_bytes)} of final weights ({peak / max(load.weight_bytes, 1):.2f}x; largest "
+        f"tensor in fp32 {format_bytes(load.largest_tensor_fp32_bytes)}); {load.quantized_layers} layers quantized "
+        f"while loading, {load.seconds:.1f}s"
+    )
 
 
 def _cell(component: str, value: int | None) -> str:
