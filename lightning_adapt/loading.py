@@ -15,11 +15,8 @@ import contextlib
 import ctypes
 import json
 import math
-import os
 import re
-import resource
 import struct
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -34,6 +31,7 @@ from lightning_adapt.errors import LoadError
 from lightning_adapt.layers import quant_storage_bytes, quantized_layers
 from lightning_adapt.naming import check_entries, under
 from lightning_adapt.quantize import QuantConfig, QuantPlan, default_compute_dtype, quantize_linear
+from lightning_adapt.resources import current_rss_bytes, peak_rss_bytes
 
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
@@ -100,22 +98,6 @@ class LoadReport:
     baseline_rss_bytes: int
     peak_rss_bytes: int
     peak_rss_increase_bytes: int
-
-
-def current_rss_bytes() -> int:
-    """Resident set size now (``/proc/self/statm``); 0 where there is no ``/proc``."""
-    with contextlib.suppress(OSError, IndexError, ValueError):
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    return 0
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process: ``VmHWM``, else ``ru_maxrss``, which Linux carries over ``exec``
-    (a spawned child starts with its parent's resident size as its peak)."""
-    with contextlib.suppress(OSError, StopIteration, ValueError, IndexError):
-        status = Path("/proc/self/status").read_text().splitlines()
-        return 1024 * int(next(line for line in status if line.startswith("VmHWM:")).split()[1])
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * (1 if sys.platform == "darwin" else 1024)
 
 
 def attach_quant_plan(module: nn.Module, plan: QuantPlan | None) -> None:
@@ -352,6 +334,14 @@ def _finish(model: nn.Module, root: nn.Module, files: list[str]) -> int:
     return sum(t.nbytes for t in tensors.values()) + sum(quant_storage_bytes(m) for m in quantized.values())
 
 
+def _drop(model: nn.Module, prefix: str) -> None:
+    """Replace the half-built network by ``None``: nothing can use it, and Lightning's teardown after the error
+    moves the module to CPU, which meta tensors refuse (that error would hide ours)."""
+    if prefix:
+        parent, _, leaf = prefix.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, None)
+
+
 def load_pretrained(
     model: nn.Module,
     source: WeightSource,
@@ -375,6 +365,8 @@ def load_pretrained(
             initialized by Hugging Face ``_init_weights`` if the model has it, else ``reset_parameters()``.
         baseline_rss: resident bytes before the build (:func:`current_rss_bytes`); default: now.
 
+    On any error the ``source.prefix`` submodule is set to ``None`` (a later call may build it again).
+
     Raises:
         LoadError: missing or corrupt files, wrong shapes, tensors the files lack, unexpected keys not known to
             be ignorable (one error naming each file and tensor, before any data is read); meta tensors left.
@@ -383,13 +375,17 @@ def load_pretrained(
     peak0, start = peak_rss_bytes(), time.perf_counter()
     dtype = torch.get_default_dtype() if dtype is None else dtype
     device = torch.device("cpu" if device is None else device)
-    slots, files, ignored = _prepare(model, source, plan, init_missing)
     config = plan.config if plan is not None else QuantConfig()
     if config.compute_dtype is None:  # the one quantize_model would pick after a load in ``dtype``
         config = replace(config, compute_dtype=default_compute_dtype(torch.empty(0, dtype=dtype, device=device)))
-    _stream(model, slots, config, dtype, device)
-    root = model.get_submodule(source.prefix)
-    initialized, weight_bytes = _initialize(root, slots, dtype, device), _finish(model, root, files)
+    try:
+        slots, files, ignored = _prepare(model, source, plan, init_missing)
+        _stream(model, slots, config, dtype, device)
+        root = model.get_submodule(source.prefix)
+        initialized, weight_bytes = _initialize(root, slots, dtype, device), _finish(model, root, files)
+    except BaseException:
+        _drop(model, source.prefix)
+        raise
     loaded = [s.stored for s in slots if s.stored is not None]
     end, peak = time.perf_counter(), peak_rss_bytes()
     return LoadReport(

@@ -16,6 +16,7 @@ LAYERS: dict[str, int] = {
     "errors": 0,
     "naming": 0,
     "layers": 1,
+    "resources": 1,
     "adapters": 2,
     "quantize": 2,
     "optim": 2,
@@ -31,7 +32,19 @@ LAYERS: dict[str, int] = {
     "__init__": 7,
 }
 #: Modules that must stay free of Lightning (the math and formats).
-NO_LIGHTNING = ("errors", "naming", "layers", "adapters", "quantize", "optim", "loading", "export", "memory", "models")
+NO_LIGHTNING = (
+    "errors",
+    "naming",
+    "layers",
+    "resources",
+    "adapters",
+    "quantize",
+    "optim",
+    "loading",
+    "export",
+    "memory",
+    "models",
+)
 MAX_CHAIN = 7  # modules on the longest path; the first layout had 8 by this count (and a cycle)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +17,7 @@ from lightning_adapt.layers import adapter_param_ids, dtype_name, quant_storage_
 from lightning_adapt.memory.estimator import Estimate, format_bytes, format_params
 from lightning_adapt.memory.live import predict
 from lightning_adapt.optim import optimizer_state_bytes
+from lightning_adapt.resources import peak_rss_bytes
 
 _STAGES = {
     "fit_start": "at fit start (no gradients or optimizer state before the first step)",
@@ -170,13 +170,7 @@ def _peak(module: nn.Module) -> tuple[int | None, str]:
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device)), "torch.cuda.max_memory_allocated"
-    try:
-        import resource  # POSIX only
-    except ImportError:  # pragma: no cover - Windows
-        return None, "not measured (no CUDA device, no `resource` module)"
-    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rss = int(usage) if sys.platform == "darwin" else int(usage) * 1024  # Linux reports KiB
-    return rss, _RSS
+    return peak_rss_bytes(), _RSS
 
 
 # --------------------------------------------------------------------------- the table

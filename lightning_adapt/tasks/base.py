@@ -16,12 +16,12 @@ from lightning_adapt.errors import ConfigError
 from lightning_adapt.loading import (
     LoadReport,
     WeightSource,
-    current_rss_bytes,
     empty_weights,
     load_pretrained,
     quant_plan,
 )
 from lightning_adapt.models import resolve_model
+from lightning_adapt.resources import current_rss_bytes
 
 
 class TaskModule(L.LightningModule):
@@ -76,12 +76,8 @@ class TaskModule(L.LightningModule):
         with empty_weights():
             self.model = build(dtype)
         source = WeightSource(self.source_path, prefix="model")
-        try:
-            plan = quant_plan(self)
-            report = load_pretrained(self, source, plan=plan, dtype=dtype, device=device, init_missing=init_missing, baseline_rss=baseline)  # fmt: skip
-        except BaseException:
-            self.model = None  # a later configure_model tries again instead of keeping an empty model
-            raise
+        plan = quant_plan(self)  # on error the loader resets self.model to None: a later call tries again
+        report = load_pretrained(self, source, plan=plan, dtype=dtype, device=device, init_missing=init_missing, baseline_rss=baseline)  # fmt: skip
         self.load_report = report
         self.model.train()  # Lightning keeps submodule modes
         rank_zero_info(

@@ -1,0 +1,32 @@
+"""What this process uses: resident memory now and at its peak. Imports nothing else of ours.
+
+Peak resident memory is ``VmHWM`` from ``/proc/self/status``: ``ru_maxrss`` is carried over ``exec`` on Linux
+(a child spawned by an 800 MB parent reports 795 MB), so it is only the fallback where there is no ``/proc``.
+Both count the touched pages of memory-mapped files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import sys
+from pathlib import Path
+
+__all__ = ["current_rss_bytes", "peak_rss_bytes"]
+
+
+def current_rss_bytes() -> int:
+    """Resident set size now (``/proc/self/statm``); 0 where there is no ``/proc``."""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return 0
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process: ``VmHWM``, else ``ru_maxrss``, which Linux carries over ``exec``
+    (a spawned child starts with its parent's resident size as its peak)."""
+    with contextlib.suppress(OSError, StopIteration, ValueError, IndexError):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return 1024 * int(next(line for line in status if line.startswith("VmHWM:")).split()[1])
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * (1 if sys.platform == "darwin" else 1024)
