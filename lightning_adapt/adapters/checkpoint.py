@@ -25,13 +25,23 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from lightning_adapt.errors import BaseMismatchError
 from lightning_adapt.layers import frozen_state_keys
 
-__all__ = ["FINGERPRINT_KEY", "BaseMismatchError", "frozen_keys", "full_state_dict", "install_adapter_only_state"]
+__all__ = [
+    "FINGERPRINT_KEY",
+    "LEGACY_FINGERPRINT_KEY",
+    "BaseMismatchError",
+    "frozen_keys",
+    "full_state_dict",
+    "install_adapter_only_state",
+]
 
-FINGERPRINT_KEY = "lightning_adapt.base_fingerprint"
+# No dot: torch.distributed.checkpoint (FSDP2 saves) resolves every dotted key to a module attribute.
+FINGERPRINT_KEY = "lightning_adapt_base_fingerprint"
+LEGACY_FINGERPRINT_KEY = "lightning_adapt.base_fingerprint"  # still read: checkpoints written before FSDP2 support
 _STATE_ATTR = "_lightning_adapt_adapter_state"
 
 
@@ -48,7 +58,11 @@ def frozen_keys(module: nn.Module) -> list[str]:
 
 
 def base_fingerprint(state: dict[str, Any], keys: list[str]) -> torch.Tensor:
-    """``[structure hash, value checksum]`` of the frozen tensors (float64, computed on their device)."""
+    """``[structure hash, value checksum]`` of the frozen tensors (float64, computed on their device).
+
+    A sharded tensor (FSDP2's ``DTensor``) counts with its global shape and the sum of all its shards (one
+    scalar all-reduce each), so every rank gets the same value whatever the world size; call it on all ranks.
+    """
     structure = hashlib.sha256()
     checksum = 0.0
     for i, key in enumerate(keys):
@@ -56,8 +70,8 @@ def base_fingerprint(state: dict[str, Any], keys: list[str]) -> torch.Tensor:
         if not isinstance(tensor, torch.Tensor):
             continue
         structure.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-        data = tensor.detach()
-        checksum += (i + 1) * float(data.double().sum()) if data.numel() else 0.0
+        total = tensor.detach().double().sum()
+        checksum += (i + 1) * float(total.full_tensor() if isinstance(total, DTensor) else total)
     return torch.tensor([int(structure.hexdigest()[:13], 16), checksum], dtype=torch.float64)
 
 
@@ -81,7 +95,8 @@ class _AdapterState:
             state.pop(prefix + key, None)
 
     def on_load_pre(self, module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
-        saved = state.pop(prefix + FINGERPRINT_KEY, None)
+        legacy = state.pop(prefix + LEGACY_FINGERPRINT_KEY, None)
+        saved = state.pop(prefix + FINGERPRINT_KEY, legacy)
         if saved is None or not self.enabled:
             return
         self.enabled = False

@@ -30,6 +30,7 @@ Transform = Callable[[nn.Module], object]
 #: Priorities: lower runs first.
 QUANTIZE = 0
 INJECT_LORA = 10
+SHARD = 50  # FSDP2 after the adapters exist, so that it shards them too
 DISTRIBUTED = 100  # after every structural change: what the strategy must know about the final model
 
 _ATTR = "_lightning_adapt_transforms"

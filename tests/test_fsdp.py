@@ -1,0 +1,205 @@
+"""FSDP2 through ``ModelParallelStrategy`` + ``FullyShardCallback`` on CPU (2 processes, gloo): LoRA trains as one
+process with twice the batch, each rank holds half of the frozen base, adapter-only checkpoints hold the full
+adapters and resume across world sizes.
+
+Each run launches ``tests/fsdp_run.py`` as a user would (Lightning's launcher starts the other rank), fp32,
+dropout 0, every rank its own slice of each global batch.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from toy import Net, ToyModule, loader, trainer
+
+from lightning_adapt.adapters.checkpoint import FINGERPRINT_KEY
+from lightning_adapt.callbacks.shard import FullyShardCallback, _blocks, _setup_problems
+from lightning_adapt.errors import ConfigError
+
+SCRIPT = Path(__file__).resolve().parent / "fsdp_run.py"
+STEPS_PER_EPOCH = 4  # 64 rows / global batch 16
+LAST = "epoch=1-step=8.ckpt"
+FIRST = "epoch=0-step=4.ckpt"
+
+
+def _run(out: Path, devices: int, *extra: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, str(SCRIPT), "--devices", str(devices), "--out", str(out), *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done
+
+
+def _ranks(out: Path, devices: int) -> list[dict[str, Any]]:
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(devices)]
+
+
+def _global_losses(records: list[dict[str, Any]]) -> torch.Tensor:
+    return torch.tensor([r["losses"] for r in records]).mean(dim=0)  # gradients are averaged over the ranks
+
+
+def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=name)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("fsdp")
+    paths = {name: root / name for name in ("one", "file", "dcp")}
+    _run(paths["one"], 1)  # no FSDP: the reference
+    _run(paths["file"], 2, "--shard")  # save_distributed_checkpoint=False: one file
+    _run(paths["dcp"], 2, "--shard", "--dcp", "--validate")  # a directory of shards
+    return paths
+
+
+@pytest.mark.parametrize("kind", ["file", "dcp"])
+def test_two_sharded_processes_train_as_one_with_twice_the_batch(runs: dict[str, Path], kind: str) -> None:
+    one, two = _ranks(runs["one"], 1), _ranks(runs[kind], 2)
+    assert len(one[0]["losses"]) == 2 * STEPS_PER_EPOCH
+    torch.testing.assert_close(_global_losses(two), _global_losses(one), atol=1e-5, rtol=0)
+    for name, value in two[0]["trainable"].items():  # gathered from the shards: the same on every rank
+        assert torch.equal(value, two[1]["trainable"][name]), name
+    _assert_same_weights(two[0]["trainable"], one[0]["trainable"])
+    assert one[0]["trainable"] and all("lora_" in n for n in one[0]["trainable"])
+    n_params = 2 * (4 * 2 + 2) + 2 + 8  # 2 blocks (4 Linear + LayerNorm), classifier, 8 adapter matrices
+    assert one[0]["sharded"] == 0 and two[0]["sharded"] == two[1]["sharded"] == n_params, "every parameter sharded"
+
+
+def test_each_rank_holds_half_of_the_frozen_base(runs: dict[str, Path]) -> None:
+    whole = _ranks(runs["one"], 1)[0]["frozen_bytes"]
+    assert whole == 4 * (2 * (4 * (64 * 64 + 64) + 2 * 64) + 64 * 4 + 4)  # fp32 blocks + classifier
+    for record in _ranks(runs["file"], 2):
+        assert abs(record["frozen_bytes"] - whole / 2) <= 0.1 * whole / 2, (record["frozen_bytes"], whole)
+
+
+def test_base_fingerprint_is_the_same_on_every_rank_and_world_size(runs: dict[str, Path]) -> None:
+    one, two = _ranks(runs["one"], 1)[0]["fingerprint"], _ranks(runs["file"], 2)
+    assert torch.equal(two[0]["fingerprint"], two[1]["fingerprint"])
+    assert two[0]["fingerprint"][0] == one[0], "names, shapes (global, not the shard's) and dtypes"
+    torch.testing.assert_close(two[0]["fingerprint"][1], one[1], rtol=1e-12, atol=0)
+
+
+def test_single_file_holds_the_full_adapters_only(runs: dict[str, Path]) -> None:
+    trained = _ranks(runs["file"], 2)[0]["trainable"]
+    checkpoints = sorted(p.name for p in (runs["file"] / "ckpt").iterdir())
+    assert checkpoints == [FIRST, LAST]
+    state = torch.load(runs["file"] / "ckpt" / LAST, weights_only=True)["state_dict"]
+    assert state.keys() == trained.keys() | {FINGERPRINT_KEY}
+    for name, value in trained.items():  # all of each adapter, not rank 0's shard (accelerate #4206)
+        assert torch.equal(state[name], value), name
+
+
+def test_distributed_checkpoint_holds_the_full_adapters_only(runs: dict[str, Path], tmp_path: Path) -> None:
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    trained = _ranks(runs["dcp"], 2)[0]["trainable"]
+    directory = runs["dcp"] / "ckpt" / LAST
+    metadata = FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    saved = {k.removeprefix("state_dict."): v for k, v in metadata.items() if k.startswith("state_dict.")}
+    assert saved.keys() == trained.keys() | {FINGERPRINT_KEY}
+    assert all(tuple(getattr(saved[name], "size", ())) == tuple(value.shape) for name, value in trained.items())
+    dcp_to_torch_save(directory, tmp_path / "whole.pt")
+    state = torch.load(tmp_path / "whole.pt", weights_only=True)["state_dict"]
+    for name, value in trained.items():
+        assert torch.equal(state[name], value), name
+
+
+@pytest.mark.parametrize(
+    ("source", "devices", "flags"),
+    [
+        ("file", 1, ()),  # 2 sharded processes -> 1 process without FSDP
+        ("one", 2, ("--shard",)),  # 1 process without FSDP -> 2 sharded processes
+        ("dcp", 1, ("--shard", "--dcp")),  # distributed checkpoint, 2 -> 1 (DCP reshards)
+    ],
+)
+def test_resume_across_world_sizes_reproduces_the_uninterrupted_run(
+    runs: dict[str, Path], tmp_path: Path, source: str, devices: int, flags: tuple[str, ...]
+) -> None:
+    _run(tmp_path, devices, *flags, "--resume", str(runs[source] / "ckpt" / FIRST))
+    after, uninterrupted = _ranks(tmp_path, devices), _ranks(runs["one"], 1)
+    assert len(after[0]["losses"]) == STEPS_PER_EPOCH, "only the second epoch ran"
+    torch.testing.assert_close(
+        _global_losses(after), _global_losses(uninterrupted)[STEPS_PER_EPOCH:], atol=1e-5, rtol=0
+    )
+    _assert_same_weights(after[0]["trainable"], uninterrupted[0]["trainable"])
+
+
+def test_resuming_on_another_base_is_refused(runs: dict[str, Path], tmp_path: Path) -> None:
+    done = _run(tmp_path, 1, "--shard", "--seed", "1", "--resume", str(runs["file"] / "ckpt" / FIRST), check=False)
+    assert done.returncode != 0
+    assert "BaseMismatchError: this adapter-only checkpoint was trained on a different base model (frozen values" in (
+        done.stdout + done.stderr
+    )
+
+
+def test_validate_after_fit_keeps_the_sharded_model(runs: dict[str, Path]) -> None:
+    metrics = [torch.load(runs["dcp"] / f"validate{r}.pt", weights_only=True) for r in range(2)]
+    assert all("val_loss" in m[0] for m in metrics)
+
+
+def test_a_4bit_base_is_refused(tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    done = _run(tmp_path, 1, "--shard", "--method", "qlora", check=False)
+    assert done.returncode != 0
+    expected = (
+        "4-bit weights cannot be sharded by FSDP2 (bitsandbytes has no FSDP2 all-gather hooks); use strategy ddp, "
+        "or FSDP1 with quant_storage=bf16 on CUDA"
+    )
+    assert expected in done.stdout + done.stderr
+
+
+def test_a_base_that_differs_between_ranks_is_refused(tmp_path: Path) -> None:
+    done = _run(tmp_path, 2, "--shard", "--per-rank-seed", check=False)
+    assert done.returncode != 0
+    assert "the frozen base differs between rank 0 and rank(s) [1]: FSDP2 shards" in done.stdout + done.stderr
+
+
+def test_another_strategy_is_refused_at_setup(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"needs ModelParallelStrategy, got SingleDeviceStrategy\. Fix"):
+        trainer(tmp_path, callbacks=[FullyShardCallback()]).fit(ToyModule(), loader())
+
+
+def test_tensor_parallel_mesh_is_refused() -> None:
+    strategy = ModelParallelStrategy()
+    strategy._device_mesh = {"tensor_parallel": SimpleNamespace(size=lambda: 2)}  # type: ignore[assignment]
+    (problem,) = _setup_problems(SimpleNamespace(callbacks=[]), strategy)  # type: ignore[arg-type]
+    assert "tensor_parallel_size=2" in problem and "tensor_parallel_size=1)" in problem
+
+
+def test_blocks_are_detected_or_named() -> None:
+    net = Net(width=8, depth=3)
+    assert [name for name, _ in _blocks(net, None)] == ["layers.0", "layers.1", "layers.2"]
+    assert [name for name, _ in _blocks(net, ("Block", "LayerNorm"))][:2] == ["layers.2.norm", "layers.2"]
+    with pytest.raises(ConfigError, match=r"\['Blok'\] match no module of Net.*repeated ones: \['Linear', "):
+        _blocks(net, ("Blok",))
+    with pytest.raises(ConfigError, match="layer_classes=\\[\\]"):
+        FullyShardCallback(layer_classes=[])
+
+
+def test_checkpoints_with_the_dotted_fingerprint_key_still_load() -> None:
+    from lightning_adapt.adapters.checkpoint import LEGACY_FINGERPRINT_KEY, install_adapter_only_state
+    from lightning_adapt.adapters.inject import LoRASpec, inject_lora
+    from lightning_adapt.errors import BaseMismatchError
+
+    torch.manual_seed(0)
+    net = Net(width=8)
+    inject_lora(net, LoRASpec(r=2, alpha=4, target_modules=["q_proj"]))
+    install_adapter_only_state(net)
+    state = net.state_dict()
+    state[LEGACY_FINGERPRINT_KEY] = state.pop(FINGERPRINT_KEY)  # as written before the key lost its dot
+    net.load_state_dict(dict(state), strict=True)
+    state[LEGACY_FINGERPRINT_KEY] = state[LEGACY_FINGERPRINT_KEY] + torch.tensor([0.0, 1.0], dtype=torch.float64)
+    with pytest.raises(BaseMismatchError, match="frozen values differ"):
+        net.load_state_dict(state, strict=True)
