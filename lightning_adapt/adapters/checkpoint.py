@@ -70,9 +70,18 @@ def base_fingerprint(state: dict[str, Any], keys: list[str]) -> torch.Tensor:
         if not isinstance(tensor, torch.Tensor):
             continue
         structure.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-        total = tensor.detach().double().sum()
-        checksum += (i + 1) * float(total.full_tensor() if isinstance(total, DTensor) else total)
+        checksum += (i + 1) * _sum(tensor.detach())
     return torch.tensor([int(structure.hexdigest()[:13], 16), checksum], dtype=torch.float64)
+
+
+_CHUNK = 1 << 22  # elements summed in float64 at a time: a 32 MB temporary, not a float64 copy of the tensor
+
+
+def _sum(tensor: torch.Tensor) -> float:
+    if isinstance(tensor, DTensor):
+        return float(tensor.double().sum().full_tensor())  # a local shard's copy, then one all-reduce
+    flat = tensor.reshape(-1)
+    return sum(float(flat[i : i + _CHUNK].double().sum()) for i in range(0, flat.numel(), _CHUNK))
 
 
 class _AdapterState:
