@@ -25,6 +25,6 @@ def test_qlora_on_a_1b_model_peaks_below_its_bf16_checkpoint() -> None:
     params = float(re.search(r"wrote ([\d.]+)B parameters", out).group(1))  # type: ignore[union-attr]
     peak, disk = map(
         float, re.search(r"peak resident memory ([\d.]+) GB vs the bf16 checkpoint on disk ([\d.]+) GB", out).groups()
-    )  # type: ignore[union-attr]  # noqa: E501
+    )  # type: ignore[union-attr]
     assert params >= 1.0 and peak < disk
     assert "154 layers quantized while loading" in out
