@@ -18,10 +18,11 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_adapt.callbacks._transform import build_model
-from lightning_adapt.callbacks.merge import MergeOnSaveCallback
+from lightning_adapt.callbacks._transform import build_model, transform_specs
+from lightning_adapt.callbacks.merge import MergeOnSaveCallback, checkpoint_streaming_unavailable
 from lightning_adapt.errors import ConfigError, ExportError
 from lightning_adapt.export.exporter import check_target
 from lightning_adapt.memory.cli import main as estimate_main
@@ -34,6 +35,7 @@ RECIPE_KEYS: dict[str, str] = {
     "paged_optimizer": "lightning_adapt.callbacks.paged_optimizer.PagedOptimizerCallback",
     "memory_report": "lightning_adapt.callbacks.memory_report.MemoryReportCallback",
     "merge": "lightning_adapt.callbacks.merge.MergeOnSaveCallback",
+    "shard": "lightning_adapt.callbacks.shard.FullyShardCallback",
 }
 
 
@@ -73,18 +75,26 @@ class AdaptTrainer(Trainer):
         check_target(Path(output), overwrite, "--output")
         merge = MergeOnSaveCallback(output, merge_base, dtype, max_shard_size, overwrite=overwrite)
         merge.argument = "--output"
+        fix = " Fix: pass a checkpoint trained with this recipe (same model, quantize: and lora: settings)."
+        try:  # mapped: a full checkpoint's frozen base is never read in
+            state = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+        except (OSError, KeyError, RuntimeError, pickle.UnpicklingError) as err:
+            raise ExportError(
+                f"--ckpt_path={ckpt_path!r} is not a readable Lightning checkpoint: {err}.{fix}"
+            ) from None
+        specs = transform_specs(self)
+        reason = checkpoint_streaming_unavailable(model, state, specs, merge_base)
+        if reason is None:  # no model is built: the adapters are merged into the source files as they stream by
+            merge.export_checkpoint(model, state, specs, datamodule, f"--ckpt_path={ckpt_path!r}")
+            return
+        rank_zero_info(f"lightning-adapt: export builds the model and merges in memory: {reason}")
         build_model(self, model)
         try:
-            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-            model.load_state_dict(checkpoint["state_dict"])
-        except (OSError, KeyError, RuntimeError, pickle.UnpicklingError) as err:
-            fix = (
-                ""
-                if "Fix:" in str(err)
-                else (" Fix: pass a checkpoint trained with this recipe (same model, quantize: and lora: settings).")
-            )
+            model.load_state_dict(state)
+        except (KeyError, RuntimeError) as err:
             raise ExportError(
-                f"--ckpt_path={ckpt_path!r} does not match the model built from --config: {err}{fix}"
+                f"--ckpt_path={ckpt_path!r} does not match the model built from --config: {err}"
+                f"{'' if 'Fix:' in str(err) else fix}"
             ) from None
         merge.export(None, model, datamodule)
 

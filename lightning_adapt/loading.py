@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from lightning_adapt.errors import LoadError
+from lightning_adapt.export.safetensors_io import StoredTensor, read_tensor
 from lightning_adapt.layers import quant_storage_bytes, quantized_layers
 from lightning_adapt.naming import check_entries, under
 from lightning_adapt.quantize import QuantConfig, QuantPlan, default_compute_dtype, quantize_linear
@@ -113,21 +114,11 @@ def quant_plan(module: nn.Module) -> QuantPlan | None:
     return module.__dict__.get(_PLAN_KEY)  # type: ignore[no-any-return]
 
 
-@dataclass(frozen=True)
-class _Stored:
-    file: Path
-    key: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    start: int  # absolute offset of the bytes
-    nbytes: int
-
-
 def _few(names: Sequence[str], shown: int = 5) -> str:
     return ", ".join(map(repr, names[:shown])) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
-def _read_header(file: Path, expected: Sequence[str]) -> dict[str, _Stored]:
+def _read_header(file: Path, expected: Sequence[str]) -> dict[str, StoredTensor]:
     """The entries of ``file``; ``expected`` (the keys it should hold) is for the error message."""
     entries = {}
     try:
@@ -141,7 +132,7 @@ def _read_header(file: Path, expected: Sequence[str]) -> dict[str, _Stored]:
             dtype, shape, (begin, end) = _ST_DTYPES[meta["dtype"]], tuple(meta["shape"]), meta["data_offsets"]
             if end - begin != math.prod(shape) * dtype.itemsize or begin < 0 or 8 + length + end > size:
                 raise ValueError(f"tensor {key!r}: bytes [{begin}, {end}) do not hold {dtype} {list(shape)}")
-            entries[key] = _Stored(file, key, dtype, shape, 8 + length + begin, end - begin)
+            entries[key] = StoredTensor(file, key, dtype, shape, 8 + length + begin, end - begin)
     except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError) as err:
         raise LoadError(
             f"{file}: missing or not a valid safetensors file ({err}); it should hold {_few(expected)}. "
@@ -150,7 +141,7 @@ def _read_header(file: Path, expected: Sequence[str]) -> dict[str, _Stored]:
     return entries
 
 
-def _index(path: Path, hint: Sequence[str]) -> dict[str, _Stored]:
+def _index(path: Path, hint: Sequence[str]) -> dict[str, StoredTensor]:
     """Every tensor of the checkpoint at ``path`` by file key, from the headers alone."""
     files: dict[Path, list[str]] = {}
     if path.is_file() or (path / _SINGLE).is_file():
@@ -166,18 +157,9 @@ def _index(path: Path, hint: Sequence[str]) -> dict[str, _Stored]:
     return {k: v for file, keys in files.items() for k, v in _read_header(file, keys).items()}
 
 
-def _read(stored: _Stored) -> torch.Tensor:
+def _read(stored: StoredTensor) -> torch.Tensor:
     """One tensor as stored, read into fresh CPU memory (the file is not mapped)."""
-    buffer = torch.empty(stored.nbytes, dtype=torch.uint8, device="cpu")
-    view, done = buffer.numpy().data, 0
-    with open(stored.file, "rb", buffering=0) as f:
-        f.seek(stored.start)
-        while done < stored.nbytes:
-            n = f.readinto(view[done:])
-            if not n:
-                raise LoadError(f"{stored.file}: tensor {stored.key!r} is cut short. Fix: download the file again.")
-            done += n
-    return buffer.view(stored.dtype).reshape(stored.shape)
+    return read_tensor(stored.file, stored.key, stored.dtype, stored.shape, stored.start, stored.nbytes, LoadError)
 
 
 @dataclass
@@ -186,7 +168,7 @@ class _Slot:  # one parameter or persistent buffer, registered under one or more
     owners: list[tuple[nn.Module, str]]
     tensor: torch.Tensor
     is_param: bool
-    stored: _Stored | None = None
+    stored: StoredTensor | None = None
     layer: str = ""  # the quantized layer it belongs to
 
 
@@ -217,7 +199,9 @@ def _key_map(root: nn.Module, names: list[str], prefix: str, keys: set[str]) -> 
     return rel, ""
 
 
-def _match(slots: list[_Slot], key_of: dict[str, str], stored: dict[str, _Stored], init: Sequence[str]) -> list[str]:
+def _match(
+    slots: list[_Slot], key_of: dict[str, str], stored: dict[str, StoredTensor], init: Sequence[str]
+) -> list[str]:
     """Attach each slot's stored tensor; the problems: wrong shapes and tensors the files lack."""
     problems = []
     for slot in slots:

@@ -22,7 +22,9 @@ STEPS_PER_EPOCH = 4  # 64 rows / global batch 16
 def _run(
     out: Path, devices: int, method: str = "lora", *extra: str, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    # a fresh rendezvous: an earlier in-process run (the DDP recipe test) leaves MASTER_PORT etc. behind
+    launcher = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
+    env = {k: v for k, v in os.environ.items() if k not in launcher} | {"PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, str(SCRIPT), "--devices", str(devices), "--method", method, "--out", str(out), *extra]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     if check and done.returncode != 0:

@@ -36,8 +36,14 @@ def _randomize_adapters(module: torch.nn.Module, seed: int = 0) -> None:
                 layer.lora_magnitude_vector.mul_(1 + 0.1 * torch.randn(layer.out_features, generator=g))
 
 
-def _llama(path: Path, **lora: Any) -> CausalLMTask:
+def _task(path: Path) -> CausalLMTask:
     task = CausalLMTask(model_name_or_path=str(path))
+    task.configure_model()  # a task that streams its weights in builds its model here (a no-op otherwise)
+    return task
+
+
+def _llama(path: Path, **lora: Any) -> CausalLMTask:
+    task = _task(path)
     lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear", **lora}
     LoRAInjectionCallback(**lora).apply(task)
     _randomize_adapters(task)
@@ -93,6 +99,7 @@ def test_modules_to_save_with_bert_classifier(tiny_bert_dir: Path, tmp_path: Pat
     from transformers import AutoModelForSequenceClassification
 
     task = SequenceClassificationTask(model_name_or_path=str(tiny_bert_dir), num_labels=3)
+    task.configure_model()  # a no-op where the task builds its model in __init__
     LoRAInjectionCallback(r=4, alpha=8, dropout=0.0, modules_to_save=["classifier"]).apply(task)
     _randomize_adapters(task)
     torch.nn.init.normal_(task.model.classifier.weight)  # "trained" head
@@ -182,6 +189,7 @@ def test_imported_peft_adapter_trains_exports_and_reloads(tiny_llama_dir: Path, 
     callback = LoRAInjectionCallback(adapter_path=str(tmp_path / "adapter"), dropout=0.0)
     assert (callback.spec.r, callback.spec.alpha) == (4, 16)
     task = CausalLMTask(model_name_or_path=str(tiny_llama_dir), learning_rate=1e-2)
+    task.configure_model()
     callback.apply(task)
     torch.testing.assert_close(_logits(task.model.eval()), _logits(peft_model.eval()), atol=1e-5, rtol=0)
     imported = {n: p.detach().clone() for n, p in task.named_parameters() if p.requires_grad}
@@ -214,7 +222,7 @@ def test_adapter_path_conflicts_are_one_clear_error(tiny_llama_dir: Path, tmp_pa
 def _qlora(path: Path) -> CausalLMTask:
     from lightning_adapt.callbacks.quantize import QuantizeBaseCallback
 
-    task = CausalLMTask(model_name_or_path=str(path))
+    task = _task(path)
     QuantizeBaseCallback(compute_dtype="fp32").apply(task)
     LoRAInjectionCallback(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"]).apply(task)
     _randomize_adapters(task)
@@ -232,7 +240,7 @@ def test_qlora_merges_into_original_weights_and_reports(
     assert result.report.output_max_abs_diff is not None and result.report.output_max_abs_diff > 0
     assert "merge base original vs dequantized over 14 quantized layers: max |ΔW|" in caplog.text
     MergeOnSaveCallback(str(tmp_path / "deq"), merge_base="dequantized").export(None, task)
-    reference = CausalLMTask(model_name_or_path=str(tiny_llama_dir))  # LoRA on the full-precision base
+    reference = _task(tiny_llama_dir)  # LoRA on the full-precision base
     LoRAInjectionCallback(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"]).apply(reference)
     adapters = {n: p for n, p in task.named_parameters() if p.requires_grad}
     reference.load_state_dict(adapters, strict=False)
@@ -299,6 +307,10 @@ def test_streamed_shards_cast_floats_only_and_index_every_key(tmp_path: Path) ->
 # --------------------------------------------------------------------------- the CLI subcommand
 
 
+def _all_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted(directory.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
 def _recipe(tmp_path: Path, model_dir: Path, r: int) -> Path:
     recipe = {
         "model": {
@@ -317,12 +329,34 @@ def _recipe(tmp_path: Path, model_dir: Path, r: int) -> Path:
     return path
 
 
-def test_cli_export_end_to_end(tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_export_end_to_end(
+    tiny_llama_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import lightning_adapt.cli as cli
+
+    caplog.set_level(logging.INFO)
     recipe = str(_recipe(tmp_path, tiny_llama_dir, r=4))
     main(["fit", "--config", recipe, "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
           f"--trainer.default_root_dir={tmp_path}", "--data.init_args.train_size=8"])  # fmt: skip
     ckpt = str(next(tmp_path.rglob("*.ckpt")))
-    main(["export", "--config", recipe, "--ckpt_path", ckpt, "--output", str(tmp_path / "out")])
+    with monkeypatch.context() as patch:  # an adapter-only checkpoint streams: no model is built
+        patch.setattr(cli, "build_model", lambda *args: pytest.fail("the export built the model"))
+        main(["export", "--config", recipe, "--ckpt_path", ckpt, "--output", str(tmp_path / "out")])
+    assert "(streamed from the source files)" in caplog.text and "memory: peak RSS +" in caplog.text
+    checkpoint = torch.load(ckpt, weights_only=True)
+    checkpoint["state_dict"].pop("lightning_adapt_base_fingerprint", None)  # now it reads as a full checkpoint
+    checkpoint["state_dict"].pop("lightning_adapt.base_fingerprint", None)
+    torch.save(checkpoint, tmp_path / "full.ckpt")
+    main(["export", "--config", recipe, "--ckpt_path", str(tmp_path / "full.ckpt"), "--output", str(tmp_path / "mem")])
+    assert "merges in memory: the checkpoint is not adapter-only" in caplog.text
+    for part in ("merged", "adapter"):  # the streamed export and the in-memory one: the same bits
+        streamed, in_memory = _all_tensors(tmp_path / "out" / part), _all_tensors(tmp_path / "mem" / part)
+        assert sorted(streamed) == sorted(in_memory)
+        assert all(torch.equal(streamed[k], in_memory[k]) and streamed[k].dtype == in_memory[k].dtype for k in streamed)
     main(["export", "--config", recipe, "--ckpt_path", ckpt, "--output", str(tmp_path / "bf16"), "--dtype", "bf16"])
     adapter = load_file(tmp_path / "out/adapter/adapter_model.safetensors")
     assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in adapter.items()), "trained adapter"

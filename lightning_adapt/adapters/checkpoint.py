@@ -79,7 +79,8 @@ _CHUNK = 1 << 22  # elements summed in float64 at a time: a 32 MB temporary, not
 
 def _sum(tensor: torch.Tensor) -> float:
     if isinstance(tensor, DTensor):
-        return float(tensor.double().sum().full_tensor())  # a local shard's copy, then one all-reduce
+        total: Any = tensor.double().sum()  # a local shard's copy, then one all-reduce
+        return float(total.full_tensor())
     flat = tensor.reshape(-1)
     return sum(float(flat[i : i + _CHUNK].double().sum()) for i in range(0, flat.numel(), _CHUNK))
 

@@ -33,8 +33,11 @@ from lightning_adapt.layers import base_weight, is_linear_like, layer_dims, laye
 
 __all__ = [
     "LoRALinear",
+    "lora_delta",
     "lora_modules",
+    "lora_scaling",
     "merge_lora",
+    "merged_weight",
     "validate_lora_args",
 ]
 
@@ -63,6 +66,41 @@ def validate_lora_args(
         )
     if problems:
         raise ConfigError("Invalid LoRALinear arguments:\n  - " + "\n  - ".join(problems))
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
+    """``alpha / r``, or ``alpha / sqrt(r)`` with rank-stabilised LoRA."""
+    return float(alpha) / (math.sqrt(r) if use_rslora else r)
+
+
+def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``scaling · B @ A``: ``(out, r) @ (r, in)`` in fp32, on ``B``'s device."""
+    delta: torch.Tensor = lora_B.float() @ lora_A.float()
+    return scaling * delta
+
+
+def merged_weight(
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    magnitude: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The merged ``(out, in)`` fp32 weight, on ``weight``'s device; nothing is modified in place::
+
+        W' = W + ΔW                         ΔW = scaling · B @ A
+        W' = m · (W + ΔW) / ‖W + ΔW‖_row    DoRA (the norm is a constant for the gradient, as in PEFT)
+
+    The one merge used everywhere (:meth:`LoRALinear.merged_weight`, the in-memory and the streaming
+    export), so every path gives the same bits. Peak: ``W`` in fp32, ``ΔW`` and the result.
+    """
+    weight = weight.float()
+    merged = weight + lora_delta(lora_A, lora_B, scaling).to(weight.device)
+    if magnitude is None:
+        return merged
+    scale = magnitude.float().to(weight.device) / torch.linalg.vector_norm(merged.detach(), dim=1)
+    result: torch.Tensor = scale.view(-1, 1) * merged
+    return result
 
 
 class LoRALinear(nn.Module):
@@ -101,7 +139,7 @@ class LoRALinear(nn.Module):
         self.base_layer = base_layer.requires_grad_(False)
         self.r = r
         self.alpha = float(alpha)
-        self.scaling = self.alpha / (math.sqrt(r) if use_rslora else r)
+        self.scaling = lora_scaling(r, self.alpha, use_rslora)
         self.use_rslora = use_rslora
         self.merged = False
         in_features, out_features = layer_dims(base_layer)
@@ -161,8 +199,7 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling · B @ A`` as an ``(out, in)`` fp32 tensor (plain LoRA update, not DoRA-aware)."""
-        delta: torch.Tensor = self.lora_B.weight.float() @ self.lora_A.weight.float()
-        return self.scaling * delta
+        return lora_delta(self.lora_A.weight, self.lora_B.weight, self.scaling)
 
     def _row_norm(self, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         # Detached: DoRA §4.3 / PEFT treat ‖W + ΔW‖ as a constant for the gradient.
@@ -181,12 +218,8 @@ class LoRALinear(nn.Module):
             if self.merged:
                 return weight
         else:
-            weight = base.float()
-        delta = self.delta_weight().to(weight.device)
-        if self.lora_magnitude_vector is None:
-            return weight + delta
-        scale = self.lora_magnitude_vector.float().to(weight.device) / self._row_norm(weight, delta)
-        return scale.view(-1, 1) * (weight + delta)
+            weight = base
+        return merged_weight(weight, self.lora_A.weight, self.lora_B.weight, self.scaling, self.lora_magnitude_vector)
 
     def _writer(self, action: str) -> Callable[[nn.Module, torch.Tensor], None]:
         write = layer_writer(self.base_layer)

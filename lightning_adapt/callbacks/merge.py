@@ -1,4 +1,10 @@
-"""``MergeOnSaveCallback``: write the PEFT-format adapter and the merged model at the end of fit."""
+"""``MergeOnSaveCallback``: write the PEFT-format adapter and the merged model at the end of fit.
+
+The merged model streams from the base model's safetensors files, tensor by tensor, whenever it can
+(:mod:`lightning_adapt.export.streamed`); otherwise it is merged in memory, and the printed summary says why.
+``lightning-adapt export`` comes through :meth:`MergeOnSaveCallback.export_checkpoint` (no model built) or,
+when that cannot work, through :meth:`MergeOnSaveCallback.export` on the rebuilt model.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +16,11 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from lightning_adapt.adapters.checkpoint import FINGERPRINT_KEY, LEGACY_FINGERPRINT_KEY
 from lightning_adapt.adapters.inject import LoRASpec
 from lightning_adapt.callbacks._transform import transform_specs
 from lightning_adapt.errors import ExportError
+from lightning_adapt.export.adapter_sources import adapters_from_checkpoint
 from lightning_adapt.export.exporter import (
     ExportOptions,
     ExportResult,
@@ -21,6 +29,21 @@ from lightning_adapt.export.exporter import (
     find_tokenizer,
     make_probe,
 )
+from lightning_adapt.export.peft_format import export_root
+from lightning_adapt.export.report import RequantizedGap
+from lightning_adapt.export.safetensors_io import read_index
+from lightning_adapt.export.streamed import (
+    ModelFiles,
+    base_model_prefix_of,
+    export_module_streamed,
+    export_streamed,
+    is_hf_safetensors_dir,
+    peft_writer,
+    streaming_unavailable,
+    uses_conv1d,
+)
+from lightning_adapt.export.streaming import LoRASettings, model_keys
+from lightning_adapt.quantize import QuantPlan
 
 
 class MergeOnSaveCallback(L.Callback):
@@ -82,30 +105,80 @@ class MergeOnSaveCallback(L.Callback):
     ) -> ExportResult | None:
         """Export now (global rank zero only); later exports in the same run replace the earlier one.
 
-        ``modules_to_save`` come from the run's LoRA settings, the tokenizer from the module or the datamodule,
-        the probe of the merge report from ``probe_batch`` (default: the first training batch).
+        Streams from the model's source files when :func:`~lightning_adapt.export.streamed.streaming_unavailable`
+        allows it, else merges in memory. ``modules_to_save`` come from the run's LoRA settings, the tokenizer
+        from the module or the datamodule, the probe of the merge report from ``probe_batch`` (default: the
+        first training batch).
         """
         if trainer is not None and not trainer.is_global_zero:
             return None
-        if self.dirpath is None:
-            raise ExportError(f"MergeOnSaveCallback.export: no {self.argument} set. Fix: pass dirpath=...")
-        options = self.options if self.result is None else replace(self.options, overwrite=True)
         datamodule = datamodule or getattr(trainer, "datamodule", None)
         specs = [spec for spec in transform_specs(trainer) if isinstance(spec, LoRASpec)]
-        self.result = result = export_model(
-            pl_module,
-            self.dirpath,
-            options,
-            modules_to_save=[entry for spec in specs for entry in spec.modules_to_save],
-            tokenizer=find_tokenizer(pl_module, datamodule),
-            probe=make_probe(pl_module, self._probe_batch if probe_batch is None else probe_batch),
-            argument=self.argument,
+        options = self._options()
+        kwargs: dict[str, Any] = {
+            "modules_to_save": [entry for spec in specs for entry in spec.modules_to_save],
+            "tokenizer": find_tokenizer(pl_module, datamodule),
+            "probe": make_probe(pl_module, self._probe_batch if probe_batch is None else probe_batch),
+            "argument": self.argument,
+        }
+        reason = streaming_unavailable(pl_module, options)
+        if reason is None:
+            result = export_module_streamed(pl_module, self._dirpath(), options, **kwargs)
+        else:
+            result = export_model(pl_module, self._dirpath(), options, **kwargs)
+            result.reason = reason
+        return self._announce(result)
+
+    def export_checkpoint(
+        self, module: L.LightningModule, state_dict: dict[str, Any], specs: list[object], datamodule: Any = None,
+        ckpt_argument: str = "ckpt_path",
+    ) -> ExportResult:  # fmt: skip
+        """Export an adapter-only checkpoint's ``state_dict`` without building the model: its adapters are merged
+        into the module's source files as they stream by (``specs``: the run's ``LoRASpec``, ``QuantPlan``).
+        Call :func:`checkpoint_streaming_unavailable` first. With a ``QuantPlan``, the merge report compares
+        original and dequantized merges of the adapted layers, each re-quantized as it streams by."""
+        lora = next(spec for spec in specs if isinstance(spec, LoRASpec))
+        plan = next((spec for spec in specs if isinstance(spec, QuantPlan)), None)
+        path = str(checkpoint_source(module))
+        found = export_root(module)
+        built = found[1] if found[2] else None  # a task that builds its model in __init__: its config, its class
+        config = getattr(built, "config", None) or getattr(module, "hf_config", None) or _hf_config(path)
+        prefix = base_model_prefix_of(config) or str(getattr(built, "base_model_prefix", "") or "")
+        keys = model_keys(read_index(path), prefix)
+        adapters = adapters_from_checkpoint(
+            state_dict, keys, LoRASettings(lora.r, float(lora.alpha), float(lora.dropout), lora.use_rslora, lora.use_dora),
+            modules_to_save=lora.modules_to_save, argument=ckpt_argument, fan_in_fan_out=uses_conv1d(config),
+            tied_keys=["lm_head.weight"] if getattr(config, "tie_word_embeddings", False) else [],
+        )  # fmt: skip
+        architecture = (
+            type(built).__name__ if built is not None else (getattr(config, "architectures", None) or [""])[0]
         )
-        lines = [f"lightning-adapt: exported to {result.dirpath}"]
+        gap = RequantizedGap(plan) if plan is not None else None
+        result = export_streamed(
+            path, self._dirpath(), adapters, self._options(), keys=keys, on_merge=gap, argument=self.argument,
+            files=ModelFiles(config, architecture or None, None, find_tokenizer(module, datamodule)),
+            write_peft=peft_writer(adapters, keys, path, architecture),
+        )  # fmt: skip
+        result.report = gap.report() if gap is not None and gap.count else None
+        return self._announce(result)
+
+    def _dirpath(self) -> Path:
+        if self.dirpath is None:
+            raise ExportError(f"MergeOnSaveCallback.export: no {self.argument} set. Fix: pass dirpath=...")
+        return self.dirpath
+
+    def _options(self) -> ExportOptions:
+        return self.options if self.result is None else replace(self.options, overwrite=True)
+
+    def _announce(self, result: ExportResult) -> ExportResult:
+        self.result = result
+        how = "streamed from the source files" if result.streamed else f"merged in memory: {result.reason}"
+        lines = [f"lightning-adapt: exported to {result.dirpath} ({how})"]
         lines += [f"  adapter (PEFT format): {result.adapter}"] if result.adapter else []
         dropped = f" (dropped tied {result.dropped_tied})" if result.dropped_tied else ""
         lines += [f"  merged model: {result.merged}{dropped}"]
         lines += [f"  {result.report.format()}"] if result.report else []
+        lines += [f"  {result.memory.format()}"] if result.memory else []
         rank_zero_info("\n".join(lines))
         return result
 
@@ -117,3 +190,33 @@ class MergeOnSaveCallback(L.Callback):
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.export(trainer, pl_module)
+
+
+def checkpoint_source(module: Any) -> Path | None:
+    """The Hugging Face directory ``module`` loads its weights from: its ``source_path``, else its
+    ``model_name_or_path`` hyperparameter when that is a directory; ``None`` when neither."""
+    path = getattr(module, "source_path", None) or (getattr(module, "hparams", None) or {}).get("model_name_or_path")
+    return Path(path) if path and Path(path).is_dir() else None
+
+
+def checkpoint_streaming_unavailable(
+    module: Any, state_dict: dict[str, Any], specs: list[object], merge_base: str
+) -> str | None:
+    """Why ``lightning-adapt export`` must rebuild the model and merge in memory; ``None`` when the checkpoint
+    can be merged into the module's source files as they stream by."""
+    if not any(isinstance(spec, LoRASpec) for spec in specs):
+        return "the recipe has no lora: (full fine-tuning): there is no adapter to merge into the source files"
+    if merge_base == "dequantized" and any(isinstance(spec, QuantPlan) for spec in specs):
+        return "merge_base='dequantized' merges into the live 4-bit layers"
+    path = checkpoint_source(module)
+    if not is_hf_safetensors_dir(path):
+        return f"the model's source {str(path) if path else None!r} is not a Hugging Face directory of safetensors"
+    if FINGERPRINT_KEY not in state_dict and LEGACY_FINGERPRINT_KEY not in state_dict:
+        return "the checkpoint is not adapter-only (adapter_only_checkpoint: false): its trained tensors cannot be told from the base"
+    return None
+
+
+def _hf_config(path: str) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path, local_files_only=True)

@@ -38,9 +38,11 @@ __all__ = [
     "export_root",
     "find_hf_model",
     "load_adapter_weights",
+    "peft_config",
     "read_adapter",
     "resolve_adapter_settings",
     "write_adapter",
+    "write_adapter_files",
 ]
 
 PEFT_PREFIX = "base_model.model."
@@ -82,11 +84,42 @@ def export_root(module: nn.Module) -> tuple[str, nn.Module, bool]:
     return (name + "." if name else ""), model, True
 
 
-def _peft_targets(root: nn.Module, names: list[str]) -> list[str]:
+def _peft_targets(module_names: list[str], names: list[str]) -> list[str]:
     """Leaf names when they select exactly the adapted layers (PEFT's suffix rule), else full names."""
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
-    selected = {n for n, _ in root.named_modules() if n.rsplit(".", 1)[-1] in leaves}
+    selected = {n for n in module_names if n.rsplit(".", 1)[-1] in leaves}
     return leaves if selected == set(names) else sorted(names)
+
+
+def peft_config(
+    settings: tuple[int, float, float, bool, bool],
+    layer_names: list[str],
+    module_names: list[str],
+    modules_to_save: list[str],
+    base_model_name_or_path: str | None,
+    architecture: str,
+    fan_in_fan_out: bool,
+) -> dict[str, Any]:
+    """PEFT ``LoraConfig`` fields for adapters with ``settings = (r, alpha, dropout, rslora, dora)`` on
+    ``layer_names`` of a model whose modules are ``module_names`` and whose class is ``architecture``."""
+    r, alpha, dropout, rslora, dora = settings
+    task = next((t for suffix, t in _TASK_TYPES.items() if architecture.endswith(suffix)), None)
+    return {
+        "peft_type": "LORA",
+        "task_type": task,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+        "lora_dropout": dropout,
+        "target_modules": _peft_targets(module_names, layer_names),
+        "modules_to_save": modules_to_save or None,
+        "use_rslora": rslora,
+        "use_dora": dora,
+        "fan_in_fan_out": fan_in_fan_out,
+        "bias": "none",
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
 
 
 def adapter_config(root: nn.Module, modules_to_save: list[str], base_model_name_or_path: str | None) -> dict[str, Any]:
@@ -96,27 +129,18 @@ def adapter_config(root: nn.Module, modules_to_save: list[str], base_model_name_
         ExportError: the adapted layers differ in r, alpha, rslora, dora or dropout.
     """
     layers = lora_modules(root)
-    settings = {(m.r, m.alpha, m.use_rslora, m.use_dora, getattr(m.lora_dropout, "p", 0.0)) for _, m in layers}
+    settings = {(m.r, m.alpha, getattr(m.lora_dropout, "p", 0.0), m.use_rslora, m.use_dora) for _, m in layers}
     if len(settings) != 1:
-        raise ExportError(f"the adapted layers use different (r, alpha, rslora, dora, dropout): {sorted(settings)}.")
-    r, alpha, rslora, dora, dropout = settings.pop()
-    task = next((t for suffix, t in _TASK_TYPES.items() if type(root).__name__.endswith(suffix)), None)
-    return {
-        "peft_type": "LORA",
-        "task_type": task,
-        "base_model_name_or_path": base_model_name_or_path,
-        "r": r,
-        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
-        "lora_dropout": dropout,
-        "target_modules": _peft_targets(root, [n for n, _ in layers]),
-        "modules_to_save": modules_to_save or None,
-        "use_rslora": rslora,
-        "use_dora": dora,
-        "fan_in_fan_out": any(is_conv1d(m.base_layer) for _, m in layers),
-        "bias": "none",
-        "init_lora_weights": True,
-        "inference_mode": True,
-    }
+        raise ExportError(f"the adapted layers use different (r, alpha, dropout, rslora, dora): {sorted(settings)}.")
+    return peft_config(
+        settings.pop(),
+        [n for n, _ in layers],
+        [n for n, _ in root.named_modules()],
+        modules_to_save,
+        base_model_name_or_path,
+        type(root).__name__,
+        any(is_conv1d(m.base_layer) for _, m in layers),
+    )
 
 
 def adapter_state(root: nn.Module, modules_to_save: list[str]) -> dict[str, torch.Tensor]:
@@ -134,12 +158,17 @@ def adapter_state(root: nn.Module, modules_to_save: list[str]) -> dict[str, torc
     return state
 
 
-def write_adapter(root: nn.Module, out: Path, modules_to_save: list[str], base_model_name_or_path: str | None) -> None:
+def write_adapter_files(out: Path, config: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
     """Create ``out`` and write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's format) into it."""
     out.mkdir(parents=True)
-    config = adapter_config(root, modules_to_save, base_model_name_or_path)
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_file(adapter_state(root, modules_to_save), str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def write_adapter(root: nn.Module, out: Path, modules_to_save: list[str], base_model_name_or_path: str | None) -> None:
+    """Create ``out`` and write the adapters of ``root`` in PEFT's format into it."""
+    config = adapter_config(root, modules_to_save, base_model_name_or_path)
+    write_adapter_files(out, config, adapter_state(root, modules_to_save))
 
 
 # --------------------------------------------------------------------------- starting from a PEFT adapter

@@ -22,6 +22,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 import json
 import math
 import os
@@ -33,19 +36,22 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
-from safetensors import safe_open
 
 from lightning_adapt.errors import ExportError
 
 __all__ = [
     "ExportError",
     "SourceWeights",
+    "StoredTensor",
     "TensorEntry",
     "atomic_directory",
     "check_target",
     "parse_size",
+    "read_index",
+    "safetensors_files",
     "write_safetensors",
 ]
 
@@ -75,12 +81,15 @@ def parse_size(size: int | str) -> int:
 
 @dataclass(frozen=True)
 class TensorEntry:
-    """One tensor to write: ``load()`` must return a tensor of ``shape`` (any dtype; it is cast on write)."""
+    """One tensor to write: ``load()`` must return a tensor of ``shape`` (any dtype; it is cast on write).
+    ``stored``: where its bytes already lie, as written; they are copied file to file (``copy_file_range``,
+    never through this process's memory) when no cast is needed, and ``load`` is not called."""
 
     key: str
     shape: tuple[int, ...]
     dtype: torch.dtype
     load: Callable[[], torch.Tensor]
+    stored: StoredTensor | None = None
 
     @property
     def numel(self) -> int:
@@ -113,11 +122,57 @@ def _stream_safetensors(path: Path, entries: list[TensorEntry], dtype: torch.dty
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
         for entry in entries:
-            tensor = entry.load().to(_out_dtype(entry, dtype)).contiguous()
+            out_dtype = _out_dtype(entry, dtype)
+            if entry.stored is not None and (entry.stored.dtype, entry.stored.shape) == (out_dtype, entry.shape):
+                _copy_stored(entry.stored, f)
+                continue
+            tensor = entry.load().to(out_dtype).contiguous()
             if tuple(tensor.shape) != entry.shape:
                 raise ExportError(f"{entry.key}: computed shape {tuple(tensor.shape)}, expected {entry.shape}.")
             f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)  # a buffer view: no extra copy
+            del tensor  # released before the next one is computed: one tensor at a time
+            if _nbytes(entry, dtype) >= 1 << 20:
+                _trim_heap()
     return offset
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the system: glibc keeps freed chunks below its (self-raising) mmap
+    threshold in the heap, so transients of a few tens of MB would otherwise stay resident tensor after tensor."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _copy_stored(stored: StoredTensor, out: BinaryIO) -> None:
+    """Append ``stored``'s bytes to ``out`` file to file: the kernel copies them (``copy_file_range``), else
+    8 MB at a time through one buffer."""
+    out.flush()
+    offset, left = stored.start, stored.nbytes
+    with open(stored.file, "rb", buffering=0) as src:
+        with contextlib.suppress(AttributeError, OSError):  # not Linux, or a file system that refuses it
+            while left:
+                n = os.copy_file_range(src.fileno(), out.fileno(), left, offset)
+                if n <= 0:
+                    break
+                offset, left = offset + n, left - n
+        buffer = memoryview(bytearray(min(left, 8 << 20)))
+        while left:
+            src.seek(offset)
+            n = src.readinto(buffer[: min(left, len(buffer))]) or 0
+            if not n:
+                raise ExportError(f"{stored.file}: tensor {stored.key!r} is cut short. Fix: download the file again.")
+            out.write(buffer[:n])
+            offset, left = offset + n, left - n
+    out.seek(0, os.SEEK_END)  # the kernel moved the file's offset behind the buffered writer's back
 
 
 def write_safetensors(out: Path, entries: list[TensorEntry], dtype: torch.dtype | None, max_shard: int) -> list[str]:
@@ -152,13 +207,83 @@ def write_safetensors(out: Path, entries: list[TensorEntry], dtype: torch.dtype 
 
 # --------------------------------------------------------------------------- reading single tensors
 
+_FROM_ST = {name: dtype for dtype, name in _ST_DTYPES.items()}
+SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor lies in a safetensors file (from its header): ``read()`` returns a fresh CPU copy."""
+
+    file: Path
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset of the data
+    nbytes: int
+
+    def read(self) -> torch.Tensor:
+        """The tensor as stored, in new memory (see :func:`read_tensor`)."""
+        return read_tensor(self.file, self.key, self.dtype, self.shape, self.start, self.nbytes, ExportError)
+
+
+def read_tensor(
+    file: Path, key: str, dtype: torch.dtype, shape: tuple[int, ...], start: int, nbytes: int, error: type[Exception]
+) -> torch.Tensor:
+    """One tensor read with plain ``readinto`` into new CPU memory: the file is never mapped, so no page of it
+    counts in this process's resident memory once the call returns. A short file raises ``error``."""
+    buffer = torch.empty(nbytes, dtype=torch.uint8)
+    view, done = buffer.numpy().data, 0
+    with open(file, "rb", buffering=0) as f:
+        f.seek(start)
+        while done < nbytes:
+            n = f.readinto(view[done:])
+            if not n:
+                raise error(f"{file}: tensor {key!r} is cut short. Fix: download the file again.")
+            done += n
+    return buffer.view(dtype).reshape(shape)
+
+
+def _read_header(file: Path) -> list[StoredTensor]:
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length)) if length <= size - 8 else None
+        if not isinstance(header, dict):
+            raise ValueError(f"header length {length} vs file size {size}")
+        stored = [
+            StoredTensor(file, k, _FROM_ST[v["dtype"]], tuple(v["shape"]), 8 + length + v["data_offsets"][0],
+                         v["data_offsets"][1] - v["data_offsets"][0])
+            for k, v in header.items() if k != "__metadata__"
+        ]  # fmt: skip
+    except (OSError, struct.error, ValueError, KeyError, TypeError, IndexError) as err:
+        raise ExportError(f"{file}: not a readable safetensors file ({err}). Fix: download it again.") from err
+    return sorted(stored, key=lambda t: t.start)
+
+
+def safetensors_files(path: str | Path) -> list[Path]:
+    """The weight files of a checkpoint directory (``model.safetensors``, else the index's shards, in name
+    order); ``[]`` when it holds neither."""
+    path = Path(path)
+    if (path / INDEX_FILE).is_file():
+        weight_map: dict[str, str] = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+        return [path / name for name in sorted(set(weight_map.values()))]
+    return [path / SINGLE_FILE] if (path / SINGLE_FILE).is_file() else []
+
+
+def read_index(path: str | Path) -> dict[str, StoredTensor]:
+    """Every tensor of the checkpoint directory ``path`` by key, in file order (files by name, then byte
+    offset), from the headers alone."""
+    return {t.key: t for file in safetensors_files(path) for t in _read_header(file)}
+
 
 class SourceWeights:
     """Reads single tensors from a safetensors checkpoint directory (``model.safetensors`` or an index).
 
     Keys are tried as given, then with the ``base_model_prefix`` added or removed, so a task model
     (``bert.encoder...``) reads a bare base checkpoint (``encoder...``) and the other way round.
-    Each :meth:`get` opens the file and reads that one tensor: nothing else is held in memory.
+    Each :meth:`get` reads that one tensor (no memory map): nothing else is held in memory.
 
     Raises:
         ExportError: ``path`` holds neither ``model.safetensors`` nor ``model.safetensors.index.json``.
@@ -167,43 +292,31 @@ class SourceWeights:
     def __init__(self, path: str | Path, base_model_prefix: str = "", argument: str = "source_path") -> None:
         self.path = Path(path)
         self.prefix = base_model_prefix
-        index = self.path / "model.safetensors.index.json"
-        single = self.path / "model.safetensors"
-        if index.is_file():
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-            self.files = {k: self.path / f for k, f in weight_map.items()}
-        elif single.is_file():
-            with safe_open(single, framework="pt") as f:
-                self.files = dict.fromkeys(f.keys(), single)
-        else:
+        if not safetensors_files(self.path):
             raise ExportError(
                 f"{argument}={str(path)!r}: no model.safetensors (or index) to re-read the original weights from "
                 "(pickled .bin checkpoints are not read). Fix: point it at the safetensors directory the model "
                 "was loaded from, or use merge_base='dequantized' to merge into the dequantized weights."
             )
+        self.tensors = read_index(self.path)
 
     def resolve(self, key: str) -> str | None:
         """The checkpoint key holding the model's ``key``, or ``None``."""
         p = self.prefix + "." if self.prefix else ""
         alternatives = [key, key[len(p) :] if p and key.startswith(p) else p + key]
-        return next((k for k in alternatives if k in self.files), None)
+        return next((k for k in alternatives if k in self.tensors), None)
 
     def shape(self, key: str) -> tuple[int, ...] | None:
         """The stored shape of the model's ``key`` (read from the header only), or ``None``."""
         found = self.resolve(key)
-        if found is None:
-            return None
-        with safe_open(self.files[found], framework="pt") as f:
-            return tuple(f.get_slice(found).get_shape())
+        return None if found is None else self.tensors[found].shape
 
     def get(self, key: str) -> torch.Tensor:
         """The stored tensor of the model's ``key``, as stored (dtype unchanged)."""
         found = self.resolve(key)
         if found is None:
             raise ExportError(f"source {self.path}: no tensor for {key!r}.")
-        with safe_open(self.files[found], framework="pt") as f:
-            tensor: torch.Tensor = f.get_tensor(found)
-        return tensor
+        return self.tensors[found].read()
 
 
 # --------------------------------------------------------------------------- atomic directories

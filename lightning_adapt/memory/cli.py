@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json as _json
 import sys
+from dataclasses import fields
 from typing import Literal, get_args
 
 from lightning_adapt.memory.estimator import (
@@ -77,22 +78,10 @@ def estimate_command(
             state divided by world_size; 4-bit weights replicated).
         json: Print one JSON object (integer byte counts and assumptions) instead of the table.
     """
-    assumptions = Assumptions(
-        rank=rank,
-        targets=_names(targets),
-        base_dtype=base_dtype,
-        adapter_dtype=adapter_dtype,
-        optimizer=optimizer,
-        master_weights=master_weights,
-        quant=quant,
-        quant_blocksize=quant_blocksize,
-        modules_to_save=_names(modules_to_save),
-        batch_size=batch_size,
-        seq_len=seq_len,
-        activation_checkpointing=activation_checkpointing,
-        world_size=world_size,
-        strategy=strategy,
-    )
+    given = locals()  # the options named like Assumptions' fields, as given
+    names = {f.name for f in fields(Assumptions)} & set(given)
+    listed = {"targets": _names(targets), "modules_to_save": _names(modules_to_save)}
+    assumptions = Assumptions(**({name: given[name] for name in names} | listed))
     if method != "all" and method not in get_args(Method):
         raise ValueError(f"method={method!r} is not one of {', '.join(get_args(Method))}, all.")
     shape = load_model_shape(model)

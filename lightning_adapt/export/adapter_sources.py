@@ -1,0 +1,183 @@
+"""Where the adapters of a streaming merge come from: a live model, a Lightning checkpoint, a PEFT directory.
+
+(A live model's adapters: :func:`~lightning_adapt.export.streaming.adapters_from_module`.) Each builder returns :class:`~lightning_adapt.export.streaming.Adapters` keyed by the merged model's names
+(the checkpoint's, see :func:`~lightning_adapt.export.streaming.model_keys`), checked against the base
+checkpoint's headers (names and shapes) before anything is written:
+
+* :func:`adapters_from_checkpoint`: an adapter-only Lightning ``state_dict`` (``model.<layer>.lora_A.weight``
+  and the trained non-adapter tensors) plus the recipe's LoRA settings.
+* :func:`adapters_from_peft`: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Adapter tensors are recognised by their keys in the file formats (ours and PEFT's agree), the only way
+without a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_adapt.adapters.checkpoint import FINGERPRINT_KEY, LEGACY_FINGERPRINT_KEY
+from lightning_adapt.errors import ExportError
+from lightning_adapt.export.peft_format import PEFT_PREFIX, read_adapter, resolve_adapter_settings
+from lightning_adapt.export.safetensors_io import StoredTensor
+from lightning_adapt.export.streaming import Adapters, LayerAdapter, LoRASettings
+
+__all__ = [
+    "ADAPTER_SUFFIXES",
+    "adapters_from_checkpoint",
+    "adapters_from_peft",
+]
+
+#: How the adapter tensors of a layer are keyed in a state dict (ours and PEFT's), by role.
+ADAPTER_SUFFIXES = {
+    ".lora_A.weight": "A",
+    ".lora_B.weight": "B",
+    ".lora_magnitude_vector": "m",
+    ".lora_magnitude_vector.weight": "m",
+}
+
+Keys = Mapping[str, StoredTensor]
+
+
+def _module_prefix(layer_names: Iterable[str], keys: Keys, argument: str) -> str:
+    """The shortest dotted prefix (e.g. ``model.`` of ``self.model``) whose removal maps every adapted
+    layer onto a ``<layer>.weight`` of the checkpoint."""
+    names = sorted(layer_names)
+    first = names[0].split(".")
+    for i in range(len(first)):
+        prefix = ".".join(first[:i]) + ("." if i else "")
+        if all(n.startswith(prefix) and n[len(prefix) :] + ".weight" in keys for n in names):
+            return prefix
+    raise ExportError(
+        f"{argument}: the adapted layers ({names[:3]}) have no weight in the base checkpoint (keys such as "
+        f"{list(keys)[:3]}). Fix: export with the base model the adapter was trained on."
+    )
+
+
+def _split_adapter_keys(state: Mapping[str, Any]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """``({layer: {"A"|"B"|"m": tensor}}, {other key: value})`` of a state dict in our or PEFT's layout."""
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    other: dict[str, Any] = {}
+    for key, value in state.items():
+        suffix = next((s for s in ADAPTER_SUFFIXES if key.endswith(s)), None)
+        if suffix is None:
+            other[key] = value
+        else:
+            layers.setdefault(key[: -len(suffix)], {})[ADAPTER_SUFFIXES[suffix]] = value
+    return layers, other
+
+
+def _orient(parts: dict[str, dict[str, torch.Tensor]], keys: Keys, fan_in_fan_out: bool) -> dict[str, bool]:
+    """Per layer: is the base weight stored ``(in, out)`` (Conv1D)? Decided by the stored shape; a square
+    weight follows the other adapted layers of the model, else ``fan_in_fan_out`` (PEFT's flag)."""
+    verdicts: dict[str, bool | None] = {}
+    for name, p in parts.items():
+        shape = keys[name + ".weight"].shape
+        out_in = (int(p["B"].shape[0]), int(p["A"].shape[1])) if "A" in p and "B" in p else (0, 0)
+        square_or_wrong = out_in[0] == out_in[1] or shape not in (out_in, out_in[::-1])
+        verdicts[name] = None if square_or_wrong else shape == out_in[::-1]
+    known = {v for v in verdicts.values() if v is not None}
+    default = known.pop() if len(known) == 1 else fan_in_fan_out
+    return {name: default if v is None else v for name, v in verdicts.items()}
+
+
+def _layer_adapters(
+    parts: dict[str, dict[str, torch.Tensor]], keys: Keys, settings: LoRASettings, fan_in_fan_out: bool, argument: str
+) -> dict[str, LayerAdapter]:
+    """A checked :class:`LayerAdapter` per layer; every problem is listed in one error."""
+    conv1d = _orient(parts, keys, fan_in_fan_out)
+    problems, layers = [], {}
+    for name, p in parts.items():
+        if "A" not in p or "B" not in p or ("m" in p) != settings.use_dora:
+            problems.append(f"{name} holds {sorted(p)} with use_dora={settings.use_dora}")
+            continue
+        layer = LayerAdapter(p["A"], p["B"], settings.scaling, p.get("m"), conv1d[name])
+        stored = keys[name + ".weight"].shape
+        if p["A"].shape[0] != settings.r or p["B"].shape[1] != settings.r or stored != layer.stored_shape():
+            a, b = tuple(p["A"].shape), tuple(p["B"].shape)
+            problems.append(f"{name}: A {a}, B {b} vs r={settings.r} and base weight {stored}")
+        layers[name] = layer
+    if problems:
+        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise ExportError(
+            f"{argument}: the adapter shapes do not fit the base model and LoRA settings ({'; '.join(problems[:3])}"
+            f"{more}). Fix: export with the base model and the lora: settings (r, use_dora) it was trained with."
+        )
+    return layers
+
+
+def _tied_drop(keys: Keys, tied_keys: Iterable[str], layers: Iterable[str], argument: str) -> set[str]:
+    """The tied keys present in the checkpoint (``from_pretrained`` re-ties them); an adapted tied layer is an error."""
+    tied = set(tied_keys)
+    adapted = sorted(name for name in layers if name + ".weight" in tied)
+    if adapted:
+        raise ExportError(
+            f"{argument}: the adapter adapts {adapted}, whose weight is tied to another module: the merged weight "
+            "would be re-tied (and lost) on load. Fix: exclude it from target_modules (add it to exclude_modules)."
+        )
+    return {key for key in tied if key in keys}
+
+
+def adapters_from_checkpoint(
+    state: Mapping[str, Any],
+    keys: Keys,
+    settings: LoRASettings,
+    *,
+    modules_to_save: Iterable[str] = (),
+    tied_keys: Iterable[str] = (),
+    fan_in_fan_out: bool = False,
+    prefix: str | None = None,
+    argument: str = "ckpt_path",
+) -> Adapters:
+    """The adapters of an adapter-only ``state_dict`` (trainable keys only, e.g.
+    ``model.model.layers.0.self_attn.q_proj.lora_A.weight``). Every other tensor under the module prefix is
+    trained and replaces the stored one. ``prefix`` (``None``: found by matching the adapted layers to
+    ``keys``) is removed from every key; keys outside it (the base fingerprint, other attributes) are ignored.
+
+    Raises:
+        ExportError: no adapter in ``state``, layers the base lacks, shapes that do not fit (all listed).
+    """
+    parts, other = _split_adapter_keys(state)
+    if not parts:
+        raise ExportError(f"{argument}: holds no LoRA adapter weights. Fix: pass the checkpoint of a LoRA run.")
+    prefix = _module_prefix(parts, keys, argument) if prefix is None else prefix
+    parts = {name.removeprefix(prefix): p for name, p in parts.items()}
+    missing = sorted(name for name in parts if name + ".weight" not in keys)
+    if missing:
+        raise ExportError(f"{argument}: adapted layers without a base weight in the checkpoint: {missing[:5]}.")
+    replace = {
+        key[len(prefix) :].replace(".base_layer.", "."): value
+        for key, value in other.items()
+        if key not in (FINGERPRINT_KEY, LEGACY_FINGERPRINT_KEY)
+        and key.startswith(prefix)
+        and isinstance(value, torch.Tensor)
+    }
+    layers = _layer_adapters(parts, keys, settings, fan_in_fan_out, argument)
+    return Adapters(layers, replace, _tied_drop(keys, tied_keys, parts, argument), settings, list(modules_to_save))
+
+
+def adapters_from_peft(
+    path: str | Path, keys: Keys, *, tied_keys: Iterable[str] = (), argument: str = "adapter_path"
+) -> Adapters:
+    """The adapters of a PEFT LoRA directory (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+    config, weights = read_adapter(path, argument)
+    resolved = resolve_adapter_settings({}, config, argument)
+    settings = LoRASettings(
+        int(resolved["r"]), float(resolved["alpha"]), float(config.get("lora_dropout") or 0.0),
+        bool(resolved["use_rslora"]), bool(resolved["use_dora"]),
+    )  # fmt: skip
+    state = {key.removeprefix(PEFT_PREFIX): value for key, value in weights.items()}
+    return adapters_from_checkpoint(
+        state,
+        keys,
+        settings,
+        modules_to_save=resolved["modules_to_save"] or (),
+        tied_keys=tied_keys,
+        fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
+        prefix="",
+        argument=argument,
+    )

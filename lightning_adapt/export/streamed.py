@@ -1,0 +1,300 @@
+"""Export by streaming from the base model's safetensors files: no model is built, no merged copy is held.
+
+* :func:`export_module_streamed`: a live adapted module (``MergeOnSaveCallback`` at the end of fit): its
+  adapters and trained tensors, merged into the weights read back from the directory it was loaded from;
+  :func:`streaming_unavailable` says first why not, when it cannot (then :func:`~.exporter.export_model`).
+* :func:`export_streamed`: any :class:`~lightning_adapt.export.streaming.Adapters` (from a Lightning
+  checkpoint or a PEFT directory, :mod:`.adapter_sources`) into a base directory (``lightning-adapt export``).
+
+Both write ``<dirpath>/adapter`` (PEFT's format) and ``<dirpath>/merged`` atomically, with the same tensors,
+bit for bit, as the in-memory export of the same model, and report the memory they took.
+
+Example:
+    >>> keys = model_keys(read_index("base/"))  # doctest: +SKIP
+    >>> adapters = adapters_from_peft("adapter/", keys)  # doctest: +SKIP
+    >>> export_streamed("base/", "out/", adapters, ExportOptions(dtype="bf16"), keys=keys)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_adapt.adapters.lora import lora_modules
+from lightning_adapt.errors import ExportError
+from lightning_adapt.export.merged_state import check_tied_adapters
+from lightning_adapt.export.options import ExportOptions
+from lightning_adapt.export.original import source_dir, source_for
+from lightning_adapt.export.peft_format import PEFT_PREFIX, export_root, peft_config, write_adapter, write_adapter_files
+from lightning_adapt.export.report import ExportResult, MemoryMeter, merge_report
+from lightning_adapt.export.safetensors_io import (
+    StoredTensor,
+    atomic_directory,
+    check_target,
+    parse_size,
+    read_index,
+    safetensors_files,
+)
+from lightning_adapt.export.streaming import (
+    Adapters,
+    OnMerge,
+    adapters_from_module,
+    model_keys,
+    module_mismatch,
+    stream_merge,
+)
+from lightning_adapt.layers import DTYPES, quantized_layers
+from lightning_adapt.naming import select
+
+__all__ = [
+    "TOKENIZER_FILES",
+    "ModelFiles",
+    "base_model_prefix_of",
+    "export_module_streamed",
+    "export_streamed",
+    "is_hf_safetensors_dir",
+    "peft_writer",
+    "streaming_unavailable",
+    "uses_conv1d",
+]
+
+
+def is_hf_safetensors_dir(path: str | Path | None) -> bool:
+    """Whether ``path`` is a Hugging Face model directory with safetensors weights (``config.json`` too)."""
+    return (
+        bool(path)
+        and Path(str(path)).is_dir()
+        and (Path(str(path)) / "config.json").is_file()
+        and bool(safetensors_files(Path(str(path))))
+    )
+
+
+def base_model_prefix_of(config: Any) -> str:
+    """The ``base_model_prefix`` of the model class ``config`` belongs to (``bert``, ``model``), looked up
+    in ``transformers``' auto mapping without building anything; ``""`` when unknown."""
+    try:
+        from transformers import MODEL_MAPPING
+
+        return str(getattr(MODEL_MAPPING[type(config)], "base_model_prefix", "") or "")
+    except (ImportError, KeyError, ValueError):
+        return ""
+
+
+#: Tokenizer files copied from the source directory when no tokenizer object is given.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
+    "vocab.txt", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """What a streamed export writes next to the merged weights; ``None`` fields come from the source directory.
+
+    Args:
+        config: a ``transformers`` config to save (else the source's ``config.json``); either way without
+            ``quantization_config`` and with the merged dtype.
+        architecture: the model class written to ``architectures`` (else the config's own).
+        generation_config: saved as is (else the source's ``generation_config.json``, if any, is copied).
+        tokenizer: saved with ``save_pretrained`` (else the source's tokenizer files are copied).
+    """
+
+    config: Any = None
+    architecture: str | None = None
+    generation_config: Any = None
+    tokenizer: Any = None
+
+
+def _write_config(source: Path, out: Path, files: ModelFiles, dtype: torch.dtype | None) -> None:
+    name = str(dtype).removeprefix("torch.") if dtype is not None else None
+    if files.config is None:
+        config = json.loads((source / "config.json").read_text())
+        config.pop("quantization_config", None)  # the merged weights are plain floats: never re-quantized on load
+        config.update({"architectures": [files.architecture]} if files.architecture else {})
+        if name:
+            config.update({"dtype": name, **({"torch_dtype": name} if "torch_dtype" in config else {})})
+        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        return
+    config = copy.deepcopy(files.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    if files.architecture:
+        config.architectures = [files.architecture]
+    config.dtype = dtype or config.dtype
+    config.save_pretrained(out)
+
+
+def _write_side_files(source: Path, out: Path, files: ModelFiles) -> None:
+    if files.generation_config is not None:
+        files.generation_config.save_pretrained(out)
+    elif (source / "generation_config.json").is_file():
+        shutil.copy(source / "generation_config.json", out / "generation_config.json")
+    if files.tokenizer is not None:
+        files.tokenizer.save_pretrained(out)
+        return
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy(source / name, out / name)
+
+
+def export_streamed(
+    source_path: str | Path,
+    dirpath: str | Path,
+    adapters: Adapters,
+    options: ExportOptions | None = None,
+    *,
+    keys: Mapping[str, StoredTensor] | None = None,
+    files: ModelFiles | None = None,
+    write_peft: Callable[[Path], None] | None = None,
+    on_merge: OnMerge | None = None,
+    argument: str = "dirpath",
+) -> ExportResult:
+    """Write ``<dirpath>/merged`` tensor by tensor from the safetensors files of ``source_path`` (see
+    :mod:`lightning_adapt.export.streaming`) and, with ``write_peft``, ``<dirpath>/adapter``; atomically.
+    No model is built: the peak is one tensor's merge, reported in ``result.memory``.
+
+    Args:
+        source_path: the base model's Hugging Face directory (``config.json`` + safetensors).
+        dirpath: target directory; must be absent or empty unless ``options.overwrite``.
+        adapters: what to merge (:func:`~lightning_adapt.export.streaming.adapters_from_module`,
+            :mod:`lightning_adapt.export.adapter_sources`); keys as in ``keys``.
+        options: dtype (default: each tensor's stored dtype, or ``adapters.dtypes``), shard size, overwrite.
+        keys: the source's tensors under the model's names (default: its keys as stored).
+        files: config, generation config and tokenizer to write (default: copied from the source).
+        write_peft: writes the PEFT adapter directory it is given.
+        on_merge: per adapted layer, see :func:`~lightning_adapt.export.streaming.stream_merge`.
+        argument: the name of ``dirpath`` in error messages.
+    """
+    options = options or ExportOptions()
+    target, source = Path(dirpath), Path(source_path)
+    check_target(target, options.overwrite, argument)
+    keys = keys if keys is not None else model_keys(read_index(source))
+    dtype = DTYPES[options.dtype] if options.dtype else None
+    result = ExportResult(target, streamed=True)
+    with MemoryMeter() as meter, atomic_directory(target, options.overwrite, argument) as tmp:
+        if write_peft is not None:
+            write_peft(tmp / "adapter")
+            result.adapter = target / "adapter"
+        (tmp / "merged").mkdir()
+        shard = parse_size(options.max_shard_size)
+        stats = stream_merge(keys, tmp / "merged", adapters, dtype, shard, on_merge=on_merge, argument=argument)
+        _write_config(source, tmp / "merged", files or ModelFiles(), dtype or stats.first_float_dtype)
+        _write_side_files(source, tmp / "merged", files or ModelFiles())
+        result.merged = target / "merged"
+    result.dropped_tied = stats.dropped
+    result.memory = meter.result(stats.largest_key, stats.largest_fp32_bytes, stats.model_bytes)
+    return result
+
+
+def peft_writer(
+    adapters: Adapters, keys: Mapping[str, StoredTensor], base_model_name_or_path: str | None, architecture: str
+) -> Callable[[Path], None]:
+    """Writes the PEFT adapter directory of ``adapters`` (read from a checkpoint: ``settings`` required)
+    as :func:`~lightning_adapt.export.peft_format.write_adapter` does for a live model."""
+    settings = adapters.settings
+    if settings is None:
+        raise ExportError("peft_writer: the adapters carry no LoRA settings (r, alpha, ...).")
+    keys_seen = [*keys, *adapters.replace]
+    module_names = sorted({""} | {key.rsplit(".", i)[0] for key in keys_seen for i in range(1, key.count(".") + 1)})
+    to_save = _selected([n for n in module_names if n], adapters.modules_to_save)
+    state: dict[str, torch.Tensor] = {}
+    for name, layer in adapters.layers.items():
+        state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()
+        state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()
+        if layer.magnitude is not None:
+            state[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = layer.magnitude.detach().cpu()
+    for name in to_save:
+        for key, value in adapters.replace.items():
+            if key.startswith(name + "."):
+                state[PEFT_PREFIX + key] = value.detach().cpu().clone()
+    config = peft_config(
+        (settings.r, settings.alpha, settings.dropout, settings.use_rslora, settings.use_dora),
+        list(adapters.layers), module_names, to_save, base_model_name_or_path, architecture,
+        any(layer.conv1d for layer in adapters.layers.values()),
+    )  # fmt: skip
+    return lambda out: write_adapter_files(out, config, state)
+
+
+def uses_conv1d(config: Any) -> bool:
+    """Whether the model class of ``config`` stores its linear weights ``(in, out)``: its modeling module uses
+    ``transformers``' ``Conv1D`` (GPT-2). Decides only adapters whose every layer is square (the shapes say
+    it otherwise); ``False`` when unknown."""
+    try:
+        from transformers import MODEL_MAPPING
+
+        return getattr(sys.modules.get(MODEL_MAPPING[type(config)].__module__), "Conv1D", None) is not None
+    except (ImportError, KeyError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------- a live module
+
+
+def _selected(names: list[str], modules_to_save: Sequence[str]) -> list[str]:
+    return select(names, list(modules_to_save), "modules_to_save") if modules_to_save else []
+
+
+def streaming_unavailable(
+    module: nn.Module, options: ExportOptions, source_path: str | Path | None = None
+) -> str | None:
+    """Why ``module`` cannot be exported by streaming from its source files (then it is merged in memory);
+    ``None`` when it can: a Hugging Face model with LoRA layers, loaded from a safetensors directory that
+    holds every frozen weight it has (names and shapes), and not ``merge_base='dequantized'`` on 4-bit layers."""
+    _, root, hf = export_root(module)
+    if not hf:
+        return "the module holds no Hugging Face model (its state dict keeps the module's own key names)"
+    if not lora_modules(root):
+        return "the model has no LoRA layers: nothing to merge"
+    if options.merge_base == "dequantized" and quantized_layers(root):
+        return "merge_base='dequantized' merges into the live 4-bit layers"
+    path = source_dir(module, root, source_path)
+    if not is_hf_safetensors_dir(path):
+        return f"its source {str(path) if path else None!r} is not a Hugging Face directory of safetensors"
+    keys = model_keys(read_index(str(path)), str(getattr(root, "base_model_prefix", "") or ""))
+    mismatch = module_mismatch(root, keys)
+    return None if mismatch is None else f"{path} does not hold this model's frozen weights: {mismatch}"
+
+
+def export_module_streamed(
+    module: nn.Module, dirpath: str | Path, options: ExportOptions | None = None, **extras: Any
+) -> ExportResult:
+    """:func:`~lightning_adapt.export.exporter.export_model`'s output for a module that passes
+    :func:`streaming_unavailable`, streamed: the live adapters and trained tensors merged into the weights
+    read back from the source directory (default dtype: each tensor's dtype in the live model). With
+    quantized layers, the QLoRA report is computed on the live model as ``export_model`` does.
+
+    ``extras``: ``export_model``'s keyword arguments (``modules_to_save``, ``source_path``, ``tokenizer``,
+    ``probe``, ``argument``), with the same meaning and defaults.
+    """
+    options = options or ExportOptions()
+    modules_to_save: Sequence[str] = extras.get("modules_to_save", ())
+    source_path: str | Path | None = extras.get("source_path")
+    tokenizer, probe, argument = extras.get("tokenizer"), extras.get("probe"), str(extras.get("argument", "dirpath"))
+    if unknown := set(extras) - {"modules_to_save", "source_path", "tokenizer", "probe", "argument"}:
+        raise TypeError(f"export_module_streamed: unexpected arguments {sorted(unknown)}")
+    _, root, _ = export_root(module)
+    path = source_dir(module, root, source_path)
+    if not is_hf_safetensors_dir(path):
+        raise ExportError(f"source_path={str(path) if path else None!r}: not a Hugging Face safetensors directory.")
+    check_tied_adapters(root)
+    keys = model_keys(read_index(str(path)), str(getattr(root, "base_model_prefix", "") or ""))
+    to_save = _selected([n for n, _ in root.named_modules() if n], modules_to_save)
+    model: Any = root
+    can_generate = callable(getattr(model, "can_generate", None)) and model.can_generate()
+    files = ModelFiles(model.config, type(root).__name__, model.generation_config if can_generate else None, tokenizer)
+    result = export_streamed(
+        str(path), dirpath, adapters_from_module(root, keys, to_save), options, keys=keys, files=files,
+        write_peft=lambda out: write_adapter(root, out, to_save, str(path)), argument=argument,
+    )  # fmt: skip
+    if quantized_layers(root):
+        result.report = merge_report(root, source_for(module, root, source_path, "source_path"), probe)
+    return result

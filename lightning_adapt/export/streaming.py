@@ -1,0 +1,310 @@
+"""Merge LoRA adapters into a base checkpoint tensor by tensor, straight from its safetensors files. Pure torch.
+
+No model is built. For every tensor of the base checkpoint (``model.safetensors`` or the shards of
+``model.safetensors.index.json``), in file order::
+
+    W  = the stored tensor, read with plain reads (no memory map)
+    W' = merged_weight(W, A, B, scaling, m)   adapted layer, fp32 (Conv1D: merged on Wᵀ, stored back (in, out))
+    W' = the trained value                    a key of ``Adapters.replace`` (modules_to_save, other trained tensors)
+    cast W' to the output dtype (default: the stored one), write it to the output shard, release it
+
+Trained keys the checkpoint lacks (a new ``classifier``) follow the stored ones; ``Adapters.drop`` (a tied
+``lm_head.weight``) is left out. :func:`~lightning_adapt.adapters.lora.merged_weight` is the one merge, also
+behind the in-memory export, so both give the same bits.
+
+Peak memory: the largest stored tensor, or three fp32 copies of the largest adapted one (``W``, ``ΔW``,
+``W'``), plus the adapters; never the model. :func:`adapters_from_module` takes the
+:class:`Adapters` of a live model; :mod:`lightning_adapt.export.adapter_sources` reads them from an adapter-only
+Lightning checkpoint or a PEFT adapter directory.
+
+Example:
+    >>> keys = model_keys(read_index("base/"))  # doctest: +SKIP
+    >>> adapters = adapters_from_peft("adapter/", keys)  # doctest: +SKIP
+    >>> stats = stream_merge(keys, Path("merged/"), adapters, torch.bfloat16, parse_size("5GB"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lightning_adapt.adapters.lora import lora_modules, lora_scaling, merged_weight
+from lightning_adapt.errors import ExportError
+from lightning_adapt.export.safetensors_io import StoredTensor, TensorEntry, write_safetensors
+from lightning_adapt.layers import adapter_param_ids, is_conv1d, is_quantized, layer_dims
+
+__all__ = [
+    "Adapters",
+    "LayerAdapter",
+    "LiveTensors",
+    "LoRASettings",
+    "OnMerge",
+    "StreamStats",
+    "adapters_from_module",
+    "live_tensors",
+    "model_keys",
+    "module_mismatch",
+    "stream_merge",
+]
+
+
+@dataclass(frozen=True)
+class LoRASettings:
+    """The settings every adapted layer shares (PEFT's ``LoraConfig`` fields)."""
+
+    r: int
+    alpha: float
+    dropout: float = 0.0
+    use_rslora: bool = False
+    use_dora: bool = False
+
+    @property
+    def scaling(self) -> float:
+        return lora_scaling(self.r, self.alpha, self.use_rslora)
+
+
+@dataclass(frozen=True)
+class LayerAdapter:
+    """One adapted layer: ``A (r, in)``, ``B (out, r)``, the DoRA magnitude ``(out,)`` if any."""
+
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scaling: float
+    magnitude: torch.Tensor | None = None
+    conv1d: bool = False  # the base weight is stored (in, out), as GPT-2's Conv1D
+
+    def stored_shape(self) -> tuple[int, int]:
+        dims = (int(self.lora_B.shape[0]), int(self.lora_A.shape[1]))
+        return dims[::-1] if self.conv1d else dims
+
+    def merge(self, stored: torch.Tensor) -> torch.Tensor:
+        """The merged tensor in the stored orientation, fp32."""
+        weight = stored.float()
+        weight = weight.T if self.conv1d else weight
+        merged = merged_weight(weight, self.lora_A, self.lora_B, self.scaling, self.magnitude)
+        return merged.T if self.conv1d else merged
+
+
+@dataclass
+class Adapters:
+    """What to fold into a base checkpoint, under the merged model's key names.
+
+    Attributes:
+        layers: adapted layer name (``model.layers.0.self_attn.q_proj``) -> its adapter.
+        replace: tensor key -> trained value, written instead of the stored tensor (or after the stored ones
+            when the checkpoint has no such key).
+        drop: keys of the checkpoint not to write (a tied ``lm_head.weight``).
+        settings: the shared LoRA settings (for the PEFT adapter directory).
+        modules_to_save: the fully trained modules saved with the adapter.
+        dtypes: a stored tensor's default output dtype when not its stored one (a live model's own dtype).
+    """
+
+    layers: dict[str, LayerAdapter]
+    replace: dict[str, torch.Tensor] = field(default_factory=dict)
+    drop: set[str] = field(default_factory=set)
+    settings: LoRASettings | None = None
+    modules_to_save: list[str] = field(default_factory=list)
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StreamStats:
+    """What :func:`stream_merge` wrote."""
+
+    files: list[str]
+    tensors: int
+    merged_layers: int
+    dropped: list[str]
+    largest_key: str
+    largest_fp32_bytes: int
+    model_bytes: int
+    first_float_dtype: torch.dtype | None
+
+
+# --------------------------------------------------------------------------- key names
+
+
+def model_keys(index: Mapping[str, StoredTensor], base_model_prefix: str = "") -> dict[str, StoredTensor]:
+    """The checkpoint's tensors under the model's names: a bare base checkpoint (no key under
+    ``base_model_prefix``, e.g. BERT's ``encoder...`` for ``bert.encoder...``) gets the prefix added,
+    as ``from_pretrained`` does when it loads a base model into a model with a head."""
+    p = base_model_prefix + "." if base_model_prefix else ""
+    bare = bool(p) and not any(key.startswith(p) for key in index)
+    return {(p + key if bare else key): stored for key, stored in index.items()}
+
+
+# --------------------------------------------------------------------------- a live model
+
+
+@dataclass
+class LiveTensors:
+    """The persistent tensors of a live model under its merged-model keys (see :func:`live_tensors`)."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    live: set[str] = field(default_factory=set)  # values only the live model holds: trained, buffers
+    tied: list[str] = field(default_factory=list)  # keys repeating a tensor listed before
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # the dtype each is exported in by default
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # as stored (a quantized weight: (out, in))
+
+
+def live_tensors(root: nn.Module) -> LiveTensors:
+    """Every persistent tensor of ``root`` in ``state_dict`` order, under its merged-model key (a LoRA
+    wrapper's ``base_layer`` removed, adapters left out). A quantized weight's dtype is the one it had
+    before quantization. Nothing is copied."""
+    adapters = adapter_param_ids(root)
+    found = LiveTensors()
+    seen: set[int] = set()
+    for module_name, module in root.named_modules(remove_duplicate=False):
+        buffers = [(n, b, True) for n, b in module._buffers.items() if n not in module._non_persistent_buffers_set]
+        for name, tensor, is_buffer in [*((n, p, False) for n, p in module._parameters.items()), *buffers]:
+            key = f"{module_name}.{name}".removeprefix(".").replace(".base_layer.", ".")
+            if tensor is None or id(tensor) in adapters or key in found.tensors or key in found.tied:
+                continue
+            if id(tensor) in seen:
+                found.tied.append(key)
+                continue
+            seen.add(id(tensor))
+            found.tensors[key] = tensor
+            found.dtypes[key], found.shapes[key] = tensor.dtype, tuple(tensor.shape)
+            if is_quantized(module) and name == "weight":  # packed codes: the dtype and shape before quantization
+                original = getattr(module, "original_dtype", None)
+                found.dtypes[key] = original if isinstance(original, torch.dtype) else torch.float32
+                found.shapes[key] = layer_dims(module)[::-1]
+            if is_buffer or tensor.requires_grad:
+                found.live.add(key)
+    return found
+
+
+def module_mismatch(root: nn.Module, keys: Mapping[str, StoredTensor]) -> str | None:
+    """Why ``keys`` (a checkpoint's tensors under the model's names) cannot stand for the frozen weights of
+    ``root``: a frozen tensor it lacks or holds in another shape; ``None`` when it can."""
+    found = live_tensors(root)
+    for key, shape in found.shapes.items():
+        if key in found.live:
+            continue
+        if key not in keys:
+            return f"it has no tensor {key!r}"
+        if keys[key].shape != shape:
+            return f"{key!r} is {keys[key].shape} there, {shape} in the model"
+    return None
+
+
+def adapters_from_module(
+    root: nn.Module, keys: Mapping[str, StoredTensor], modules_to_save: Iterable[str] = ()
+) -> Adapters:
+    """The live adapters of ``root`` (the Hugging Face model; adapter tensors are not copied on CPU), the
+    tensors only the live model holds (trained, buffers, or absent from ``keys``) and, dropped, its tied
+    duplicates and checkpoint keys it does not have: the keys written are exactly the model's."""
+    layers = {
+        name: LayerAdapter(
+            layer.lora_A.weight.detach().cpu(),
+            layer.lora_B.weight.detach().cpu(),
+            layer.scaling,
+            None if layer.lora_magnitude_vector is None else layer.lora_magnitude_vector.detach().cpu(),
+            is_conv1d(layer.base_layer),
+        )
+        for name, layer in lora_modules(root)
+    }
+    found = live_tensors(root)
+    replace = {key: tensor for key, tensor in found.tensors.items() if key in found.live or key not in keys}
+    drop = {key for key in keys if key not in found.tensors} | set(found.tied)
+    return Adapters(layers, replace, drop, None, list(modules_to_save), found.dtypes)
+
+
+# --------------------------------------------------------------------------- the merge loop
+
+OnMerge = Callable[[str, torch.Tensor, LayerAdapter, torch.Tensor], None]
+
+
+def _entries(
+    keys: Mapping[str, StoredTensor], adapters: Adapters, on_merge: OnMerge | None, argument: str
+) -> list[TensorEntry]:
+    """One entry per tensor to write, in checkpoint order, then the trained tensors the checkpoint lacks."""
+    entries: list[TensorEntry] = []
+    for key, stored in keys.items():
+        layer = adapters.layers.get(key.removesuffix(".weight")) if key.endswith(".weight") else None
+        if key in adapters.drop:
+            continue
+        if key in adapters.replace:
+            entries.append(_value_entry(key, adapters.replace[key]))
+        elif layer is not None:
+            dtype = adapters.dtypes.get(key, stored.dtype)
+            entries.append(TensorEntry(key, stored.shape, dtype, _merge_loader(key, stored, layer, on_merge)))
+        else:
+            dtype = adapters.dtypes.get(key, stored.dtype)
+            entries.append(TensorEntry(key, stored.shape, dtype, stored.read, stored))
+    for key, value in adapters.replace.items():
+        if key not in keys:
+            entries.append(_value_entry(key, value))
+    missing = sorted(name for name in adapters.layers if name + ".weight" not in keys)
+    if missing:
+        raise ExportError(f"{argument}: adapted layers without a base weight in the checkpoint: {missing[:5]}.")
+    return entries
+
+
+def _value_entry(key: str, value: torch.Tensor) -> TensorEntry:
+    return TensorEntry(key, tuple(value.shape), value.dtype, lambda: value.detach().cpu())
+
+
+def _merge_loader(
+    key: str, stored: StoredTensor, layer: LayerAdapter, on_merge: OnMerge | None
+) -> Callable[[], torch.Tensor]:
+    def load() -> torch.Tensor:
+        if on_merge is None:  # the stored tensor is released as soon as its fp32 copy exists
+            return layer.merge(stored.read())
+        original = stored.read()
+        merged = layer.merge(original)
+        on_merge(key.removesuffix(".weight"), original, layer, merged)
+        return merged
+
+    return load
+
+
+@torch.no_grad()
+def stream_merge(
+    keys: Mapping[str, StoredTensor],
+    out: Path,
+    adapters: Adapters,
+    dtype: torch.dtype | None,
+    max_shard: int,
+    *,
+    on_merge: OnMerge | None = None,
+    argument: str = "source_path",
+) -> StreamStats:
+    """Write the merged checkpoint into the existing directory ``out`` (see the module docstring).
+
+    Args:
+        keys: the base checkpoint's tensors under the model's names (:func:`model_keys` of ``read_index``).
+        out: the output directory (``model.safetensors`` or shards + index are written into it).
+        adapters: what to merge, replace and drop.
+        dtype: dtype of the floating tensors written; ``None`` keeps each tensor's own.
+        max_shard: shard size in bytes.
+        on_merge: called as ``on_merge(layer, stored W, adapter, merged W')`` for each adapted layer.
+    """
+    entries = _entries(keys, adapters, on_merge, argument)
+    files = write_safetensors(out, entries, dtype, max_shard)
+    largest = max(keys, key=lambda k: _numel(keys[k].shape), default="")
+    floats = [e.dtype for e in entries if e.dtype.is_floating_point]
+    return StreamStats(
+        files=files,
+        tensors=len(entries),
+        merged_layers=len(adapters.layers),
+        dropped=sorted(adapters.drop & set(keys)),
+        largest_key=largest,
+        largest_fp32_bytes=4 * _numel(keys[largest].shape) if largest else 0,
+        model_bytes=sum(_numel(e.shape) * _out_dtype(e.dtype, dtype).itemsize for e in entries),
+        first_float_dtype=floats[0] if floats else None,
+    )
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+def _out_dtype(own: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+    return dtype if dtype is not None and own.is_floating_point else own
