@@ -205,3 +205,17 @@ def test_checkpoints_with_the_dotted_fingerprint_key_still_load() -> None:
     state[LEGACY_FINGERPRINT_KEY] = state[LEGACY_FINGERPRINT_KEY] + torch.tensor([0.0, 1.0], dtype=torch.float64)
     with pytest.raises(BaseMismatchError, match="frozen values differ"):
         net.load_state_dict(state, strict=True)
+
+
+def test_merge_on_save_is_refused_under_fsdp2_with_the_export_command_as_fix(tmp_path: Path) -> None:
+    import lightning as L
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_adapt import MergeOnSaveCallback
+    from lightning_adapt.errors import ConfigError
+
+    strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, logger=False, default_root_dir=tmp_path)
+    with pytest.raises(ConfigError, match="lightning-adapt export"):
+        MergeOnSaveCallback(dirpath=str(tmp_path / "out")).setup(trainer, L.LightningModule(), "fit")
+    assert not (tmp_path / "out").exists()

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_adapt.adapters.checkpoint import FINGERPRINT_KEY, LEGACY_FINGERPRINT_KEY
 from lightning_adapt.adapters.inject import LoRASpec
 from lightning_adapt.callbacks._transform import transform_specs
-from lightning_adapt.errors import ExportError
+from lightning_adapt.errors import ConfigError, ExportError
 from lightning_adapt.export.adapter_sources import adapters_from_checkpoint
 from lightning_adapt.export.exporter import (
     ExportOptions,
@@ -89,6 +90,12 @@ class MergeOnSaveCallback(L.Callback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if isinstance(trainer.strategy, ModelParallelStrategy):
+            raise ConfigError(
+                "merge: MergeOnSaveCallback does not gather FSDP2-sharded weights (strategy ModelParallelStrategy). "
+                "Fix: drop merge: and export the adapter-only checkpoint afterwards: lightning-adapt export "
+                "--config <recipe> --ckpt_path <ckpt> --output <dir> (it streams the merge from the source files)."
+            )
         if stage == "fit" and self.result is None:  # refuse before training, not after it
             self.dirpath = self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "export"
             check_target(self.dirpath, self.options.overwrite, self.argument)
