@@ -84,10 +84,19 @@ def main() -> None:
         callbacks.append(LoRAInjectionCallback(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]))
     if args.export:
         callbacks.append(MergeOnSaveCallback(dirpath=str(args.out / "export")))
+    strategy = args.strategy if args.devices > 1 else "auto"
+    fit_toy(args, callbacks, strategy, seed_offset=1 if args.per_rank_seed else 0)
+
+
+def fit_toy(
+    args: argparse.Namespace, callbacks: list[L.Callback], strategy: Any, seed_offset: int = 0
+) -> tuple[L.Trainer, DataLoader[Any]]:
+    """Fit the toy module (built in ``configure_model``, seeded there) on this rank's slice of every global
+    batch; ``seed_offset`` times the rank is added to its seed (a base that differs per rank)."""
     trainer = L.Trainer(
         accelerator="cpu",
         devices=args.devices,
-        strategy=args.strategy if args.devices > 1 else "auto",
+        strategy=strategy,
         max_epochs=args.epochs,
         logger=False,
         enable_progress_bar=False,
@@ -99,9 +108,10 @@ def main() -> None:
     )
     data = RankSlice(args.global_batch, args.devices, trainer.global_rank)
     loader = DataLoader(data, batch_size=args.global_batch // args.devices, shuffle=False)
-    seed = trainer.global_rank if args.per_rank_seed else 0
-    module = ToyModule(build_in="configure_model", lr=0.05, seed=seed)  # seeded where it is built
+    seed = getattr(args, "seed", 0) + seed_offset * trainer.global_rank
+    module = ToyModule(build_in="configure_model", lr=0.05, seed=seed)
     trainer.fit(module, train_dataloaders=loader, ckpt_path=args.resume)
+    return trainer, loader
 
 
 if __name__ == "__main__":

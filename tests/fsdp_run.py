@@ -23,11 +23,10 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.tensor import DTensor
-from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from distributed_run import RankSlice
-from toy import ToyModule
+import distributed_run
+from distributed_run import fit_toy
 
 from lightning_adapt import LoRAInjectionCallback, QuantizeBaseCallback
 from lightning_adapt.adapters.checkpoint import FINGERPRINT_KEY
@@ -38,14 +37,8 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-class Record(L.Callback):
+class Record(distributed_run.Record):
     """Each rank's local loss per step and, at the end, what it holds."""
-
-    def __init__(self, out: Path) -> None:
-        self.out, self.losses = out, []  # type: ignore[var-annotated]
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
-        self.losses.append(float(outputs["loss"]))
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         params = dict(pl_module.named_parameters())
@@ -87,24 +80,8 @@ def main() -> None:
         strategy = ModelParallelStrategy(
             data_parallel_size=args.devices, tensor_parallel_size=1, save_distributed_checkpoint=args.dcp
         )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=args.devices,
-        strategy=strategy,
-        max_epochs=args.epochs,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        use_distributed_sampler=False,
-        callbacks=callbacks,
-        default_root_dir=args.out,
-    )
-    data = RankSlice(args.global_batch, args.devices, trainer.global_rank)
-    loader = DataLoader(data, batch_size=args.global_batch // args.devices, shuffle=False)
-    seed = args.seed + trainer.global_rank if args.per_rank_seed else args.seed
-    module = ToyModule(build_in="configure_model", lr=0.05, seed=seed)  # seeded where it is built
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=args.resume)
+    trainer, loader = fit_toy(args, callbacks, strategy, seed_offset=1 if args.per_rank_seed else 0)
+    module = trainer.lightning_module
     if args.validate:  # configure_model and the transforms run again on the sharded module
         metrics = trainer.validate(module, dataloaders=loader, verbose=False)
         torch.save(metrics, args.out / f"validate{trainer.global_rank}.pt")

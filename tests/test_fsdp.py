@@ -8,9 +8,6 @@ dropout 0, every rank its own slice of each global batch.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
+from multiprocess import assert_same_weights, global_losses, launch, ranks
 from toy import Net, ToyModule, loader, trainer
 
 from lightning_adapt.adapters.checkpoint import FINGERPRINT_KEY
@@ -30,29 +28,11 @@ LAST = "epoch=1-step=8.ckpt"
 FIRST = "epoch=0-step=4.ckpt"
 
 
-def _run(out: Path, devices: int, *extra: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    # a fresh rendezvous: an earlier in-process run (the DDP recipe test) leaves MASTER_PORT etc. behind
-    launcher = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
-    env = {k: v for k, v in os.environ.items() if k not in launcher} | {"PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, str(SCRIPT), "--devices", str(devices), "--out", str(out), *extra]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    if check and done.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return done
+def _run(out: Path, devices: int, *extra: str, check: bool = True) -> Any:
+    return launch(SCRIPT, out, devices, *extra, check=check)
 
 
-def _ranks(out: Path, devices: int) -> list[dict[str, Any]]:
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(devices)]
-
-
-def _global_losses(records: list[dict[str, Any]]) -> torch.Tensor:
-    return torch.tensor([r["losses"] for r in records]).mean(dim=0)  # gradients are averaged over the ranks
-
-
-def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 1e-5) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=name)
+_ranks, _global_losses, _assert_same_weights = ranks, global_losses, assert_same_weights
 
 
 @pytest.fixture(scope="module")
