@@ -37,63 +37,27 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from _models import write_random_llama
+
 HERE = Path(__file__).resolve().parent
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
 # --------------------------------------------------------------------------- the inputs
-
-
-def _shapes(args: argparse.Namespace) -> list[tuple[str, tuple[int, ...]]]:
-    """The base checkpoint's tensors, in the order ``save_pretrained`` writes a Llama."""
-    h, kv = args.hidden, args.hidden // args.heads * args.kv_heads
-    shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (args.vocab, h))]
-    for i in range(args.layers):
-        p = f"model.layers.{i}."
-        shapes += [
-            (p + "input_layernorm.weight", (h,)),
-            (p + "mlp.down_proj.weight", (h, args.intermediate)),
-            (p + "mlp.gate_proj.weight", (args.intermediate, h)),
-            (p + "mlp.up_proj.weight", (args.intermediate, h)),
-            (p + "post_attention_layernorm.weight", (h,)),
-            (p + "self_attn.k_proj.weight", (kv, h)),
-            (p + "self_attn.o_proj.weight", (h, h)),
-            (p + "self_attn.q_proj.weight", (h, h)),
-            (p + "self_attn.v_proj.weight", (kv, h)),
-        ]
-    return [*shapes, ("model.norm.weight", (h,)), ("lm_head.weight", (args.vocab, h))]
 
 
 def _generate(args: argparse.Namespace, base: Path, adapter: Path) -> int:
     """Write the base (bf16, one tensor at a time) and a random PEFT adapter; returns the parameter count."""
     import torch
     from safetensors.torch import save_file
-    from transformers import LlamaConfig
 
-    from lightning_adapt.export.safetensors_io import TensorEntry, parse_size, write_safetensors
+    from lightning_adapt.export.safetensors_io import parse_size
 
-    g = torch.Generator().manual_seed(0)
-
-    def weight(shape: tuple[int, ...]) -> Any:
-        return torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=g).mul_(0.02)
-
-    base.mkdir()
-    shapes = _shapes(args)
-    entries = [TensorEntry(k, s, torch.bfloat16, lambda s=s: weight(s)) for k, s in shapes]
-    write_safetensors(base, entries, torch.bfloat16, parse_size(args.max_shard_size))
-    config = LlamaConfig(
-        hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
-        tie_word_embeddings=False, dtype="bfloat16", architectures=["LlamaForCausalLM"],
-    )  # fmt: skip
-    config.save_pretrained(base)
+    shapes = write_random_llama(
+        base, args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads, args.vocab,
+        parse_size(args.max_shard_size),
+    ).items()  # fmt: skip
+    g = torch.Generator().manual_seed(1)
     state = {}
     for key, (out_f, in_f) in ((k, s) for k, s in shapes if k.endswith(tuple(f"{t}.weight" for t in TARGETS))):
         layer = "base_model.model." + key.removesuffix(".weight")
@@ -142,15 +106,16 @@ def _worker(args: argparse.Namespace) -> None:
     import transformers  # noqa: F401
 
     import lightning_adapt.export.streamed  # noqa: F401
+    from lightning_adapt.resources import current_rss_bytes, peak_rss_bytes
 
     torch.set_num_threads(args.threads)
     gc.collect()
-    baseline = _status_kib("VmRSS")
+    baseline = current_rss_bytes()
     Path("/proc/self/clear_refs").write_text("5")
     start = time.perf_counter()
     extra = (_ours if args.worker == "ours" else _peft)(Path(args.base), Path(args.adapter), Path(args.out))
     seconds = time.perf_counter() - start
-    peak = 1024 * (_status_kib("VmHWM") - baseline)
+    peak = peak_rss_bytes() - baseline
     print("RESULT " + json.dumps({"peak": peak, "seconds": seconds, "baseline": 1024 * baseline, **extra}))
 
 

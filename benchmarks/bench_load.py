@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _models import write_random_llama
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "RESULTS-load.md"
 CONTENDERS = ("ours", "transformers")
@@ -61,29 +63,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def generate(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     """Write config.json + model.safetensors, one random bf16 tensor at a time (the writer streams)."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from lightning_adapt.export.safetensors_io import TensorEntry, write_safetensors
-    from lightning_adapt.loading import empty_weights, peak_rss_bytes
+    from lightning_adapt.resources import peak_rss_bytes
 
-    config = LlamaConfig(
-        hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
-        tie_word_embeddings=False, dtype="bfloat16",
-    )  # fmt: skip
-    config.save_pretrained(path)
-    with empty_weights():
-        shapes = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
-    gen = torch.Generator().manual_seed(0)
-
-    def make(shape: tuple[int, ...]) -> Any:
-        return (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
-
-    entries = [TensorEntry(k, s, torch.bfloat16, lambda s=s: make(s)) for k, s in shapes.items()]
     start = time.perf_counter()
-    write_safetensors(path, entries, torch.bfloat16, 10**12)
-    params = sum(torch.Size(s).numel() for s in shapes.values())
-    largest = max(torch.Size(s).numel() for s in shapes.values())
+    shapes = write_random_llama(
+        path, args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads, args.vocab
+    ).values()
+    params = sum(torch.Size(s).numel() for s in shapes)
+    largest = max(torch.Size(s).numel() for s in shapes)
     return {"params": params, "largest_fp32": 4 * largest, "seconds": time.perf_counter() - start,
             "peak": peak_rss_bytes(), "bytes": (path / "model.safetensors").stat().st_size}  # fmt: skip
 
