@@ -85,7 +85,7 @@ class WeightSource:
 @dataclass(frozen=True)
 class LoadReport:
     """What :func:`load_pretrained` did; sizes in bytes. ``peak_rss_increase_bytes``: growth of the process's peak
-    RSS (0 if an earlier peak was higher); ``peak_rss_bytes - baseline_rss_bytes``: peak over the pre-build RSS."""
+    RSS (0 if an earlier peak was higher); ``load_peak_bytes``: peak over the pre-build RSS."""
 
     files: tuple[str, ...]
     tensors_loaded: int
@@ -99,6 +99,11 @@ class LoadReport:
     baseline_rss_bytes: int
     peak_rss_bytes: int
     peak_rss_increase_bytes: int
+
+    @property
+    def load_peak_bytes(self) -> int:
+        """Peak resident memory during the load above the resident memory before the model was built."""
+        return self.peak_rss_bytes - self.baseline_rss_bytes
 
 
 def attach_quant_plan(module: nn.Module, plan: QuantPlan | None) -> None:

@@ -158,7 +158,7 @@ def _measure(module: nn.Module, optimizer: torch.optim.Optimizer | None, grads: 
     out["peak"] = _peak(module)[0]
     load = getattr(module, "load_report", None)
     if load is not None:
-        out["load peak"] = load.peak_rss_bytes - load.baseline_rss_bytes
+        out["load peak"] = load.load_peak_bytes
     return out
 
 
@@ -205,7 +205,7 @@ def _load_line(module: nn.Module) -> str:
     load = getattr(module, "load_report", None)
     if load is None:
         return ""
-    peak = load.peak_rss_bytes - load.baseline_rss_bytes
+    peak = load.load_peak_bytes
     return (
         f"\nload: peak {format_bytes(peak)} above the resident memory before the model was built, for "
         f"{format_bytes(load.weight_bytes)} of final weights ({peak / max(load.weight_bytes, 1):.2f}x; largest "

@@ -83,7 +83,7 @@ class TaskModule(L.LightningModule):
         rank_zero_info(
             f"lightning-adapt: loaded {self.model_name_or_path} ({report.tensors_loaded} tensors, "
             f"{report.quantized_layers} layers quantized while loading) into {report.weight_bytes / 1e6:.1f} MB "
-            f"of {dtype} weights in {report.seconds:.1f}s; load peak {_mb(report.peak_rss_bytes - report.baseline_rss_bytes)} "
+            f"of {dtype} weights in {report.seconds:.1f}s; load peak {_mb(report.load_peak_bytes)} "
             "above the resident memory before the build"
         )
         return True
