@@ -135,15 +135,28 @@ def check_same_base_on_every_rank(trainer: L.Trainer, module: nn.Module) -> None
     """
     if trainer.world_size < 2:
         return
+
+    def gather(local: torch.Tensor) -> list[torch.Tensor]:
+        gathered = trainer.strategy.all_gather(local.to(trainer.strategy.root_device))
+        return list(gathered.reshape(trainer.world_size, -1).cpu())
+
+    check_same_base(module, gather, "under DDP it is not broadcast")
+
+
+def check_same_base(module: nn.Module, gather: Callable[[torch.Tensor], list[torch.Tensor]], why: str) -> None:
+    """Gather every rank's checksum of ``module``'s frozen parameters with ``gather`` and refuse a difference.
+
+    Raises:
+        ConfigError: naming the ranks that differ from rank 0, ``why`` they must not, and the fix.
+    """
     frozen = {name: p for name, p in module.named_parameters() if not p.requires_grad}
-    local = base_fingerprint(frozen, sorted(frozen)).to(trainer.strategy.root_device)
-    gathered = trainer.strategy.all_gather(local).reshape(trainer.world_size, -1).cpu()
-    differ = [rank for rank in range(trainer.world_size) if not torch.equal(gathered[rank], gathered[0])]
+    gathered = gather(base_fingerprint(frozen, sorted(frozen)))
+    differ = [rank for rank, other in enumerate(gathered) if not torch.equal(other, gathered[0])]
     if differ:
         raise ConfigError(
-            f"the frozen base differs between rank 0 and rank(s) {differ}: under DDP it is not broadcast, so every "
-            "rank must build it identically. Fix: load the base from the same files on every rank, or seed its "
-            "random initialisation identically (seed_everything before building it)."
+            f"the frozen base differs between rank 0 and rank(s) {differ}: {why}, so every rank must build it "
+            "identically. Fix: load the base from the same files on every rank, or seed its random "
+            "initialisation identically (seed_everything before building it)."
         )
 
 

@@ -17,8 +17,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from typing_extensions import override
 
-from lightning_adapt.adapters.checkpoint import base_fingerprint
-from lightning_adapt.callbacks._transform import SHARD, ModelTransformCallback, transform_specs
+from lightning_adapt.callbacks._transform import SHARD, ModelTransformCallback, check_same_base, transform_specs
 from lightning_adapt.errors import ConfigError
 from lightning_adapt.layers import quantized_layers
 from lightning_adapt.quantize import QuantPlan
@@ -231,17 +230,14 @@ def _check_shardable(module: nn.Module) -> None:
 def _check_same_base(module: nn.Module, mesh: Any) -> None:
     """Every rank shards its own copy of the frozen base, so the copies must be identical: compare checksums
     (before sharding: afterwards the mix of two bases would be one consistent-looking model)."""
-    frozen = {name: p for name, p in module.named_parameters() if not p.requires_grad}
-    local = base_fingerprint(frozen, sorted(frozen)).to(mesh.device_type)
-    gathered = [torch.empty_like(local) for _ in range(mesh.size())]
-    dist.all_gather(gathered, local, group=mesh.get_group())
-    differ = [rank for rank, other in enumerate(gathered) if not torch.equal(other, gathered[0])]
-    if differ:
-        raise ConfigError(
-            f"the frozen base differs between rank 0 and rank(s) {differ}: FSDP2 shards each rank's own copy, so "
-            "every rank must build it identically. Fix: load the base from the same files on every rank, or seed "
-            "its random initialisation identically (seed_everything before building it)."
-        )
+
+    def gather(local: torch.Tensor) -> list[torch.Tensor]:
+        local = local.to(mesh.device_type)
+        gathered = [torch.empty_like(local) for _ in range(mesh.size())]
+        dist.all_gather(gathered, local, group=mesh.get_group())
+        return gathered
+
+    check_same_base(module, gather, "FSDP2 shards each rank's own copy")
 
 
 def _blocks(module: nn.Module, layer_classes: tuple[str, ...] | None) -> list[tuple[str, nn.Module]]:
