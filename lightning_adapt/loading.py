@@ -28,16 +28,12 @@ import torch
 from torch import nn
 
 from lightning_adapt.errors import LoadError
-from lightning_adapt.export.safetensors_io import StoredTensor, read_tensor
+from lightning_adapt.export.safetensors_io import DTYPE_OF_NAME, StoredTensor, read_tensor
 from lightning_adapt.layers import quant_storage_bytes, quantized_layers
 from lightning_adapt.naming import check_entries, under
 from lightning_adapt.quantize import QuantConfig, QuantPlan, default_compute_dtype, quantize_linear
 from lightning_adapt.resources import current_rss_bytes, peak_rss_bytes
 
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}  # fmt: skip
 #: Stale keys of buffers that models now compute in ``__init__`` (Hugging Face ignores them too).
 _IGNORABLE = (r"rotary_emb\.inv_freq$", r"(^|\.)position_ids$")
 _SINGLE, _INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -134,7 +130,7 @@ def _read_header(file: Path, expected: Sequence[str]) -> dict[str, StoredTensor]
                 raise ValueError(f"header length {length} exceeds the file size {size}")
             header: dict[str, dict[str, Any]] = json.loads(f.read(length))
         for key, meta in ((k, v) for k, v in header.items() if k != "__metadata__"):
-            dtype, shape, (begin, end) = _ST_DTYPES[meta["dtype"]], tuple(meta["shape"]), meta["data_offsets"]
+            dtype, shape, (begin, end) = DTYPE_OF_NAME[meta["dtype"]], tuple(meta["shape"]), meta["data_offsets"]
             if end - begin != math.prod(shape) * dtype.itemsize or begin < 0 or 8 + length + end > size:
                 raise ValueError(f"tensor {key!r}: bytes [{begin}, {end}) do not hold {dtype} {list(shape)}")
             entries[key] = StoredTensor(file, key, dtype, shape, 8 + length + begin, end - begin)

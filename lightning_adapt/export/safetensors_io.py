@@ -43,6 +43,7 @@ import torch
 from lightning_adapt.errors import ExportError
 
 __all__ = [
+    "DTYPE_OF_NAME",
     "ExportError",
     "SourceWeights",
     "StoredTensor",
@@ -51,6 +52,7 @@ __all__ = [
     "check_target",
     "parse_size",
     "read_index",
+    "read_tensor",
     "safetensors_files",
     "write_safetensors",
 ]
@@ -207,7 +209,8 @@ def write_safetensors(out: Path, entries: list[TensorEntry], dtype: torch.dtype 
 
 # --------------------------------------------------------------------------- reading single tensors
 
-_FROM_ST = {name: dtype for dtype, name in _ST_DTYPES.items()}
+#: safetensors dtype name -> torch dtype (the reader's side of the format table).
+DTYPE_OF_NAME = {name: dtype for dtype, name in _ST_DTYPES.items()}
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 
 
@@ -253,7 +256,7 @@ def _read_header(file: Path) -> list[StoredTensor]:
         if not isinstance(header, dict):
             raise ValueError(f"header length {length} vs file size {size}")
         stored = [
-            StoredTensor(file, k, _FROM_ST[v["dtype"]], tuple(v["shape"]), 8 + length + v["data_offsets"][0],
+            StoredTensor(file, k, DTYPE_OF_NAME[v["dtype"]], tuple(v["shape"]), 8 + length + v["data_offsets"][0],
                          v["data_offsets"][1] - v["data_offsets"][0])
             for k, v in header.items() if k != "__metadata__"
         ]  # fmt: skip
