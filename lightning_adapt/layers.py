@@ -24,6 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from lightning_adapt.errors import MissingDependencyError
 
@@ -203,8 +204,8 @@ def is_quantized(module: nn.Module) -> bool:
     bnb = sys.modules.get("bitsandbytes")  # never imported → no module can be a bnb layer
     if bnb is None:
         return False
-    if isinstance(module, bnb.nn.Linear4bit):
-        return bool(getattr(module.weight, "bnb_quantized", False))
+    if isinstance(module, bnb.nn.Linear4bit):  # a shardable one (shard4bit) keeps its state on the layer
+        return bool(getattr(module.weight, "bnb_quantized", False)) or _shard_state(module) is not None
     if isinstance(module, bnb.nn.Linear8bitLt):
         return bool(module.weight.dtype == torch.int8)
     return False
@@ -216,10 +217,20 @@ def _int8_scales(module: Any) -> torch.Tensor:
     return module.state.SCB if scales is None else scales  # type: ignore[no-any-return]
 
 
+def _shard_state(module: nn.Module) -> Any:
+    return getattr(module, "shard_quant_state", None)  # lightning_adapt.shard4bit.SHARD_STATE_ATTR
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a (possibly FSDP2-sharded) tensor."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor.data
+
+
 def dequantize_weight(module: nn.Module) -> torch.Tensor:
     """Dense fp32 ``(out, in)`` weight of a quantized layer, as bitsandbytes dequantizes it.
 
-    A plain ``nn.Linear`` returns its weight in fp32 (detached copy semantics not guaranteed).
+    A plain ``nn.Linear`` returns its weight in fp32 (detached copy semantics not guaranteed). An FSDP2-sharded
+    4-bit weight is gathered first (a collective: call it on every rank).
     """
     if not is_quantized(module):
         if isinstance(module, nn.Linear):
@@ -228,7 +239,8 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
     bnb = require_bitsandbytes()
     weight: Any = module.weight
     if isinstance(module, bnb.nn.Linear4bit):
-        state = weight.quant_state
+        state = _shard_state(module) or weight.quant_state
+        weight = weight.full_tensor() if isinstance(weight, DTensor) else weight
         if getattr(state, "packing_format_for_cpu", False):
             raise RuntimeError(
                 "This Linear4bit was repacked by bitsandbytes' CPU AVX512-BF16 path; its codes no longer "
@@ -240,9 +252,9 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
 
 def _state_tensors(module: Any) -> Iterator[torch.Tensor]:
     bnb = require_bitsandbytes()
-    yield module.weight.data
+    yield _local(module.weight)
     if isinstance(module, bnb.nn.Linear4bit):
-        state = module.weight.quant_state
+        state = _shard_state(module) or module.weight.quant_state
         yield from (state.absmax, state.code)
         if state.nested:
             yield from (state.offset, state.state2.absmax, state.state2.code)
@@ -252,7 +264,8 @@ def _state_tensors(module: Any) -> Iterator[torch.Tensor]:
 
 def quant_storage_bytes(module: nn.Module) -> int:
     """Bytes of a quantized layer's weight: packed codes + quant state (absmax, nested absmax, code
-    tables, offset; int8: row scales). Counted as serialized, per layer. 0 for other modules."""
+    tables, offset; int8: row scales). Counted as serialized, per layer; the codes of an FSDP2-sharded layer
+    count this rank's shard. 0 for other modules."""
     if not is_quantized(module):
         return 0
     return sum(t.numel() * t.element_size() for t in _state_tensors(module))

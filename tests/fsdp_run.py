@@ -59,24 +59,26 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--shard", action="store_true", help="ModelParallelStrategy + FullyShardCallback")
     parser.add_argument("--dcp", action="store_true", help="save_distributed_checkpoint=True (a directory)")
-    parser.add_argument("--method", choices=["lora", "qlora"], default="lora")
+    parser.add_argument("--method", choices=["lora", "qlora", "qlora-int8"], default="lora")
     parser.add_argument("--global-batch", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--resume", default=None)
     parser.add_argument("--validate", action="store_true", help="trainer.validate after fit")
     parser.add_argument("--seed", type=int, default=0, help="seed of the base (another base: another seed)")
+    parser.add_argument("--quantized", choices=["shard", "replicate"], default="shard")
     parser.add_argument("--per-rank-seed", action="store_true", help="a base that differs per rank (must fail)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(0)
     callbacks: list[L.Callback] = [Record(args.out), ModelCheckpoint(args.out / "ckpt", save_top_k=-1)]
-    if args.method == "qlora":
-        callbacks.append(QuantizeBaseCallback(mode="nf4", compute_dtype="fp32"))
+    if args.method.startswith("qlora"):
+        mode = "int8" if args.method == "qlora-int8" else "nf4"
+        callbacks.append(QuantizeBaseCallback(mode=mode, compute_dtype="fp32"))
     callbacks.append(LoRAInjectionCallback(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]))
     strategy: Any = "auto"
     if args.shard:
-        callbacks.append(FullyShardCallback())
+        callbacks.append(FullyShardCallback(quantized=args.quantized))
         strategy = ModelParallelStrategy(
             data_parallel_size=args.devices, tensor_parallel_size=1, save_distributed_checkpoint=args.dcp
         )

@@ -131,15 +131,68 @@ def test_validate_after_fit_keeps_the_sharded_model(runs: dict[str, Path]) -> No
     assert all("val_loss" in m[0] for m in metrics)
 
 
-def test_a_4bit_base_is_refused(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def qlora_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     pytest.importorskip("bitsandbytes")
-    done = _run(tmp_path, 1, "--shard", "--method", "qlora", check=False)
-    assert done.returncode != 0
-    expected = (
-        "4-bit weights cannot be sharded by FSDP2 (bitsandbytes has no FSDP2 all-gather hooks); use strategy ddp, "
-        "or FSDP1 with quant_storage=bf16 on CUDA"
+    root = tmp_path_factory.mktemp("fsdp-qlora")
+    paths = {name: root / name for name in ("one", "shard", "replicate")}
+    _run(paths["one"], 1, "--method", "qlora")
+    _run(paths["shard"], 2, "--shard", "--method", "qlora")
+    _run(paths["replicate"], 2, "--shard", "--method", "qlora", "--quantized", "replicate")
+    return paths
+
+
+@pytest.mark.parametrize("kind", ["shard", "replicate"])
+def test_qlora_two_sharded_processes_train_as_one_with_twice_the_batch(qlora_runs: dict[str, Path], kind: str) -> None:
+    one, two = _ranks(qlora_runs["one"], 1), _ranks(qlora_runs[kind], 2)
+    torch.testing.assert_close(_global_losses(two), _global_losses(one), atol=1e-5, rtol=0)
+    for name, value in two[0]["trainable"].items():
+        assert torch.equal(value, two[1]["trainable"][name]), name
+    _assert_same_weights(two[0]["trainable"], one[0]["trainable"])
+    assert torch.equal(two[0]["fingerprint"], one[0]["fingerprint"]), "same base check on any world size"
+
+
+def test_qlora_each_rank_holds_half_of_the_4bit_codes_or_all_of_them(qlora_runs: dict[str, Path]) -> None:
+    # 8 quantized 64x64 layers: 2,048 packed bytes each (the quant state is not a parameter: not counted here)
+    codes, whole = 8 * 64 * 64 // 2, _ranks(qlora_runs["one"], 1)[0]["frozen_bytes"]
+    floats = whole - codes  # biases, norms and the (unquantized) classifier
+    assert floats == 4 * (8 * 64 + 2 * 2 * 64 + 64 * 4 + 4)
+    for record in _ranks(qlora_runs["shard"], 2):
+        assert record["frozen_bytes"] == whole // 2
+    for record in _ranks(qlora_runs["replicate"], 2):
+        assert record["frozen_bytes"] == codes + floats // 2
+
+
+def test_qlora_resume_across_world_sizes_reproduces_the_uninterrupted_run(
+    qlora_runs: dict[str, Path], tmp_path: Path
+) -> None:
+    _run(tmp_path, 1, "--method", "qlora", "--resume", str(qlora_runs["shard"] / "ckpt" / FIRST))
+    after, uninterrupted = _ranks(tmp_path, 1), _ranks(qlora_runs["one"], 1)
+    torch.testing.assert_close(
+        _global_losses(after), _global_losses(uninterrupted)[STEPS_PER_EPOCH:], atol=1e-5, rtol=0
     )
-    assert expected in done.stdout + done.stderr
+    _assert_same_weights(after[0]["trainable"], uninterrupted[0]["trainable"])
+
+
+def test_shardable_4bit_layer_is_bit_identical_and_keeps_its_state_dict() -> None:
+    bnb = pytest.importorskip("bitsandbytes")
+    from lightning_adapt.layers import dequantize_weight, is_quantized, quant_storage_bytes
+    from lightning_adapt.quantize import QuantConfig, quantize_linear
+    from lightning_adapt.shard4bit import make_shardable
+
+    torch.manual_seed(0)
+    layer = quantize_linear(torch.nn.Linear(64, 32), QuantConfig(mode="nf4", compute_dtype=torch.float32))
+    x = torch.randn(3, 64, requires_grad=True)
+    expected, state, weight, size = layer(x), layer.state_dict(), dequantize_weight(layer), quant_storage_bytes(layer)
+    make_shardable(layer, torch.device("cpu"))
+    make_shardable(layer, torch.device("cpu"))  # idempotent
+    assert isinstance(layer, bnb.nn.Linear4bit) and type(layer).__name__ == "ShardableLinear4bit"
+    layer.weight = torch.nn.Parameter(layer.weight.data.clone(), requires_grad=False)  # as FSDP2 does: a plain one
+    assert torch.equal(layer(x), expected)
+    assert is_quantized(layer) and torch.equal(dequantize_weight(layer), weight) and quant_storage_bytes(layer) == size
+    after = layer.state_dict()
+    assert after.keys() == state.keys()
+    assert all(torch.equal(after[k], v) for k, v in state.items() if isinstance(v, torch.Tensor))
 
 
 def test_a_base_that_differs_between_ranks_is_refused(tmp_path: Path) -> None:

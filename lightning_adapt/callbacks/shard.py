@@ -6,7 +6,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -17,15 +17,10 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from typing_extensions import override
 
-from lightning_adapt.callbacks._transform import SHARD, ModelTransformCallback, check_same_base, transform_specs
+from lightning_adapt.callbacks._transform import SHARD, ModelTransformCallback, check_same_base
 from lightning_adapt.errors import ConfigError
 from lightning_adapt.layers import quantized_layers
-from lightning_adapt.quantize import QuantPlan
-
-QUANTIZED_REFUSAL = (
-    "4-bit weights cannot be sharded by FSDP2 (bitsandbytes has no FSDP2 all-gather hooks); use strategy ddp, "
-    "or FSDP1 with quant_storage=bf16 on CUDA"
-)
+from lightning_adapt.shard4bit import is_4bit, make_shardable
 
 
 @dataclass(frozen=True)
@@ -35,6 +30,7 @@ class ShardSpec:
     top-level submodule is one unit)."""
 
     layer_classes: tuple[str, ...] | None = None
+    quantized: Literal["shard", "replicate"] = "shard"
 
 
 class FullyShardCallback(ModelTransformCallback):
@@ -47,8 +43,10 @@ class FullyShardCallback(ModelTransformCallback):
     only while it runs. Adapter-only checkpoints keep working: the state-dict hooks drop the frozen keys
     before FSDP2 gathers anything, and the base fingerprint is computed from the full values.
 
-    Requires ``ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)``; a quantized base
-    is refused. Outside a trainer (``lightning-adapt export`` rebuilding the model) it does nothing.
+    QLoRA: the packed 4-bit codes are sharded too (``quantized="shard"``, bit-identical to one process; see
+    :mod:`lightning_adapt.shard4bit`), or kept whole on every rank (``quantized="replicate"``; int8 always).
+
+    Requires ``ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)``. Outside a trainer (``lightning-adapt export`` rebuilding the model) it does nothing.
 
     Example::
 
@@ -59,12 +57,18 @@ class FullyShardCallback(ModelTransformCallback):
     name = "shard"
     priority = SHARD
 
-    def __init__(self, layer_classes: list[str] | None = None) -> None:
+    def __init__(
+        self, layer_classes: list[str] | None = None, quantized: Literal["shard", "replicate"] = "shard"
+    ) -> None:
         """
         Args:
             layer_classes: class names of the blocks that become one FSDP2 unit each (e.g.
                 ``[LlamaDecoderLayer]``). ``None`` (default): the children of the largest ``nn.ModuleList``
                 whose children share one class (the transformer layers of common models).
+            quantized: QLoRA: ``shard`` (default) splits the packed 4-bit codes over the ranks like any other
+                weight (their small quantization state stays whole on every rank); ``replicate`` keeps every
+                quantized weight whole on every rank (no all-gather of the base: more memory, less traffic).
+                int8 weights are always replicated.
         """
         super().__init__()
         if layer_classes is not None and (
@@ -74,8 +78,11 @@ class FullyShardCallback(ModelTransformCallback):
                 f"layer_classes={layer_classes!r}: expected a non-empty list of class names, e.g. "
                 "[LlamaDecoderLayer]. Fix: list the block classes, or leave it unset to detect them."
             )
-        self._spec = ShardSpec(None if layer_classes is None else tuple(layer_classes))
+        if quantized not in ("shard", "replicate"):
+            raise ConfigError(f"quantized={quantized!r}: expected 'shard' or 'replicate'. Fix: quantized: shard.")
+        self._spec = ShardSpec(None if layer_classes is None else tuple(layer_classes), quantized)
         self._mesh: Any = None
+        self._device = torch.device("cpu")
         self.sharded: list[str] = []
 
     @property
@@ -96,6 +103,7 @@ class FullyShardCallback(ModelTransformCallback):
         if problems:
             raise ConfigError("shard: " + " ".join(problems))
         self._mesh = strategy.device_mesh["data_parallel"]
+        self._device = strategy.root_device
         super().setup(trainer, pl_module, stage)
         original = type(strategy).load_checkpoint.__get__(strategy)
 
@@ -118,11 +126,10 @@ class FullyShardCallback(ModelTransformCallback):
         _check_shardable(module)
         _check_same_base(module, self._mesh)
         blocks = _blocks(module, self.spec.layer_classes)
-        roots = [(n, m) for n, m in module.named_children() if _has_unsharded_params(m, blocks)]
-        for _, block in blocks:
-            fully_shard(block, mesh=self._mesh)
-        for _, child in roots:
-            fully_shard(child, mesh=self._mesh)
+        replicated = _prepare_quantized(module, self.spec.quantized, self._device)
+        roots = [(n, m) for n, m in module.named_children() if _has_unsharded_params(m, blocks, replicated)]
+        for _, unit in blocks + roots:
+            fully_shard(unit, mesh=self._mesh, ignored_params=replicated or None)
         self.sharded = [name for name, _ in blocks + roots]
         return self.sharded
 
@@ -193,24 +200,13 @@ def _setup_problems(trainer: L.Trainer, strategy: ModelParallelStrategy) -> list
             "data_parallel_size=<nodes>, tensor_parallel_size=<devices per node>). Fix: "
             f"ModelParallelStrategy(data_parallel_size={strategy.world_size}, tensor_parallel_size=1)."
         )
-    plans = [spec for spec in transform_specs(trainer) if isinstance(spec, QuantPlan)]
-    if plans:
-        problems.append(_quantized_refusal(plans[0].config.mode) + ". Fix: remove quantize: or shard:.")
     return problems
-
-
-def _quantized_refusal(mode: str) -> str:
-    if mode == "int8":
-        return "int8 weights cannot be sharded by FSDP2 (bitsandbytes has no FSDP2 all-gather hooks); use strategy ddp"
-    return QUANTIZED_REFUSAL
 
 
 def _check_shardable(module: nn.Module) -> None:
     """Refuse what FSDP2 cannot shard or would silently break: 4-bit layers, a base left on the meta device
     (the strategy would re-initialise it randomly), trainable parameters of the LightningModule itself."""
     problems = []
-    if quantized_layers(module):
-        problems.append(QUANTIZED_REFUSAL)
     meta = [n for n, p in module.named_parameters() if p.is_meta]
     if meta:
         problems.append(
@@ -270,6 +266,19 @@ def _largest_uniform_list(module: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(f"{name}.{i}", child) for i, child in enumerate(best)]
 
 
-def _has_unsharded_params(child: nn.Module, blocks: list[tuple[str, nn.Module]]) -> bool:
-    inside = {id(p) for _, block in blocks for p in block.parameters()}
+def _has_unsharded_params(child: nn.Module, blocks: list[tuple[str, nn.Module]], replicated: set[nn.Parameter]) -> bool:
+    inside = {id(p) for _, block in blocks for p in block.parameters()} | {id(p) for p in replicated}
     return any(id(p) not in inside for p in child.parameters())
+
+
+def _prepare_quantized(module: nn.Module, how: str, device: torch.device) -> set[nn.Parameter]:
+    """Make the 4-bit layers shardable (:mod:`lightning_adapt.shard4bit`) and return the quantized weights every
+    rank keeps whole (``ignored_params``): int8 ones, and all of them when ``how`` is ``replicate``. FSDP2 would
+    otherwise turn a bitsandbytes parameter into a plain one and lose its quantization state."""
+    replicated: set[nn.Parameter] = set()
+    for _, layer in quantized_layers(module):
+        if how == "shard" and is_4bit(layer):
+            make_shardable(layer, device)
+        else:
+            replicated.add(layer.get_parameter("weight"))
+    return replicated
