@@ -7,6 +7,7 @@ Callbacks (add them to any ``Trainer``, or use the recipe keys of the ``lightnin
 * :class:`PagedOptimizerCallback` (``paged_optimizer:``): bitsandbytes (paged, 8-bit) optimizers.
 * :class:`MergeOnSaveCallback` (``merge:``): the PEFT-format adapter and the merged model as safetensors.
 * :class:`MemoryReportCallback` (``memory_report:``): measured memory beside the estimator's prediction.
+* :class:`PredictionWriter` (``predictions:``): ``predict``'s outputs as JSON Lines plus a short table.
 
 The package is layered (``docs/architecture.md``): :mod:`~lightning_adapt.errors` and
 :mod:`~lightning_adapt.layers` at the bottom; :mod:`~lightning_adapt.adapters`,
@@ -20,6 +21,7 @@ from lightning_adapt.callbacks.lora import LoRAInjectionCallback
 from lightning_adapt.callbacks.memory_report import MemoryReportCallback
 from lightning_adapt.callbacks.merge import MergeOnSaveCallback
 from lightning_adapt.callbacks.paged_optimizer import PagedOptimizerCallback, PagedOptimizerPlugin
+from lightning_adapt.callbacks.predictions import PredictionWriter
 from lightning_adapt.callbacks.quantize import QuantizeBaseCallback
 from lightning_adapt.errors import ConfigError
 
@@ -35,6 +37,7 @@ __all__ = [
     "MergeOnSaveCallback",
     "PagedOptimizerCallback",
     "PagedOptimizerPlugin",
+    "PredictionWriter",
     "QuantizeBaseCallback",
     "__version__",
     "merge_lora",

@@ -36,6 +36,7 @@ RECIPE_KEYS: dict[str, str] = {
     "memory_report": "lightning_adapt.callbacks.memory_report.MemoryReportCallback",
     "merge": "lightning_adapt.callbacks.merge.MergeOnSaveCallback",
     "shard": "lightning_adapt.callbacks.shard.FullyShardCallback",
+    "predictions": "lightning_adapt.callbacks.predictions.PredictionWriter",
 }
 
 
@@ -98,6 +99,70 @@ class AdaptTrainer(Trainer):
             ) from None
         merge.export(None, model, datamodule)
 
+    def chat(
+        self,
+        model: LightningModule,
+        ckpt_path: str | None = None,
+        prompt: str | None = None,
+        system: str | None = None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        datamodule: LightningDataModule | None = None,
+    ) -> None:
+        """Talk to a causal-LM recipe's model: one reply to ``--prompt``, else a loop over standard input.
+
+        Args:
+            model: the recipe's causal-LM task (built from ``--config``).
+            ckpt_path: a checkpoint trained with the recipe (adapters on the base, 4-bit or not), or a merged
+                directory (``<log dir>/export/merged``); none: the untrained base.
+            prompt: answer this one message and exit; none: interactive (``/exit``, Ctrl-D or Ctrl-C leave).
+            system: an optional system message put before the conversation.
+            max_new_tokens: the longest reply, in tokens.
+            temperature: 0 decodes greedily (deterministic); above 0 samples (e.g. 0.7).
+            top_p: nucleus sampling: keep the smallest set of tokens whose probability reaches this.
+            seed: seed of the sampler (sampling only).
+            datamodule: the recipe's DataModule (unused; accepted so recipes load unchanged).
+        """
+        from lightning_adapt.chat import GenerationOptions, run_chat
+
+        options = GenerationOptions(max_new_tokens, temperature, top_p, seed)
+        hf_model, tokenizer = self._chat_model(model, ckpt_path)
+        run_chat(hf_model, tokenizer, options, prompt, system)
+
+    def _chat_model(self, model: LightningModule, ckpt_path: str | None) -> tuple[Any, Any]:
+        tokenizer = getattr(model, "tokenizer", None)
+        if tokenizer is None or not hasattr(model, "hf_config"):
+            raise ConfigError(
+                f"chat needs a causal-LM recipe; --config builds {type(model).__name__}. "
+                "Fix: use a recipe under recipes/chat/ (model: lightning_adapt.tasks.CausalLMTask)."
+            )
+        if ckpt_path and Path(ckpt_path).is_dir():  # a merged export: plain from_pretrained
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            try:
+                hf = AutoModelForCausalLM.from_pretrained(ckpt_path, local_files_only=True)
+            except (OSError, ValueError) as err:
+                raise ConfigError(
+                    f"--ckpt_path={ckpt_path!r} is a directory but not a saved model ({err}). "
+                    "Fix: pass <log dir>/export/merged or a .ckpt file."
+                ) from None
+            if (Path(ckpt_path) / "tokenizer_config.json").is_file():
+                tokenizer = AutoTokenizer.from_pretrained(ckpt_path, local_files_only=True)
+            return hf, tokenizer
+        build_model(self, model)
+        if ckpt_path:
+            try:
+                state = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+                model.load_state_dict(state)
+            except (OSError, KeyError, RuntimeError, pickle.UnpicklingError) as err:
+                raise ConfigError(
+                    f"--ckpt_path={ckpt_path!r} is not a checkpoint of this recipe: {err}. "
+                    "Fix: pass a .ckpt trained with the same --config, or a merged directory."
+                ) from None
+        return model.model, tokenizer  # type: ignore[attr-defined]
+
 
 class AdaptCLI(LightningCLI):
     """LightningCLI whose parser also takes the optional recipe keys listed in ``RECIPE_KEYS``."""
@@ -114,7 +179,7 @@ class AdaptCLI(LightningCLI):
     @staticmethod
     @override
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
+        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}, "chat": {"model", "datamodule"}}
 
     @override
     def _parse_ckpt_path(self) -> None:
@@ -149,6 +214,9 @@ def main(argv: list[str] | None = None) -> None:
     if args and args[0] == "estimate":
         estimate_main(args[1:])
         return
+    if args and args[0] == "inspect":
+        _inspect(args[1:])
+        return
     try:
         AdaptCLI(args=argv)  # None: LightningCLI reads sys.argv itself
     except ValueError as err:
@@ -157,6 +225,13 @@ def main(argv: list[str] | None = None) -> None:
             raise  # not a setting the user can fix: keep the traceback
         print(f"lightning-adapt: error: {config_error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _inspect(args: list[str]) -> None:
+    """``lightning-adapt inspect``: rank diagnostics of a trained adapter (imported only when asked for)."""
+    from lightning_adapt.compare.inspect import main as inspect_main
+
+    inspect_main(args)
 
 
 def _config_error(err: BaseException) -> ConfigError | None:

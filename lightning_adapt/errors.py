@@ -9,13 +9,16 @@ Each message names the argument, the value, what is allowed and the fix.
 from __future__ import annotations
 
 __all__ = [
+    "ArgumentError",
     "BaseMismatchError",
+    "CheckpointError",
     "ConfigError",
     "DataError",
     "ExportError",
     "LoadError",
     "MissingDependencyError",
     "ModelNotFoundError",
+    "NonFiniteError",
     "TargetingError",
 ]
 
@@ -50,3 +53,15 @@ class BaseMismatchError(ConfigError, RuntimeError):
 
 class MissingDependencyError(ConfigError, ImportError):
     """An optional dependency that a chosen setting needs is not installed; the message says what to install."""
+
+
+class ArgumentError(ConfigError):
+    """A command-line flag or recipe value the config parser rejects (unknown key, wrong type, not allowed)."""
+
+
+class CheckpointError(ConfigError):
+    """A ``--ckpt_path`` that is missing, not a file, truncated, not a Lightning checkpoint, or unsafe to load."""
+
+
+class NonFiniteError(ConfigError, RuntimeError):
+    """A NaN/Inf loss or gradient during training (``guard: action: stop``); names the step and the parameter."""

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from lightning_adapt.errors import ConfigError
 from lightning_adapt.layers import require_bitsandbytes
@@ -237,7 +238,8 @@ def _tensors(value: Any) -> Iterable[Tensor]:
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes held by the tensors of ``optimizer.state`` (nested containers included).
 
-    A tensor object shared by several params (bitsandbytes' quantization maps) counts once.
+    A tensor object shared by several params (bitsandbytes' quantization maps) counts once; an FSDP2-sharded
+    state tensor counts this rank's shard.
     Parameters without state (never stepped, frozen) cost nothing.
     """
     seen: set[int] = set()
@@ -245,7 +247,8 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     for tensor in _tensors(list(optimizer.state.values())):
         if id(tensor) not in seen:
             seen.add(id(tensor))
-            total += tensor.numel() * tensor.element_size()
+            local = tensor.to_local() if isinstance(tensor, DTensor) else tensor  # this rank's shard
+            total += local.numel() * local.element_size()
     return total
 
 

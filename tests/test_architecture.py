@@ -28,7 +28,9 @@ LAYERS: dict[str, int] = {
     "callbacks": 4,
     "tasks": 5,
     "data": 5,
+    "chat": 5,
     "cli": 6,
+    "compare": 6,
     "_compat": 6,
     "__init__": 7,
 }

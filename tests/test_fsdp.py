@@ -240,15 +240,90 @@ def test_checkpoints_with_the_dotted_fingerprint_key_still_load() -> None:
         net.load_state_dict(state, strict=True)
 
 
-def test_merge_on_save_is_refused_under_fsdp2_with_the_export_command_as_fix(tmp_path: Path) -> None:
+LLM_SCRIPT = Path(__file__).resolve().parent / "fsdp_llm_run.py"
+
+
+@pytest.fixture(scope="module")
+def llm_runs(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    pytest.importorskip("bitsandbytes")
+    root = tmp_path_factory.mktemp("fsdp-export")
+    runs = {"one": (1,), "two": (2, "--shard"), "qlora": (2, "--shard", "--method", "qlora")}
+    for name, (devices, *flags) in runs.items():
+        launch(LLM_SCRIPT, root / name, devices, "--model", str(tiny_llama_dir), *flags)  # type: ignore[arg-type]
+    return {name: root / name for name in runs}
+
+
+def _merged(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(run / "export" / "merged" / "model.safetensors")
+
+
+def test_fsdp2_export_equals_the_one_process_export_and_loads(llm_runs: dict[str, Path]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    one, two = _merged(llm_runs["one"]), _merged(llm_runs["two"])
+    assert one.keys() == two.keys() and not any("lora" in k for k in two)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0, msg=name)
+    trained = [torch.load(llm_runs["two"] / f"rank{r}.pt", weights_only=False)["trainable"] for r in (0, 1)]
+    assert trained[0] and all(torch.equal(v, trained[1][k]) for k, v in trained[0].items())
+    model = AutoModelForCausalLM.from_pretrained(llm_runs["two"] / "export" / "merged", local_files_only=True)
+    assert torch.equal(
+        model.state_dict()["model.layers.0.self_attn.q_proj.weight"], two["model.layers.0.self_attn.q_proj.weight"]
+    )
+
+
+@pytest.mark.parametrize("run", ["two", "qlora"])
+def test_fsdp2_export_is_byte_identical_to_exporting_its_checkpoint_in_one_process(
+    llm_runs: dict[str, Path], tiny_llama_dir: Path, tmp_path: Path, run: str
+) -> None:
+    from lightning_adapt import LoRAInjectionCallback, MergeOnSaveCallback, QuantizeBaseCallback
+    from lightning_adapt.tasks.causal_lm import CausalLMTask
+
+    (ckpt,) = (llm_runs[run] / "ckpt").iterdir()
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    callbacks: list[Any] = [LoRAInjectionCallback(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])]
+    if run == "qlora":
+        callbacks.insert(0, QuantizeBaseCallback(mode="nf4", compute_dtype="fp32"))
+    module = CausalLMTask(model_name_or_path=str(tiny_llama_dir))
+    MergeOnSaveCallback(str(tmp_path / "out")).export_checkpoint(module, state, [c.spec for c in callbacks])
+    for part in ("merged/model.safetensors", "adapter/adapter_model.safetensors"):
+        assert (tmp_path / "out" / part).read_bytes() == (llm_runs[run] / "export" / part).read_bytes(), part
+
+
+@pytest.mark.parametrize("run", ["two", "qlora"])
+def test_memory_report_measures_per_rank_bytes_and_the_estimator_predicts_them(
+    llm_runs: dict[str, Path], run: str
+) -> None:
+    one = torch.load(llm_runs["one"] / "rank0.pt", weights_only=False)["memory"]["fit_end"]
+    for rank in (0, 1):
+        record = torch.load(llm_runs[run] / f"rank{rank}.pt", weights_only=False)
+        assert record["no_estimate"] is None
+        report = record["memory"]["fit_end"]
+        for component in ("weights", "weights: fp32", "adapter weights", "gradients", "optimizer state"):
+            measured, estimated = report[component]
+            assert measured == estimated, (component, measured, estimated)
+        assert report["trainable params"] == one["trainable params"], "a count, not bytes: the same on every rank"
+        if run == "two":  # the same LoRA run in one process: each rank holds half of every weight
+            assert abs(report["weights"][0] - one["weights"][0] / 2) <= 0.02 * one["weights"][0]
+        else:
+            measured, estimated = report["weights: quantized"]
+            assert measured == estimated, "half of the 4-bit codes, all of their block constants"
+
+
+def test_merge_on_save_under_fsdp2_refuses_what_it_cannot_stream_with_the_export_command_as_fix(
+    tmp_path: Path,
+) -> None:
     import lightning as L
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    from lightning_adapt import MergeOnSaveCallback
-    from lightning_adapt.errors import ConfigError
+    from lightning_adapt import LoRAInjectionCallback, MergeOnSaveCallback
 
     strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)
-    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, logger=False, default_root_dir=tmp_path)
-    with pytest.raises(ConfigError, match="lightning-adapt export"):
-        MergeOnSaveCallback(dirpath=str(tmp_path / "out")).setup(trainer, L.LightningModule(), "fit")
-    assert not (tmp_path / "out").exists()
+    callbacks = [LoRAInjectionCallback(r=2, target_modules=["q_proj"])]
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, strategy=strategy, logger=False, default_root_dir=tmp_path, callbacks=callbacks
+    )
+    with pytest.raises(ConfigError, match=r"is not a Hugging Face directory of safetensors.*lightning-adapt export"):
+        MergeOnSaveCallback(dirpath=str(tmp_path / "out")).setup(trainer, ToyModule(), "fit")

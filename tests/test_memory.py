@@ -299,7 +299,10 @@ def test_activations_only_when_asked_and_checkpointing_shrinks_them() -> None:
 def test_smallest_gpu_boundaries() -> None:
     assert smallest_gpu(24 * 2**30) == "24 GB (RTX 4090, L4, A10G)"
     assert smallest_gpu(24 * 2**30 + 1) == "40 GB (A100 40GB)"
-    assert smallest_gpu(80 * 2**30 + 1) is None
+    assert smallest_gpu(8 * 2**30 + 1) == "12 GB (RTX 3060, RTX 4070)"
+    assert smallest_gpu(12 * 2**30 + 1) == "16 GB (T4, V100 16GB, RTX 4080)"
+    assert smallest_gpu(80 * 2**30 + 1) == "94 GB (H100 NVL)"
+    assert smallest_gpu(192 * 2**30 + 1) is None
 
 
 def test_config_json_path_and_folder(tmp_path: Path) -> None:
@@ -345,7 +348,9 @@ def test_cli_prints_table_and_assumptions(capsys: pytest.CaptureFixture[str]) ->
     out = capsys.readouterr().out
     assert "| component | full | lora r=16 | qlora r=16 |" in out
     assert "| trainable params | 6.74B (100%) | 16.8M (0.249%) | 16.8M (0.249%) |" in out
-    assert "nf4-dq" in out and "Smallest GPU for qlora: 24 GB" in out
+    assert "nf4-dq" in out and "Smallest GPU for qlora: 8 GB" in out
+    qlora_line = next(line for line in out.splitlines() if line.startswith("Smallest GPU for qlora"))
+    assert "16 GB" in qlora_line  # issue 17: a T4 holds a 7B QLoRA (4.07 GB)
     assert "| optimizer states | 53.91 GB | 134.2 MB | 134.2 MB |" in out
     assert format_table([estimate(load_model_shape("llama-2-7b"), "lora")]).startswith("| component | lora r=16 |")
 
@@ -406,11 +411,17 @@ def test_fsdp_divides_float_weights_gradients_and_optimizer_state_per_rank_ddp_d
         fsdp = estimate(shape, method, Assumptions(world_size=8, strategy="fsdp"))
         assert ddp == replace(one, assumptions=ddp.assumptions)
         quantized = one.quantized_weights_bytes
-        assert fsdp.base_weights_bytes == -(-(one.base_weights_bytes - quantized) // 8) + quantized
+        # the packed 4-bit codes (half a byte per weight of the 7 projections of 32 blocks) are sharded too
+        codes = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008) // 2 if method == "qlora" else 0
+        kept = quantized - codes  # block constants and code tables: whole on every rank
+        assert fsdp.base_weights_bytes == -(-(one.base_weights_bytes - kept) // 8) + kept
         assert fsdp.optimizer_bytes == -(-one.optimizer_bytes // 8)
         assert fsdp.gradient_bytes == -(-one.gradient_bytes // 8)
         assert fsdp.total_bytes < one.total_bytes
-    assert estimate(shape, "qlora", Assumptions(world_size=8, strategy="fsdp")).quantized_weights_bytes > 3e9
+        replicated = estimate(shape, method, Assumptions(world_size=8, strategy="fsdp", shard_quantized=False))
+        assert replicated.base_weights_bytes == -(-(one.base_weights_bytes - quantized) // 8) + quantized
+        assert fsdp.quantized_weights_bytes == kept + -(-codes // 8)
+    assert estimate(shape, "qlora", Assumptions(world_size=8, strategy="fsdp")).quantized_weights_bytes < 0.6e9
     with pytest.raises(ValueError, match="world_size=0"):
         Assumptions(world_size=0)
 

@@ -8,6 +8,7 @@ from lightning_adapt.callbacks.lora import LoRAInjectionCallback
 from lightning_adapt.callbacks.memory_report import MemoryReportCallback
 from lightning_adapt.callbacks.merge import MergeOnSaveCallback
 from lightning_adapt.callbacks.paged_optimizer import PagedOptimizerCallback, PagedOptimizerPlugin
+from lightning_adapt.callbacks.predictions import PredictionWriter
 from lightning_adapt.callbacks.quantize import QuantizeBaseCallback
 
 __all__ = [
@@ -16,5 +17,6 @@ __all__ = [
     "MergeOnSaveCallback",
     "PagedOptimizerCallback",
     "PagedOptimizerPlugin",
+    "PredictionWriter",
     "QuantizeBaseCallback",
 ]

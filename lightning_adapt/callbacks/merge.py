@@ -9,6 +9,7 @@ when that cannot work, through :meth:`MergeOnSaveCallback.export` on the rebuilt
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +20,7 @@ from typing_extensions import override
 
 from lightning_adapt.adapters.checkpoint import FINGERPRINT_KEY, LEGACY_FINGERPRINT_KEY
 from lightning_adapt.adapters.inject import LoRASpec
+from lightning_adapt.callbacks._sharded_export import gather_trainable, run_on_rank_zero
 from lightning_adapt.callbacks._transform import transform_specs
 from lightning_adapt.errors import ConfigError, ExportError
 from lightning_adapt.export.adapter_sources import adapters_from_checkpoint
@@ -91,11 +93,7 @@ class MergeOnSaveCallback(L.Callback):
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if isinstance(trainer.strategy, ModelParallelStrategy):
-            raise ConfigError(
-                "merge: MergeOnSaveCallback does not gather FSDP2-sharded weights (strategy ModelParallelStrategy). "
-                "Fix: drop merge: and export the adapter-only checkpoint afterwards: lightning-adapt export "
-                "--config <recipe> --ckpt_path <ckpt> --output <dir> (it streams the merge from the source files)."
-            )
+            _check_sharded_export(pl_module, transform_specs(trainer), self.options.merge_base)
         if stage == "fit" and self.result is None:  # refuse before training, not after it
             self.dirpath = self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "export"
             check_target(self.dirpath, self.options.overwrite, self.argument)
@@ -117,6 +115,8 @@ class MergeOnSaveCallback(L.Callback):
         from the module or the datamodule, the probe of the merge report from ``probe_batch`` (default: the
         first training batch).
         """
+        if trainer is not None and isinstance(trainer.strategy, ModelParallelStrategy):
+            return self._export_sharded(trainer, pl_module, datamodule)
         if trainer is not None and not trainer.is_global_zero:
             return None
         datamodule = datamodule or getattr(trainer, "datamodule", None)
@@ -168,6 +168,16 @@ class MergeOnSaveCallback(L.Callback):
         )  # fmt: skip
         result.report = gap.report() if gap is not None and gap.count else None
         return self._announce(result)
+
+    def _export_sharded(self, trainer: L.Trainer, pl_module: L.LightningModule, datamodule: Any) -> ExportResult | None:
+        """FSDP2: every rank gathers the adapters, rank 0 streams the merge from the source files
+        (:mod:`lightning_adapt.callbacks._sharded_export`)."""
+        state = gather_trainable(pl_module, keep=trainer.is_global_zero)
+        specs = transform_specs(trainer)
+        datamodule = datamodule or getattr(trainer, "datamodule", None)
+        work = partial(self.export_checkpoint, pl_module, state, specs, datamodule, "the sharded run")
+        result: ExportResult | None = run_on_rank_zero(trainer, work, "merge: the export")
+        return result
 
     def _dirpath(self) -> Path:
         if self.dirpath is None:
@@ -221,6 +231,19 @@ def checkpoint_streaming_unavailable(
     if FINGERPRINT_KEY not in state_dict and LEGACY_FINGERPRINT_KEY not in state_dict:
         return "the checkpoint is not adapter-only (adapter_only_checkpoint: false): its trained tensors cannot be told from the base"
     return None
+
+
+def _check_sharded_export(module: Any, specs: list[object], merge_base: str) -> None:
+    """Under FSDP2 the merge streams from the source files (no rank holds the whole model); refuse at setup what
+    that cannot export."""
+    reason = checkpoint_streaming_unavailable(module, {FINGERPRINT_KEY: None}, specs, merge_base)
+    if reason is not None:
+        raise ConfigError(
+            "merge: under ModelParallelStrategy (FSDP2) MergeOnSaveCallback gathers the adapters and merges them "
+            f"into the model's source files as they stream by, which cannot work here: {reason}. Fix: drop merge: "
+            "and export the saved checkpoint afterwards in one process: lightning-adapt export --config <recipe> "
+            "--ckpt_path <ckpt> --output <dir>."
+        )
 
 
 def _hf_config(path: str) -> Any:

@@ -86,12 +86,22 @@ class TweetSentimentDataModule(SplitDataModule):
     @override
     def encode(self, examples: list[tuple[str, int]]) -> list[dict[str, Any]]:
         enc = self.tokenizer([text for text, _ in examples], truncation=True, max_length=self.max_length)
-        return [{**{k: v[j] for k, v in enc.items()}, "labels": target} for j, (_, target) in enumerate(examples)]
+        return [
+            {**{k: v[j] for k, v in enc.items()}, "labels": target, "text": text}
+            for j, (text, target) in enumerate(examples)
+        ]
 
     @override
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Pad a list of tokenized rows to the longest one."""
-        return dict(self.tokenizer.pad(rows, return_tensors="pt"))
+        return dict(
+            self.tokenizer.pad([{k: v for k, v in r.items() if k != "text"} for r in rows], return_tensors="pt")
+        )
+
+    @override
+    def predict_collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """The training batch plus ``text``: the tweets, for the predictions file."""
+        return {**self.collate(rows), "text": [r["text"] for r in rows]}
 
     @property
     def num_labels(self) -> int:

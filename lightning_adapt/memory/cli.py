@@ -13,6 +13,7 @@ from typing import Literal, get_args
 
 from lightning_adapt.memory.estimator import (
     DTYPE_BYTES,
+    GPU_GIB,
     Assumptions,
     Dtype,
     Estimate,
@@ -48,7 +49,7 @@ def estimate_command(
     """Estimate training memory for full fine-tuning, LoRA and QLoRA from a model config.
 
     Prints a components × methods table (GB = 10^9 bytes), the assumptions behind each figure and the
-    smallest common GPU (24/40/48/80 GB) that holds the total. See docs/memory.md.
+    smallest common GPU (8/12/16/24/40/48/80/94/141/192 GB) that holds the total. See docs/memory.md.
 
     Args:
         model: Preset (llama-2-7b, llama-2-13b, llama-2-70b, llama-65b, mistral-7b, llama-3-8b), or a
@@ -75,7 +76,8 @@ def estimate_command(
         activation_checkpointing: Estimate activations with per-block checkpointing.
         world_size: Processes (GPUs) training together; figures are per rank.
         strategy: ddp (every rank holds everything) or fsdp (FSDP2: float weights, gradients and optimizer
-            state divided by world_size; 4-bit weights replicated).
+            state divided by world_size, and the packed 4-bit codes; their block constants and int8
+            weights replicated).
         json: Print one JSON object (integer byte counts and assumptions) instead of the table.
     """
     given = locals()  # the options named like Assumptions' fields, as given
@@ -135,7 +137,8 @@ def _report(estimates: list[Estimate], assumptions: Assumptions) -> str:
     lines = [f"Training memory for {e0.model} ({e0.total_params:,} parameters; GB = 10^9 bytes)", ""]
     if assumptions.world_size > 1:
         what = (
-            "float weights, gradients and optimizer state sharded (FSDP2), 4-bit weights replicated"
+            "weights, gradients and optimizer state sharded (FSDP2; of 4-bit weights the packed codes, their "
+            "block constants replicated)"
             if assumptions.strategy == "fsdp"
             else "everything replicated (DDP)"
         )
@@ -151,8 +154,9 @@ def _report(estimates: list[Estimate], assumptions: Assumptions) -> str:
         "text is adamw-fp32 with --master_weights true. It rounds 6.74B to 7B (docs/memory.md)."
     )
     for e in estimates:
-        gpu = e.smallest_gpu or "none of 24/40/48/80 GB: shard across GPUs or change the method"
-        lines.append(f"Smallest GPU for {e.method}: {gpu}")
+        gpu = e.smallest_gpu or f"none up to {GPU_GIB[-1]} GB: shard across GPUs or change the method"
+        enough = [f"{g} GB" for g in GPU_GIB if e.total_bytes <= g * 2**30]
+        lines.append(f"Smallest GPU for {e.method}: {gpu}" + (f"; enough: {', '.join(enough)}" if enough else ""))
     return "\n".join(lines)
 
 

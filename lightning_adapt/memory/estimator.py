@@ -76,8 +76,19 @@ NF4_BLOCKS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 #: Per quantized layer: the 16-entry fp32 code table; double quantization adds its 256-entry fp32 table
 #: and an fp32 offset. Counted as bitsandbytes holds (and serializes) them, once per layer.
 QUANT_TABLE_BYTES: dict[str, int] = {"nf4-dq": 16 * 4 + 256 * 4 + 4, "nf4": 16 * 4, "int8": 0}
-GPU_GIB = (24, 40, 48, 80)
-GPU_EXAMPLES = {24: "RTX 4090, L4, A10G", 40: "A100 40GB", 48: "RTX A6000, L40S", 80: "A100 80GB, H100"}
+GPU_GIB = (8, 12, 16, 24, 40, 48, 80, 94, 141, 192)
+GPU_EXAMPLES = {
+    8: "RTX 3070, RTX 4060",
+    12: "RTX 3060, RTX 4070",
+    16: "T4, V100 16GB, RTX 4080",
+    24: "RTX 4090, L4, A10G",
+    40: "A100 40GB",
+    48: "RTX A6000, L40S",
+    80: "A100 80GB, H100",
+    94: "H100 NVL",
+    141: "H200",
+    192: "B200, MI300X",
+}
 
 
 @dataclass(frozen=True)
@@ -109,9 +120,12 @@ class Assumptions:
         activation_checkpointing: Keep only each block's input; recompute one block at a time.
         world_size: Processes (GPUs) training together; the figures are per rank.
         strategy: ``ddp`` replicates everything (each rank holds the whole estimate); ``fsdp`` (FSDP2 full
-            sharding) divides the float weights, gradients and optimizer state by ``world_size``. 4-bit
-            weights stay replicated (bitsandbytes has no FSDP2 all-gather hooks). Activations are per rank
-            either way (``batch_size`` is the per-rank batch).
+            sharding) divides the float weights, gradients and optimizer state by ``world_size``, and the
+            packed 4-bit codes too unless ``shard_quantized`` is false; their block constants and code tables,
+            and int8 weights, stay whole on every rank. Activations are per rank either way (``batch_size``
+            is the per-rank batch).
+        shard_quantized: ``fsdp``: the 4-bit codes are sharded (``FullyShardCallback(quantized="shard")``,
+            the default) or replicated (``quantized="replicate"``).
     """
 
     rank: int = 16
@@ -130,6 +144,7 @@ class Assumptions:
     activation_checkpointing: bool = False
     world_size: int = 1
     strategy: Strategy = "ddp"
+    shard_quantized: bool = True
 
     def __post_init__(self) -> None:
         problems = []
@@ -249,11 +264,13 @@ def estimate(shape: ModelShape, method: Method, assumptions: Assumptions | None 
         return _finish(shape, method, a, dense, 0, adapter, tensors)
     kept = saved_linears(shape, a.modules_to_save)  # trained fully, so not quantized
     quantized = tuple(s for s in shape.linears if s not in kept)
-    return _finish(shape, method, a, *_quantize(quantized, a, dense), adapter, tensors)
+    base, packed, codes = _quantize(quantized, a, dense)
+    return _finish(shape, method, a, base, packed, adapter, tensors, codes)
 
 
-def _quantize(linears: tuple[LinearSpec, ...], a: Assumptions, dense: int) -> tuple[int, int]:
-    """``dense`` base bytes with ``linears`` quantized (biases in the compute dtype), and the quantized part."""
+def _quantize(linears: tuple[LinearSpec, ...], a: Assumptions, dense: int) -> tuple[int, int, int]:
+    """``dense`` base bytes with ``linears`` quantized (biases in the compute dtype), the quantized part, and
+    the packed 4-bit codes in it (the part FSDP2 can shard; 0 for int8)."""
     base_bytes = DTYPE_BYTES[a.base_dtype]
     weights = sum(s.in_features * s.out_features * s.count for s in linears)
     quantized = sum(
@@ -261,26 +278,31 @@ def _quantize(linears: tuple[LinearSpec, ...], a: Assumptions, dense: int) -> tu
     )
     biases = sum(s.out_features * s.count for s in linears if s.bias)
     base = dense + quantized - weights * base_bytes + biases * (DTYPE_BYTES[a.quant_compute_dtype] - base_bytes)
-    return base, quantized
+    codes = 0 if a.quant == "int8" else sum(math.ceil(s.in_features * s.out_features / 2) * s.count for s in linears)
+    return base, quantized, codes
 
 
 def _finish(
     shape: ModelShape, method: Method, a: Assumptions, base: int, quantized: int, adapter: int,
-    tensors: list[tuple[int, int, Dtype]],
+    tensors: list[tuple[int, int, Dtype]], codes: int = 0,
 ) -> Estimate:  # fmt: skip
     """Sum trainable ``(numel, count, dtype)`` tensors into optimizer state and gradients."""
     trainable = sum(n * c for n, c, _ in tensors)
     scalars = a.state_bytes_per_tensor
     opt = sum(optimizer_bytes(n, a.optimizer, a.master_weights, d, scalars) * c for n, c, d in tensors)
+    whole = scalars * sum(c for _, c, _ in tensors)  # per-tensor scalars and code tables: not sharded
     if a.optimizer == "adamw-8bit" and any(n >= ADAM8_MIN_SIZE for n, _, _ in tensors):
-        opt += ADAM8_QMAP_BYTES
+        opt, whole = opt + ADAM8_QMAP_BYTES, whole + ADAM8_QMAP_BYTES
     grads = sum(n * c * DTYPE_BYTES[d] for n, c, d in tensors)
     acts = 0
     if a.batch_size is not None and a.seq_len is not None:
         acts = activation_bytes(shape, a.batch_size, a.seq_len, a.activation_checkpointing)
-    if a.strategy == "fsdp" and a.world_size > 1:  # per rank: 1/N of every sharded float tensor
-        base = _per_rank(base - quantized, a.world_size) + quantized
-        adapter, opt, grads = (_per_rank(x, a.world_size) for x in (adapter, opt, grads))
+    if a.strategy == "fsdp" and a.world_size > 1:  # per rank: 1/N of every sharded tensor
+        kept = quantized - (codes if a.shard_quantized else 0)  # block constants, tables, int8: whole
+        base = _per_rank(base - kept, a.world_size) + kept
+        quantized = kept + _per_rank(quantized - kept, a.world_size)
+        adapter, grads = _per_rank(adapter, a.world_size), _per_rank(grads, a.world_size)
+        opt = _per_rank(opt - whole, a.world_size) + whole
     total = base + adapter + opt + grads + acts
     return Estimate(
         shape.name, method, shape.total_params, trainable, base, adapter, base + adapter,
@@ -293,7 +315,7 @@ def _per_rank(n: int, world_size: int) -> int:
 
 
 def smallest_gpu(total_bytes: int) -> str | None:
-    """The smallest common GPU (24/40/48/80 GiB) holding ``total_bytes`` (no CUDA context, fragmentation)."""
+    """The smallest common GPU (``GPU_GIB``: 8 to 192 GiB) holding ``total_bytes`` (no CUDA context, fragmentation)."""
     for gib in GPU_GIB:
         if total_bytes <= gib * 2**30:
             return f"{gib} GB ({GPU_EXAMPLES[gib]})"
@@ -331,7 +353,7 @@ def format_table(estimates: list[Estimate]) -> str:
         rows.append(("activations", lambda e: format_bytes(e.activation_bytes)))
     rows += [
         ("total", lambda e: format_bytes(e.total_bytes)),
-        ("smallest GPU", lambda e: (e.smallest_gpu or "> 80 GB").split(" (")[0]),
+        ("smallest GPU", lambda e: (e.smallest_gpu or f"> {GPU_GIB[-1]} GB").split(" (")[0]),
     ]
     lines = ["| component | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     lines += [f"| {label} | " + " | ".join(cell(e) for e in estimates) + " |" for label, cell in rows]

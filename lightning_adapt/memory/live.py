@@ -9,6 +9,7 @@ estimator cannot describe exactly gets ``(None, reason)``.
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from torch import nn
 
 from lightning_adapt.adapters.inject import LoRASpec, logical_numel
 from lightning_adapt.adapters.targeting import ALL_LINEAR, DEFAULT_TARGETS
-from lightning_adapt.layers import adapter_param_ids, dtype_name
+from lightning_adapt.layers import adapter_param_ids, dtype_name, layer_dims, quantized_layers
 from lightning_adapt.memory.estimator import (
     Assumptions,
     Dtype,
@@ -50,6 +51,7 @@ def predict(
     specs: Sequence[object],
     optimizer: torch.optim.Optimizer | None,
     tokens: tuple[int, int] | None = None,
+    sharding: dict[str, Any] | None = None,
 ) -> tuple[Estimate | None, str | None]:
     """The estimator's prediction for a live run, or ``(None, why not)``.
 
@@ -58,6 +60,8 @@ def predict(
         specs: the settings of the run's model transforms (a :class:`LoRASpec`, a :class:`QuantPlan`).
         optimizer: the run's optimizer, if built (its class gives the optimizer kind).
         tokens: ``(batch size, sequence length)`` of a training batch, for the activation term.
+        sharding: ``world_size``, ``strategy`` (``ddp`` / ``fsdp``) and ``shard_quantized`` of
+            :class:`~lightning_adapt.memory.Assumptions`; the estimate is then per rank.
     """
     model = _hf_model(module)
     if model is None:
@@ -71,6 +75,7 @@ def predict(
         options.update(_optimizer_options(optimizer))
         if tokens is not None:
             options["batch_size"], options["seq_len"] = tokens
+        options.update(sharding or {})
         return estimate(shape, method, Assumptions(**options)), None
     except ValueError as err:
         return None, f"the estimator cannot describe this run: {err}"
@@ -78,13 +83,15 @@ def predict(
 
 def _check_accounted(module: nn.Module, model: nn.Module, shape: ModelShape) -> None:
     """Raise unless ``shape`` counts every non-adapter parameter of ``module`` (a packed 4-bit tensor as
-    the weights it holds): the estimate would silently leave the rest out."""
+    the weights it holds, also once FSDP2 made it a plain one; a sharded tensor with its global size): the
+    estimate would silently leave the rest out."""
     inside, adapters = {id(p) for p in model.parameters()}, adapter_param_ids(module)
     outside = [n for n, p in module.named_parameters() if id(p) not in inside and id(p) not in adapters]
     if outside:
         more = f" and {len(outside) - 3} more" if len(outside) > 3 else ""
         raise ValueError(f"parameters outside {type(model).__name__} are not modeled: {', '.join(outside[:3])}{more}")
-    numel = sum(logical_numel(p) for p in model.parameters() if id(p) not in adapters)
+    packed = {id(layer.weight): math.prod(layer_dims(layer)) for _, layer in quantized_layers(model)}
+    numel = sum(packed.get(id(p)) or logical_numel(p) for p in model.parameters() if id(p) not in adapters)
     if numel != shape.total_params:
         raise ValueError(
             f"{type(model).__name__} holds {numel:,} parameters besides adapters; its config describes "

@@ -113,11 +113,12 @@ class TaskModule(L.LightningModule):
 
     @override
     def on_fit_end(self) -> None:
+        log_dir = self.trainer.log_dir  # a broadcast: every rank takes part
         if not self.trainer.is_global_zero:
             return
         lines = [
             "",
-            f"=== lightning-adapt: fine-tuned {self.model_name_or_path} ({type(self.model).__name__})",
+            f"=== lightning-adapt: fine-tuned {self.model_name_or_path} ({_class_name(self.model)})",
         ]
         if not self.last_val:
             lines.append("  no validation ran after training (end on an epoch boundary or set val_check_interval)")
@@ -129,9 +130,16 @@ class TaskModule(L.LightningModule):
         best = str(getattr(ckpt, "best_model_path", "") or "")
         if best:
             lines.append(f"  checkpoint: {best}")
-        if self.trainer.log_dir:
-            lines.append(f"  logs: {self.trainer.log_dir}")
+        if log_dir:
+            lines.append(f"  logs: {log_dir}")
         rank_zero_info("\n".join(lines))
+
+
+def _class_name(model: Any) -> str:
+    """The model's own class name, not FSDP2's wrapper class (``FSDPLlamaForCausalLM``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c.__name__ for c in type(model).__mro__ if not issubclass(c, FSDPModule))
 
 
 def _mb(n: int) -> str:

@@ -17,7 +17,8 @@ class SequenceClassificationTask(TaskModule):
     """Fine-tune ``AutoModelForSequenceClassification`` on batches of ``input_ids``/``attention_mask``/``labels``.
 
     Logs ``train_loss`` per step and ``val_loss``, ``val_acc`` (micro accuracy) and ``val_f1`` (macro F1)
-    per validation epoch. ``predict`` returns class probabilities. ``self.model`` is ``None`` until
+    per validation epoch. ``predict`` returns text, predicted label, class probabilities and gold label
+    per example. ``self.model`` is ``None`` until
     ``configure_model`` (see :class:`TaskModule`).
     """
 
@@ -95,6 +96,16 @@ class SequenceClassificationTask(TaskModule):
         self.log("test_loss", out.loss, batch_size=len(preds))
 
     @override
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        return torch.softmax(self.model(**inputs).logits.float(), dim=-1)
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """One ``{"text", "label", "probabilities", "gold"}`` dict per example (``text``/``gold`` when the
+        batch has ``text``/``labels``; label ids, named by :class:`~lightning_adapt.PredictionWriter`)."""
+        inputs = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "labels"}
+        probabilities = torch.softmax(self.model(**inputs).logits.float(), dim=-1)
+        rows: list[dict[str, Any]] = [{"label": int(p.argmax()), "probabilities": p.tolist()} for p in probabilities]
+        texts, gold = batch.get("text"), batch.get("labels")
+        for i, row in enumerate(rows):
+            if texts is not None:
+                rows[i] = {"text": texts[i], **row}
+            if gold is not None:
+                rows[i]["gold"] = int(gold[i])
+        return rows
