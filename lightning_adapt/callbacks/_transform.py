@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from lightning_adapt.adapters.checkpoint import base_fingerprint
+from lightning_adapt.callbacks._fsdp1 import install_fsdp1_policy
 from lightning_adapt.errors import ConfigError
 
 Transform = Callable[[nn.Module], object]
@@ -106,6 +107,7 @@ class ModelTransformCallback(L.Callback):
         register_transform(pl_module, self.name, self.priority, self.apply)
         if isinstance(trainer.strategy, DDPStrategy):
             register_transform(pl_module, "ddp_frozen_base", DISTRIBUTED, ddp_ignore_frozen)
+        install_fsdp1_policy(trainer, pl_module)  # FSDP1 (CUDA): adapters in units of their own
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
 import lightning as L
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
 from lightning_adapt.adapters.checkpoint import install_adapter_only_state
+from lightning_adapt.callbacks._fsdp1 import fsdp1_param_dtype, fsdp1_quant_storage
 from lightning_adapt.callbacks._transform import QUANTIZE, ModelTransformCallback
 from lightning_adapt.layers import DTYPES, require_bitsandbytes
 from lightning_adapt.loading import attach_quant_plan
@@ -74,6 +77,16 @@ class QuantizeBaseCallback(ModelTransformCallback):
     @override
     def spec(self) -> QuantPlan:
         return QuantPlan(self.config, tuple(self.skip_modules), self.include_default_skips)
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if isinstance(trainer.strategy, FSDPStrategy):  # FSDP1 flattens the codes with the other weights
+            param_dtype = fsdp1_param_dtype(trainer.strategy, str(trainer.precision))
+            storage = fsdp1_quant_storage(self.config.mode, self.config.quant_storage, param_dtype)
+            if storage != self.config.quant_storage:
+                rank_zero_info(f"lightning-adapt: FSDP1: 4-bit codes stored as {storage} (the compute dtype)")
+            self.config = replace(self.config, quant_storage=storage)
+        super().setup(trainer, pl_module, stage)
 
     @override
     def before_configure_model(self, module: nn.Module) -> None:
