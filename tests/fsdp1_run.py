@@ -54,6 +54,22 @@ def batches(world: int, rank: int) -> list[torch.Tensor]:
     return [tokens[b + rank * local : b + (rank + 1) * local] for b in range(0, len(tokens), GLOBAL_BATCH)]
 
 
+def train(model: torch.nn.Module, steps: list[torch.Tensor]) -> dict[str, Any]:
+    """AdamW steps of next-token loss over ``steps``: the losses and the first batch's logits."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    record: dict[str, Any] = {"losses": []}
+    for step, tokens in enumerate(steps):
+        logits = model(tokens).logits
+        if step == 0:
+            record["logits"] = logits.detach().float()
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        record["losses"].append(float(loss))
+    return record
+
+
 def frozen_local_bytes(model: FSDP) -> int:
     """Bytes of the frozen flat parameters this rank keeps between steps (its shard)."""
     total = 0
@@ -73,17 +89,7 @@ def run(rank: int, world: int, port: int, out: Path, dtype: torch.dtype) -> None
         model, auto_wrap_policy=fsdp1_wrap_policy(model), use_orig_params=True, mixed_precision=precision,
         device_id=torch.device("cpu"),
     )  # fmt: skip
-    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
-    record: dict[str, Any] = {"losses": [], "frozen_bytes": frozen_local_bytes(wrapped)}
-    for step, tokens in enumerate(batches(world, rank)):
-        logits = wrapped(tokens).logits
-        if step == 0:
-            record["logits"] = logits.detach().float()
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        record["losses"].append(float(loss))
+    record = {**train(wrapped, batches(world, rank)), "frozen_bytes": frozen_local_bytes(wrapped)}
     with FSDP.summon_full_params(wrapped):
         record["adapters"] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     torch.save(record, out / f"rank{rank}.pt")

@@ -35,17 +35,7 @@ def _clean(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _reference(dtype: torch.dtype) -> dict[str, Any]:
     """The same steps without FSDP, on the whole global batch."""
     model = fsdp1_run.build(dtype)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    record: dict[str, Any] = {"losses": []}
-    for step, tokens in enumerate(fsdp1_run.batches(1, 0)):
-        logits = model(tokens).logits
-        if step == 0:
-            record["logits"] = logits.detach().float()
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        record["losses"].append(float(loss))
+    record = fsdp1_run.train(model, fsdp1_run.batches(1, 0))
     record["adapters"] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     return record
 
