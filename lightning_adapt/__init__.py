@@ -8,6 +8,9 @@ Callbacks (add them to any ``Trainer``, or use the recipe keys of the ``lightnin
 * :class:`MergeOnSaveCallback` (``merge:``): the PEFT-format adapter and the merged model as safetensors.
 * :class:`MemoryReportCallback` (``memory_report:``): measured memory beside the estimator's prediction.
 * :class:`PredictionWriter` (``predictions:``): ``predict``'s outputs as JSON Lines plus a short table.
+* :class:`NonFiniteGuardCallback` (``guard:``): stop, or skip the step, on a NaN/Inf loss or gradient.
+* :class:`ExactResumeCallback` (``exact_resume:``): random states in every checkpoint, for your own loaders
+  (the ready DataModules' :class:`~lightning_adapt.data.ResumableDataLoader` keeps them itself).
 
 The package is layered (``docs/architecture.md``): :mod:`~lightning_adapt.errors` and
 :mod:`~lightning_adapt.layers` at the bottom; :mod:`~lightning_adapt.adapters`,
@@ -17,9 +20,11 @@ and :mod:`~lightning_adapt.memory`; the thin Lightning :mod:`~lightning_adapt.ca
 
 from lightning_adapt import _compat
 from lightning_adapt.adapters.lora import LoRALinear, merge_lora
+from lightning_adapt.callbacks.exact_resume import ExactResumeCallback
 from lightning_adapt.callbacks.lora import LoRAInjectionCallback
 from lightning_adapt.callbacks.memory_report import MemoryReportCallback
 from lightning_adapt.callbacks.merge import MergeOnSaveCallback
+from lightning_adapt.callbacks.nonfinite_guard import NonFiniteGuardCallback
 from lightning_adapt.callbacks.paged_optimizer import PagedOptimizerCallback, PagedOptimizerPlugin
 from lightning_adapt.callbacks.predictions import PredictionWriter
 from lightning_adapt.callbacks.quantize import QuantizeBaseCallback
@@ -31,10 +36,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
+    "ExactResumeCallback",
     "LoRAInjectionCallback",
     "LoRALinear",
     "MemoryReportCallback",
     "MergeOnSaveCallback",
+    "NonFiniteGuardCallback",
     "PagedOptimizerCallback",
     "PagedOptimizerPlugin",
     "PredictionWriter",

@@ -9,17 +9,23 @@ with ``weights_only=True``, so nothing in it runs) and a file without a ``state_
 
 from __future__ import annotations
 
+import importlib.util
 import pickle
 import re
+import shutil
 import zipfile
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lightning_adapt.errors import ArgumentError, CheckpointError
+from lightning_adapt.errors import ArgumentError, CheckpointError, ConfigError, MissingDependencyError
 
-__all__ = ["parser_error", "read_checkpoint"]
+__all__ = ["SUBCOMMANDS", "check_strategy", "missing_roots", "parser_error", "read_checkpoint", "remove_created"]
+
+#: What ``lightning-adapt`` takes first (LightningCLI's four, the project's own, and the ones main() dispatches).
+SUBCOMMANDS = ("fit", "validate", "test", "predict", "export", "chat", "estimate", "inspect", "compare")
 
 _CKPT_FIX = (
     " Fix: pass a .ckpt file written by `lightning-adapt fit` with this recipe "
@@ -53,7 +59,8 @@ def read_checkpoint(path: str | Path, argument: str = "--ckpt_path", mmap: bool 
     try:
         checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        detail = str(err).split("\n\n")[-1].strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        detail = f"it would call {found.group(1)}" if found else (str(err).strip().splitlines() or ["?"])[0]
         raise CheckpointError(
             f"{where} holds Python objects that only arbitrary code could rebuild ({detail}); it is refused "
             f"and nothing in it was run (checkpoints load with weights_only=True).{_CKPT_FIX}"
@@ -61,34 +68,151 @@ def read_checkpoint(path: str | Path, argument: str = "--ckpt_path", mmap: bool 
     except (OSError, RuntimeError, EOFError) as err:
         raise CheckpointError(f"{where} is a damaged PyTorch checkpoint ({err}).{_CKPT_FIX}") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        kind = f"keys {sorted(checkpoint)[:5]}" if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        kind = f"keys {sorted(map(str, checkpoint))[:5]}" if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise CheckpointError(
             f"{where} is a PyTorch file but not a Lightning checkpoint (no 'state_dict'; it holds {kind}).{_CKPT_FIX}"
         )
     return checkpoint
 
 
+def missing_roots(paths: Iterable[str | Path | None]) -> list[Path]:
+    """The topmost folder of each of ``paths`` that does not exist yet: what a run writing there creates."""
+    roots = set()
+    for given in paths:
+        path = Path(given).absolute() if given else None
+        if path is None or path.exists():
+            continue
+        while not path.parent.exists():
+            path = path.parent
+        roots.add(path)
+    return sorted(roots)
+
+
+def remove_created(roots: Iterable[Path]) -> None:
+    """Remove the folders (from :func:`missing_roots`) that a refused run created, so it leaves nothing behind;
+    a folder that holds a checkpoint is kept (the run trained before it stopped)."""
+    for root in roots:
+        if root.is_dir() and not any(root.rglob("*.ckpt")):
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def check_strategy(strategy: str, recipe_keys: Collection[str]) -> None:
+    """Refuse, before anything is built, a ``trainer.strategy`` that cannot work with the recipe or this install.
+
+    Args:
+        strategy: the strategy's name or class path (``deepspeed_stage_2``, ``lightning.pytorch.strategies...``).
+        recipe_keys: the recipe keys set (``paged_optimizer``, ``shard``...).
+    """
+    if "deepspeed" not in strategy.lower():
+        return
+    if "paged_optimizer" in recipe_keys:
+        raise ConfigError(
+            f"paged_optimizer with trainer.strategy={strategy!r}: DeepSpeed builds and owns its optimizer. Fix: "
+            "remove paged_optimizer (DeepSpeed's own offload saves optimizer memory), or use strategy ddp or fsdp."
+        )
+    if importlib.util.find_spec("deepspeed") is None:
+        raise MissingDependencyError(
+            f"trainer.strategy={strategy!r} needs the deepspeed package, which is not installed. "
+            "Fix: `pip install deepspeed`, or use strategy ddp or fsdp."
+        )
+
+
 _KEY = re.compile(r'Parser key "([^"]+)"')
+_CLASS = re.compile(r"Problem with given class_path '([^']+)':\n\s*(.*)")
+_NOT_ACCEPTED = re.compile(r"Option '([^']+)' is not accepted")
 _EXPECTED = re.compile(r"Expected a (.+?)(?:\. Got value: (.*))?$")
-_NOISE = ("Expected a <class 'NoneType'>", "Given value", "Subtypes:", "Errors:", "Does not validate", "- Problem")
+_GIVEN = re.compile(r"^\s*Given value: (.*)$", re.MULTILINE)
+_NESTED = re.compile(r"NestedArg\(key='[^']*', val=(.*)\)")
+_LITERAL = re.compile(r"typing\.Literal\[(.*)\]")
 
 
 def parser_error(text: str, subcommand: str | None) -> ArgumentError:
-    """One line for the config parser's report ``text``: the dotted key, the value, what is allowed and the fix."""
+    """One line for the config parser's report ``text``: the dotted key, the value, what is allowed and the fix.
+
+    The parser wraps a recipe key's problem in the report of each type the key could have (``<class 'NoneType'>``
+    included); this keeps the innermost key, the value given and the allowed values, and drops the rest.
+    """
     helper = f"`lightning-adapt {subcommand or 'fit'} --help` lists every option"
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     keys = [k for k in _KEY.findall(text) if k != "init_args"]
-    given = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Given value:")), None)
-    for line in lines:
-        found = _EXPECTED.search(line.lstrip("- "))
-        if found is None or "NoneType" in found.group(1):
-            continue
-        allowed = found.group(1)
-        choices = re.fullmatch(r"typing\.Literal\[(.*)\]", allowed)
-        allowed = f"one of {choices.group(1)}" if choices else re.sub(r"<class '([\w.]+)'>", r"\1", allowed)
-        value = found.group(2) if found.group(2) is not None else given
-        name = ".".join(keys) if keys else "a value"
-        return ArgumentError(f"{name}={value!r} is not allowed: expected {allowed}. Fix: set {name} to that; {helper}.")
-    useful = [line for line in lines if not any(noise in line for noise in _NOISE)]
-    summary = "; ".join(useful[:3]) or text.strip()
-    return ArgumentError(f"{summary.rstrip('.')}. Fix: check the spelling and the value; {helper}.")
+    name = ".".join(keys)
+    for rule in (_subcommand, _required, _unrecognized, _config_file, _not_accepted, _class_problem, _not_allowed):
+        message = rule(text, name, subcommand)
+        if message is not None:
+            return ArgumentError(f"{message} Fix: {_FIXES[rule]}; {helper}.")
+    useful = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith(" ")]
+    return ArgumentError(f"{'; '.join(useful[:2]).rstrip('.')}. Fix: check the spelling and the value; {helper}.")
+
+
+def _subcommand(text: str, name: str, subcommand: str | None) -> str | None:
+    found = re.search(r"invalid choice: '([^']*)'", text)
+    if found is None and not text.startswith('expected "subcommand"'):
+        return None
+    given = f"{found.group(1)!r} is not a subcommand" if found else "no subcommand given"
+    return f"{given}: lightning-adapt takes {', '.join(SUBCOMMANDS)}."
+
+
+def _required(text: str, name: str, subcommand: str | None) -> str | None:
+    found = re.search(r"the following arguments are required: (.*)", text)
+    if found is None:
+        return None
+    flags = ", ".join("--" + flag.strip().split(".", 1)[-1] for flag in found.group(1).split(","))
+    return f"`lightning-adapt {subcommand}` needs {flags}."
+
+
+def _unrecognized(text: str, name: str, subcommand: str | None) -> str | None:
+    found = re.search(r"unrecognized arguments: (.*)", text) or re.search(r"does not accept option '([^']+)'", text)
+    if found is None:
+        return None
+    return f"{found.group(1)} is not an option of `lightning-adapt {subcommand or ''}`.".replace(" `.", "`.")
+
+
+def _config_file(text: str, name: str, subcommand: str | None) -> str | None:
+    if name == "config":
+        return f"--config: {text.split(':', 1)[1].strip().rstrip('.')}."
+    if text.startswith("Problems parsing config"):
+        detail = " ".join(text.split(":", 1)[1].split())
+        return f"--config is not valid YAML ({detail})."
+    return None
+
+
+def _not_accepted(text: str, name: str, subcommand: str | None) -> str | None:
+    option, owner = _NOT_ACCEPTED.search(text), _CLASS.search(text)
+    if option is None:
+        return None
+    where = f" of {owner.group(1)}" if owner else ""
+    return f"{name}.{option.group(1)} is not an option{where}.".lstrip(".")
+
+
+def _class_problem(text: str, name: str, subcommand: str | None) -> str | None:
+    owner = _CLASS.search(text)
+    if owner is None or owner.group(2).startswith("Parser key"):
+        return None
+    return f"{name}: class_path {owner.group(1)!r} cannot be used ({owner.group(2).strip().rstrip('.')})."
+
+
+def _not_allowed(text: str, name: str, subcommand: str | None) -> str | None:
+    found = [m for line in text.splitlines() if (m := _EXPECTED.search(line.strip().lstrip("- ")))]
+    types = [m.group(1) for m in found if "NoneType" not in m.group(1) and not m.group(1).startswith("path but")]
+    if not types:
+        return None
+    literals = [lit.group(1) for t in types if (lit := _LITERAL.fullmatch(t))]
+    names = [re.sub(r"<class '([\w.]+)'>", r"\1", t) for t in types if not _LITERAL.fullmatch(t)]
+    allowed = " or ".join([*names, *(["one of " + ", ".join(literals)] if literals else [])])
+    value = next((m.group(2) for m in found if m.group(2) is not None), None)
+    if value is None:
+        given = _GIVEN.findall(text)
+        value = given[0].strip() if given else "?"
+        nested = _NESTED.fullmatch(value)
+        value = nested.group(1).strip("'\"") if nested else value
+    return f"{name or 'a value'}={value!r} is not allowed: expected {allowed}."
+
+
+_FIXES = {
+    _subcommand: "e.g. `lightning-adapt fit --config recipes/sentiment/lora.yaml`",
+    _required: "pass it (for --ckpt_path: a .ckpt written by `lightning-adapt fit` with this recipe)",
+    _unrecognized: "check the spelling (nested keys are dotted, e.g. --lora.init_args.r=8)",
+    _config_file: "pass an existing recipe YAML, e.g. --config recipes/sentiment/lora.yaml",
+    _not_accepted: "remove it or correct its spelling",
+    _class_problem: "give an importable class (e.g. lightning_adapt.LoRAInjectionCallback)",
+    _not_allowed: "use one of the allowed values",
+}

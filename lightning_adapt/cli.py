@@ -8,22 +8,24 @@ or QLoRA by configuration alone. ``lightning-adapt estimate`` plans memory witho
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
-import pickle
 import sys
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from lightning_adapt.adapters.checkpoint import FINGERPRINT_KEY, LEGACY_FINGERPRINT_KEY
 from lightning_adapt.callbacks._transform import build_model, transform_specs
 from lightning_adapt.callbacks.merge import MergeOnSaveCallback, checkpoint_streaming_unavailable
-from lightning_adapt.errors import ConfigError, ExportError
+from lightning_adapt.checks import check_strategy, missing_roots, parser_error, read_checkpoint, remove_created
+from lightning_adapt.errors import CheckpointError, ConfigError, ExportError
 from lightning_adapt.export.exporter import check_target
 from lightning_adapt.memory.cli import main as estimate_main
 
@@ -37,7 +39,11 @@ RECIPE_KEYS: dict[str, str] = {
     "merge": "lightning_adapt.callbacks.merge.MergeOnSaveCallback",
     "shard": "lightning_adapt.callbacks.shard.FullyShardCallback",
     "predictions": "lightning_adapt.callbacks.predictions.PredictionWriter",
+    "guard": "lightning_adapt.callbacks.nonfinite_guard.NonFiniteGuardCallback",
+    "exact_resume": "lightning_adapt.callbacks.exact_resume.ExactResumeCallback",
 }
+#: ``--ckpt_path`` values Lightning resolves itself (``last``: the newest checkpoint of the run's folder).
+_SPECIAL_CKPT = ("last", "best", "hpc")
 
 
 def _load_class(class_path: str) -> type[Callback]:
@@ -58,6 +64,8 @@ class AdaptTrainer(Trainer):
         merge_base: Literal["original", "dequantized"] = "original",
         max_shard_size: str = "5GB",
         overwrite: bool = False,
+        evaluate: bool = True,
+        eval_batches: int | None = None,
         datamodule: LightningDataModule | None = None,
     ) -> None:
         """Write the PEFT-format adapter (output/adapter) and the merged model (output/merged) of a checkpoint.
@@ -71,24 +79,27 @@ class AdaptTrainer(Trainer):
                 model (best), or into the ``dequantized`` 4-bit weights. Both are compared in a report.
             max_shard_size: shard the merged weights above this size (e.g. ``5GB``, ``500MB``).
             overwrite: replace a non-empty ``output`` (atomically).
-            datamodule: the recipe's DataModule (its tokenizer is saved when the model has none).
+            evaluate: QLoRA with validation data: then validate the trained model and both merges and print each
+                one's metrics and the better merge (``MergeOnSaveCallback``'s ``evaluate``); ``false``: skip it.
+            eval_batches: validation batches per evaluated model; ``None``: the recipe's ``limit_val_batches``.
+            datamodule: the recipe's DataModule (its tokenizer is saved when the model has none; its validation
+                data measures the merges).
         """
         check_target(Path(output), overwrite, "--output")
-        merge = MergeOnSaveCallback(output, merge_base, dtype, max_shard_size, overwrite=overwrite)
+        merge = MergeOnSaveCallback(
+            output, merge_base, dtype, max_shard_size, overwrite=overwrite, evaluate=evaluate, eval_batches=eval_batches
+        )
         merge.argument = "--output"
         fix = " Fix: pass a checkpoint trained with this recipe (same model, quantize: and lora: settings)."
-        try:  # mapped: a full checkpoint's frozen base is never read in
-            state = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
-        except (OSError, KeyError, RuntimeError, pickle.UnpicklingError) as err:
-            raise ExportError(
-                f"--ckpt_path={ckpt_path!r} is not a readable Lightning checkpoint: {err}.{fix}"
-            ) from None
+        state = read_checkpoint(ckpt_path)["state_dict"]  # mapped: a full checkpoint's base is never read in
         specs = transform_specs(self)
         reason = checkpoint_streaming_unavailable(model, state, specs, merge_base)
         if reason is None:  # no model is built: the adapters are merged into the source files as they stream by
             merge.export_checkpoint(model, state, specs, datamodule, f"--ckpt_path={ckpt_path!r}")
-            return
-        rank_zero_info(f"lightning-adapt: export builds the model and merges in memory: {reason}")
+            if not merge.evaluates(specs):
+                return  # else the trained model is built to measure the merges
+        else:
+            rank_zero_info(f"lightning-adapt: export builds the model and merges in memory: {reason}")
         build_model(self, model)
         try:
             model.load_state_dict(state)
@@ -97,7 +108,10 @@ class AdaptTrainer(Trainer):
                 f"--ckpt_path={ckpt_path!r} does not match the model built from --config: {err}"
                 f"{'' if 'Fix:' in str(err) else fix}"
             ) from None
-        merge.export(None, model, datamodule)
+        if reason is not None:
+            merge.export(None, model, datamodule, evaluate=False)
+        if merge.evaluates(specs):
+            merge.evaluate_merges(self, model, datamodule)
 
     def chat(
         self,
@@ -142,21 +156,21 @@ class AdaptTrainer(Trainer):
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             try:
-                hf = AutoModelForCausalLM.from_pretrained(ckpt_path, local_files_only=True)
+                hf = AutoModelForCausalLM.from_pretrained(ckpt_path, local_files_only=True, trust_remote_code=False)
             except (OSError, ValueError) as err:
                 raise ConfigError(
                     f"--ckpt_path={ckpt_path!r} is a directory but not a saved model ({err}). "
                     "Fix: pass <log dir>/export/merged or a .ckpt file."
                 ) from None
             if (Path(ckpt_path) / "tokenizer_config.json").is_file():
-                tokenizer = AutoTokenizer.from_pretrained(ckpt_path, local_files_only=True)
+                tokenizer = AutoTokenizer.from_pretrained(ckpt_path, local_files_only=True, trust_remote_code=False)
             return hf, tokenizer
         build_model(self, model)
         if ckpt_path:
+            state = read_checkpoint(ckpt_path)["state_dict"]
             try:
-                state = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
                 model.load_state_dict(state)
-            except (OSError, KeyError, RuntimeError, pickle.UnpicklingError) as err:
+            except (KeyError, RuntimeError) as err:
                 raise ConfigError(
                     f"--ckpt_path={ckpt_path!r} is not a checkpoint of this recipe: {err}. "
                     "Fix: pass a .ckpt trained with the same --config, or a merged directory."
@@ -182,17 +196,47 @@ class AdaptCLI(LightningCLI):
         return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}, "chat": {"model", "datamodule"}}
 
     @override
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        # The parser's own report (usage, then every union member's error) becomes one ArgumentError line.
+        for each in (parser, *getattr(self, "_subcommand_parsers", {}).values()):
+            each.exit_on_error = False
+        try:
+            super().parse_arguments(parser, args)
+        except argparse.ArgumentError as err:
+            words = sys.argv[1:] if args is None else [str(a) for a in args]
+            subcommand = next((w for w in words if w in self.subcommands()), None)
+            raise parser_error(str(err), subcommand) from None
+
+    @override
     def _parse_ckpt_path(self) -> None:
+        # Every --ckpt_path is opened once, safely, before anything is built or written (checks.read_checkpoint).
         # LightningCLI re-reads the model's hyperparameters from the checkpoint; a checkpoint saved outside
         # the CLI has no class path for them (subclass mode), so keep the config's model settings instead.
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and Path(ckpt_path).is_file():
-            checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True)
-            hparams = checkpoint.get("hyper_parameters") or {}
-            if hparams and "_class_path" not in hparams:
-                return
-        super()._parse_ckpt_path()
+        if ckpt_path == "best":  # Lightning's "best" of an earlier fit in the same process: a CLI run has none
+            raise CheckpointError(
+                f"--ckpt_path='best' means the best checkpoint of a fit run earlier in the same process; "
+                f"`lightning-adapt {subcommand}` starts a new one, which has none. Fix: pass the checkpoint file "
+                "(<log dir>/checkpoints/*.ckpt), or 'last' to resume a fit."
+            )
+        special = ckpt_path in _SPECIAL_CKPT or str(ckpt_path).startswith("registry")
+        if not ckpt_path or special or (subcommand == "chat" and Path(ckpt_path).is_dir()):
+            return
+        checkpoint = read_checkpoint(ckpt_path)
+        adapter_keys = [key for key in ("lora", "quantize") if self.config[subcommand].get(key) is not None]
+        if not adapter_keys and {FINGERPRINT_KEY, LEGACY_FINGERPRINT_KEY} & set(checkpoint["state_dict"]):
+            raise CheckpointError(
+                f"--ckpt_path={ckpt_path!r} is adapter-only (trained with lora: or quantize:; it holds no base "
+                "weights), but --config has neither key. Fix: pass the recipe it was trained with."
+            )
+        hparams = checkpoint.get("hyper_parameters") or {}
+        if hparams and "_class_path" not in hparams:
+            return
+        try:
+            super()._parse_ckpt_path()
+        except argparse.ArgumentError as err:
+            raise parser_error(f"--ckpt_path={ckpt_path!r}: its saved hyperparameters: {err}", subcommand) from None
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -205,7 +249,43 @@ class AdaptCLI(LightningCLI):
         keys = self._parser(self.subcommand).callback_keys
         extra = [cb for cb in (self._get(self.config_init, k) for k in keys) if cb is not None]
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
-        return self._instantiate_trainer(trainer_config, extra)
+        try:
+            return self._instantiate_trainer(trainer_config, extra)
+        except (MisconfigurationException, ValueError) as err:  # Lightning's checks of the trainer: settings
+            if isinstance(err, ConfigError):
+                raise
+            raise ConfigError(
+                f"trainer: {str(err).strip()} Fix: change that trainer setting; "
+                f"`lightning-adapt {self.subcommand} --help` lists them."
+            ) from None
+
+    @override
+    def _run_subcommand(self, subcommand: str) -> None:
+        # A run refused by a configuration error leaves nothing behind: the folders it created (the logger's
+        # version folder with config.yaml, the checkpoint folder) go, unless it trained (then they are kept).
+        roots = missing_roots(_output_dirs(self.trainer))
+        try:
+            super()._run_subcommand(subcommand)
+        except Exception as err:
+            if _config_error(err) is not None and self.trainer.global_step == 0:
+                remove_created(roots)
+            raise
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        strategy = self._get(self.config, "trainer", default={}).get("strategy")
+        name = strategy.get("class_path", "") if hasattr(strategy, "get") else str(strategy or "")
+        check_strategy(name, [key for key in RECIPE_KEYS if self._get(self.config, key) is not None])
+
+
+def _output_dirs(trainer: Trainer) -> list[str | None]:
+    dirs: list[str | None] = [getattr(cb, "dirpath", None) for cb in trainer.checkpoint_callbacks]
+    for logger in trainer.loggers:
+        try:  # resolves the next version folder without creating it
+            dirs.append(logger.log_dir)
+        except Exception:  # a logger without a local folder
+            continue
+    return dirs
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -216,6 +296,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args and args[0] == "inspect":
         _inspect(args[1:])
+        return
+    if args and args[0] == "compare":
+        _compare(args[1:])
         return
     try:
         AdaptCLI(args=argv)  # None: LightningCLI reads sys.argv itself
@@ -232,6 +315,13 @@ def _inspect(args: list[str]) -> None:
     from lightning_adapt.compare.inspect import main as inspect_main
 
     inspect_main(args)
+
+
+def _compare(args: list[str]) -> None:
+    """``lightning-adapt compare``: one fit per recipe, measured side by side (imported only when asked for)."""
+    from lightning_adapt.compare.command import main as compare_main
+
+    compare_main(args)
 
 
 def _config_error(err: BaseException) -> ConfigError | None:

@@ -68,6 +68,7 @@ class WeightSource:
         path: a directory with ``model.safetensors`` or a sharded ``model.safetensors.index.json``, or a file.
         prefix: dotted name of the submodule the file describes (``"model"`` for a LightningModule keeping its
             Hugging Face model in ``self.model``; ``""``: the whole module): file key ``k`` is ``prefix.k``.
+        argument: the setting the path came from, named in errors (e.g. ``model.model_name_or_path``).
 
     That submodule's Hugging Face ``base_model_prefix`` (e.g. ``"bert"``) is handled automatically: stripped
     from its names when the file's keys lack it (BertForSequenceClassification from a BertModel checkpoint),
@@ -76,6 +77,7 @@ class WeightSource:
 
     path: str | Path
     prefix: str = ""
+    argument: str = "WeightSource.path"
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,7 @@ def _read_header(file: Path, expected: Sequence[str]) -> dict[str, StoredTensor]
     return entries
 
 
-def _index(path: Path, hint: Sequence[str]) -> dict[str, StoredTensor]:
+def _index(path: Path, hint: Sequence[str], argument: str) -> dict[str, StoredTensor]:
     """Every tensor of the checkpoint at ``path`` by file key, from the headers alone."""
     files: dict[Path, list[str]] = {}
     if path.is_file() or (path / _SINGLE).is_file():
@@ -152,8 +154,9 @@ def _index(path: Path, hint: Sequence[str]) -> dict[str, StoredTensor]:
             files.setdefault(path / name, []).append(key)
     else:
         raise LoadError(
-            f"WeightSource.path={str(path)!r}: no {_SINGLE}, {_INDEX} or .safetensors file there (.bin is not "
-            "read). Fix: point it at the checkpoint directory."
+            f"{argument}={str(path)!r}: no {_SINGLE} or {_INDEX} there (pickled .bin/.pt weights are never "
+            "loaded: unpickling can run code). Fix: point it at a directory with safetensors weights (convert a "
+            ".bin with `save_pretrained(..., safe_serialization=True)`)."
         )
     return {k: v for file, keys in files.items() for k, v in _read_header(file, keys).items()}
 
@@ -234,7 +237,7 @@ def _prepare(
     check_entries(list(init), modules, "init_missing", [n for n, _ in root.named_modules()])
     slots = _slots(root, source.prefix)
     names = [n for s in slots for n in s.names]
-    stored = _index(Path(source.path), names)
+    stored = _index(Path(source.path), names, source.argument)
     key_of, foreign = _key_map(root, names, source.prefix, set(stored))
     problems = _match(slots, key_of, stored, init)
     used, ignored = {key_of[n] for n in names}, []

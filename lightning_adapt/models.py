@@ -23,6 +23,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from lightning_adapt.errors import ModelNotFoundError
 
@@ -63,9 +64,11 @@ def _convert_gguf(src_dir: Path, gguf_file: str, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     loaded = AutoModelForCausalLM.from_pretrained(
-        src_dir, gguf_file=gguf_file, dtype=torch.float32, local_files_only=True
+        src_dir, gguf_file=gguf_file, dtype=torch.float32, local_files_only=True, trust_remote_code=False
     )
-    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=gguf_file, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(
+        src_dir, gguf_file=gguf_file, local_files_only=True, trust_remote_code=False
+    )
     # save_pretrained refuses GGUF-loaded models: rebuild a plain model from the config and copy the weights.
     config = loaded.config
     if hasattr(config, "quantization_config"):
@@ -110,3 +113,24 @@ def resolve_model(name_or_path: str, argument: str = "model_name_or_path") -> Pa
         f"(packaged: {', '.join(sorted(PACKAGED_MODELS))}). Fix: pass one of those names or a local "
         "Hugging Face directory containing config.json and weights (hub downloads are not attempted)."
     )
+
+
+def read_hf_config(path: Path, argument: str = "model_name_or_path", **overrides: object) -> Any:
+    """The ``AutoConfig`` of a local model directory, never running code from it.
+
+    ``trust_remote_code=False`` is passed explicitly: left unset, ``transformers`` asks on a terminal whether to
+    run the directory's own Python (``auto_map``) and runs it on "y". Every ``config.json`` problem (not JSON, an
+    unknown ``model_type``, custom code) becomes one :class:`ModelNotFoundError` naming ``argument``.
+    """
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False, **overrides)
+    except (OSError, ValueError, KeyError) as err:
+        reason = str(err).strip().split(". ")[0] if str(err).strip() else type(err).__name__
+        if "custom code" in reason or "trust_remote_code" in str(err):
+            reason = "it needs the directory's own Python code (auto_map), and code from a model directory is never run"
+        raise ModelNotFoundError(
+            f"{argument}={str(path)!r}: its config.json cannot be used ({reason.rstrip('.')}). Fix: pass a "
+            "Hugging Face directory of an architecture transformers ships (config.json with a known model_type)."
+        ) from None

@@ -17,6 +17,7 @@ LAYERS: dict[str, int] = {
     "naming": 0,
     "layers": 1,
     "resources": 1,
+    "rng": 1,
     "adapters": 2,
     "quantize": 2,
     "shard4bit": 2,
@@ -25,6 +26,7 @@ LAYERS: dict[str, int] = {
     "export": 3,
     "memory": 3,
     "models": 3,
+    "checks": 3,
     "callbacks": 4,
     "tasks": 5,
     "data": 5,
@@ -40,6 +42,7 @@ NO_LIGHTNING = (
     "naming",
     "layers",
     "resources",
+    "rng",
     "adapters",
     "quantize",
     "shard4bit",
@@ -48,6 +51,7 @@ NO_LIGHTNING = (
     "export",
     "memory",
     "models",
+    "checks",
 )
 MAX_CHAIN = 7  # modules on the longest path; the first layout had 8 by this count (and a cycle)
 

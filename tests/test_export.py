@@ -148,9 +148,9 @@ def test_merge_callback_every_checkpoint_and_refusal_before_training(tmp_path: P
     calls: list[int] = []
     original = merge.export
 
-    def spy(t: Any, m: Any) -> Any:
+    def spy(t: Any, m: Any, **kwargs: Any) -> Any:
         calls.append(m.global_step)
-        return original(t, m)
+        return original(t, m, **kwargs)
 
     merge.export = spy  # type: ignore[method-assign,assignment]
     module = ToyModule()

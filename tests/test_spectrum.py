@@ -93,3 +93,57 @@ def test_inspect_bad_path_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixt
     with pytest.raises(SystemExit):
         main(["inspect", "--ckpt_path", str(tmp_path / "full.ckpt")])
     assert "holds no LoRA adapter weights" in capsys.readouterr().err
+
+
+def test_real_adapter_of_the_sentiment_recipe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A real LoRA run (recipes/sentiment/lora.yaml, 3 steps): the spectra read from its .ckpt (alpha from the
+    recipe) equal those from its exported PEFT adapter (alpha from adapter_config.json), and both equal the
+    singular values of the merged weight minus the original base weight, the update as exported."""
+    from safetensors import safe_open
+
+    from lightning_adapt.models import resolve_model
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    main([
+        "fit", "--config", "recipes/sentiment/lora.yaml", "--trainer.max_steps=3", "--trainer.limit_val_batches=1",
+        "--data.init_args.train_size=32", "--data.init_args.val_size=8", "--data.init_args.batch_size=8",
+        "--data.init_args.max_length=32", "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+    ])  # fmt: skip
+    (ckpt,) = tmp_path.rglob("*.ckpt")
+    (adapter,) = tmp_path.rglob("export/adapter")
+    capsys.readouterr()
+    main(
+        [
+            "inspect",
+            "--ckpt_path",
+            str(ckpt),
+            "--config",
+            "recipes/sentiment/lora.yaml",
+            "--json",
+            str(tmp_path / "c.json"),
+        ]
+    )
+    main(["inspect", "--ckpt_path", str(adapter), "--json", str(tmp_path / "a.json")])
+    from_ckpt = json.loads((tmp_path / "c.json").read_text())["layers"]
+    from_adapter = json.loads((tmp_path / "a.json").read_text())["layers"]
+    assert len(from_adapter) == 24 and {layer["r"] for layer in from_adapter} == {8}  # 6 blocks x q, k, v, out
+    assert [la["name"].removeprefix("model.") for la in from_ckpt] == [la["name"] for la in from_adapter]
+    for mine, theirs in zip(from_ckpt, from_adapter, strict=True):
+        torch.testing.assert_close(mine["singular_values"], theirs["singular_values"], rtol=1e-12, atol=0)
+    name = "encoder.layer.0.attention.self.query.weight"
+    merged_file, base_file = (
+        adapter.parent / "merged" / "model.safetensors",
+        resolve_model("minilm") / "model.safetensors",
+    )
+    with safe_open(str(merged_file), "pt") as merged, safe_open(str(base_file), "pt") as base:
+        delta = merged.get_tensor(f"bert.{name}").double() - base.get_tensor(name).double()
+    (layer,) = [la for la in from_adapter if la["name"] == f"bert.{name.removesuffix('.weight')}"]
+    reference = torch.linalg.svdvals(delta)[:8]  # the merged fp32 weight rounds ΔW to ~1e-8 absolute
+    torch.testing.assert_close(
+        torch.tensor(layer["singular_values"], dtype=torch.float64), reference, rtol=1e-3, atol=1e-6
+    )
+    assert layer["numerical_rank"] == 8 and 1 <= layer["effective_rank_90"] <= layer["effective_rank_99"] <= 8

@@ -28,7 +28,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from lightning_adapt.errors import BaseMismatchError
-from lightning_adapt.layers import frozen_state_keys
+from lightning_adapt.layers import adapter_param_ids, frozen_state_keys
 
 __all__ = [
     "FINGERPRINT_KEY",
@@ -107,6 +107,8 @@ class _AdapterState:
     def on_load_pre(self, module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
         legacy = state.pop(prefix + LEGACY_FINGERPRINT_KEY, None)
         saved = state.pop(prefix + FINGERPRINT_KEY, legacy)
+        if saved is None and self.enabled:
+            _refuse_foreign(module, state, prefix)
         if saved is None or not self.enabled:
             return
         self.enabled = False
@@ -138,6 +140,25 @@ class _AdapterState:
     def on_load_post(self, module: nn.Module, incompatible: Any) -> None:
         frozen = set(self.keys)
         incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in frozen]
+
+
+def _refuse_foreign(module: nn.Module, state: dict[str, Any], prefix: str) -> None:
+    """A state dict without a fingerprint that holds none of the module's adapter weights and keys it does
+    not have is from another recipe (typically full fine-tuning, where the adapted layers' weights sit under
+    their unwrapped names): say so, instead of torch's list of missing and unexpected keys."""
+    given = {k.removeprefix(prefix) for k in state if k.startswith(prefix)}
+    ids = adapter_param_ids(module)
+    adapters = [name for name, p in module.named_parameters() if id(p) in ids]
+    with full_state_dict(module):
+        known = set(module.state_dict(keep_vars=True))
+    foreign = sorted(given - known)
+    if adapters and foreign and not given & set(adapters):
+        raise BaseMismatchError(
+            f"this checkpoint holds none of the adapters this recipe trains (e.g. {adapters[0]!r}) and weights its "
+            f"model does not have (e.g. {foreign[0]!r}): it was saved by another recipe (full fine-tuning saves "
+            "every weight under the plain layer names). Fix: use it with the recipe it was trained with, or pass "
+            "a checkpoint of this one."
+        )
 
 
 def install_adapter_only_state(module: nn.Module) -> None:

@@ -4,17 +4,21 @@
 model's structure (quantize, lora); the others find them through it.
 """
 
+from lightning_adapt.callbacks.exact_resume import ExactResumeCallback
 from lightning_adapt.callbacks.lora import LoRAInjectionCallback
 from lightning_adapt.callbacks.memory_report import MemoryReportCallback
 from lightning_adapt.callbacks.merge import MergeOnSaveCallback
+from lightning_adapt.callbacks.nonfinite_guard import NonFiniteGuardCallback
 from lightning_adapt.callbacks.paged_optimizer import PagedOptimizerCallback, PagedOptimizerPlugin
 from lightning_adapt.callbacks.predictions import PredictionWriter
 from lightning_adapt.callbacks.quantize import QuantizeBaseCallback
 
 __all__ = [
+    "ExactResumeCallback",
     "LoRAInjectionCallback",
     "MemoryReportCallback",
     "MergeOnSaveCallback",
+    "NonFiniteGuardCallback",
     "PagedOptimizerCallback",
     "PagedOptimizerPlugin",
     "PredictionWriter",

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from safetensors import SafetensorError
 from torch import nn
 from typing_extensions import override
 
@@ -14,9 +16,31 @@ from lightning_adapt.adapters.checkpoint import install_adapter_only_state
 from lightning_adapt.adapters.inject import LoRASpec, inject_lora, trainable_table
 from lightning_adapt.adapters.lora import validate_lora_args
 from lightning_adapt.callbacks._transform import INJECT_LORA, ModelTransformCallback
+from lightning_adapt.errors import ConfigError
 from lightning_adapt.export.peft_format import load_adapter_weights, read_adapter, resolve_adapter_settings
 
 _IMPORTED = "_lightning_adapt_imported_adapter"
+_ARGUMENT = "lora.adapter_path"
+
+
+def _read_adapter(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """:func:`read_adapter` with one :class:`ConfigError` for pickled weights (never loaded: unpickling can run
+    code) and for a damaged ``adapter_config.json`` or ``adapter_model.safetensors``."""
+    folder = Path(path)
+    if (folder / "adapter_model.bin").is_file() and not (folder / "adapter_model.safetensors").is_file():
+        raise ConfigError(
+            f"{_ARGUMENT}={path!r} holds adapter_model.bin, a pickle, which is never loaded (unpickling can run "
+            "code); only adapter_model.safetensors is read. Fix: save the adapter with safe_serialization=True."
+        )
+    try:
+        return read_adapter(path, _ARGUMENT)
+    except (OSError, ValueError, SafetensorError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(
+            f"{_ARGUMENT}={path!r}: the adapter files cannot be read ({err}). "
+            "Fix: write the adapter again (PeftModel.save_pretrained or lightning-adapt export)."
+        ) from None
 
 
 class LoRAInjectionCallback(ModelTransformCallback):
@@ -73,10 +97,10 @@ class LoRAInjectionCallback(ModelTransformCallback):
         adapter_config: dict[str, Any] | None = None
         self._adapter_weights: dict[str, torch.Tensor] | None = None
         if adapter_path:
-            adapter_config, self._adapter_weights = read_adapter(adapter_path)
+            adapter_config, self._adapter_weights = _read_adapter(adapter_path)
         explicit: dict[str, object] = {"r": r, "alpha": alpha, "target_modules": target_modules}
         explicit |= {"use_rslora": use_rslora, "use_dora": use_dora, "modules_to_save": modules_to_save}
-        settings = resolve_adapter_settings(explicit, adapter_config)
+        settings = resolve_adapter_settings(explicit, adapter_config, _ARGUMENT)
         validate_lora_args(r=settings["r"], alpha=settings["alpha"], dropout=dropout, init=init)
         self._spec = LoRASpec(
             r=settings["r"],
@@ -107,7 +131,7 @@ class LoRAInjectionCallback(ModelTransformCallback):
         self.adapted = inject_lora(module, self.spec)
         if self._adapter_weights is not None and module.__dict__.get(_IMPORTED) != self.adapter_path:
             # once per module: a later configure_model (validate after fit) must keep the trained weights
-            load_adapter_weights(module, self._adapter_weights)
+            load_adapter_weights(module, self._adapter_weights, _ARGUMENT)
             module.__dict__[_IMPORTED] = self.adapter_path
         if self.adapter_only_checkpoint:
             install_adapter_only_state(module)

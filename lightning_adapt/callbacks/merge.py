@@ -3,7 +3,8 @@
 The merged model streams from the base model's safetensors files, tensor by tensor, whenever it can
 (:mod:`lightning_adapt.export.streamed`); otherwise it is merged in memory, and the printed summary says why.
 ``lightning-adapt export`` comes through :meth:`MergeOnSaveCallback.export_checkpoint` (no model built) or,
-when that cannot work, through :meth:`MergeOnSaveCallback.export` on the rebuilt model.
+when that cannot work, through :meth:`MergeOnSaveCallback.export` on the rebuilt model. With a quantized base
+and validation data, the trained model and both merges are then validated (``evaluate``, :mod:`._merge_eval`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing_extensions import override
 
 from lightning_adapt.adapters.checkpoint import FINGERPRINT_KEY, LEGACY_FINGERPRINT_KEY
 from lightning_adapt.adapters.inject import LoRASpec
+from lightning_adapt.callbacks._merge_eval import evaluate_merges
 from lightning_adapt.callbacks._sharded_export import gather_trainable, run_on_rank_zero
 from lightning_adapt.callbacks._transform import transform_specs
 from lightning_adapt.errors import ConfigError, ExportError
@@ -69,6 +71,8 @@ class MergeOnSaveCallback(L.Callback):
         max_shard_size: str = "5GB",
         every_checkpoint: bool = False,
         overwrite: bool = False,
+        evaluate: bool = True,
+        eval_batches: int | None = None,
     ) -> None:
         """
         Args:
@@ -81,8 +85,23 @@ class MergeOnSaveCallback(L.Callback):
             max_shard_size: shard the merged weights above this size (e.g. ``5GB``, ``500MB``).
             every_checkpoint: also export whenever a checkpoint is saved (replacing the previous export).
             overwrite: replace an existing non-empty ``dirpath``.
+            evaluate: QLoRA with validation data: after the export, validate the trained model and both merges
+                (``original``, ``dequantized``) and print each one's validation metrics (what the module logs,
+                e.g. ``val_loss`` / ``val_ppl``) and the better merge, by the run's monitored metric (its
+                ``ModelCheckpoint`` / ``EarlyStopping`` ``monitor`` and ``mode``; default: lower ``val_loss``).
+                ``merge_base`` still decides what is written. The merges are the live model with its quantized
+                layers swapped for dense merged ones, one merge at a time: it needs the float size of those
+                layers free, else it is skipped with a message (then evaluate afterwards where it fits,
+                ``lightning-adapt export``). Not with ``every_checkpoint`` saves, not under FSDP2 / several
+                processes. ``false``: skip it.
+            eval_batches: validation batches per evaluated model; ``None``: the trainer's ``limit_val_batches``.
         """
         super().__init__()
+        if eval_batches is not None and eval_batches < 1:
+            raise ConfigError(
+                f"merge: eval_batches={eval_batches} must be >= 1 or None (every batch). Fix: eval_batches: 8."
+            )
+        self.evaluate, self.eval_batches = evaluate, eval_batches
         self.dirpath: Path | None = Path(dirpath) if dirpath is not None else None
         self.options = ExportOptions(merge_base, dtype, max_shard_size, overwrite)
         self.every_checkpoint = every_checkpoint
@@ -106,14 +125,16 @@ class MergeOnSaveCallback(L.Callback):
             self._probe_batch = batch
 
     def export(
-        self, trainer: L.Trainer | None, pl_module: L.LightningModule, datamodule: Any = None, probe_batch: Any = None
-    ) -> ExportResult | None:
+        self, trainer: L.Trainer | None, pl_module: L.LightningModule, datamodule: Any = None, probe_batch: Any = None,
+        evaluate: bool | None = None,
+    ) -> ExportResult | None:  # fmt: skip
         """Export now (global rank zero only); later exports in the same run replace the earlier one.
 
         Streams from the model's source files when :func:`~lightning_adapt.export.streamed.streaming_unavailable`
         allows it, else merges in memory. ``modules_to_save`` come from the run's LoRA settings, the tokenizer
         from the module or the datamodule, the probe of the merge report from ``probe_batch`` (default: the
-        first training batch).
+        first training batch). ``evaluate``: measure the merges (:meth:`evaluate_merges`); ``None``: the
+        callback's ``evaluate``.
         """
         if trainer is not None and isinstance(trainer.strategy, ModelParallelStrategy):
             return self._export_sharded(trainer, pl_module, datamodule)
@@ -134,7 +155,22 @@ class MergeOnSaveCallback(L.Callback):
         else:
             result = export_model(pl_module, self._dirpath(), options, **kwargs)
             result.reason = reason
+        if self.evaluate if evaluate is None else evaluate:
+            result.evaluation = evaluate_merges(trainer, pl_module, datamodule, options.merge_base, self.eval_batches)
         return self._announce(result)
+
+    def evaluates(self, specs: list[object]) -> bool:
+        """Whether :meth:`evaluate_merges` has anything to measure for a run with these transform ``specs``."""
+        return self.evaluate and any(isinstance(spec, QuantPlan) for spec in specs)
+
+    def evaluate_merges(self, trainer: L.Trainer | None, pl_module: L.LightningModule, datamodule: Any = None) -> None:
+        """Validate the trained model and both merges (see ``evaluate``) and print the comparison; kept in
+        ``self.result.evaluation``. For ``lightning-adapt export``, after :meth:`export_checkpoint`."""
+        evaluation = evaluate_merges(trainer, pl_module, datamodule, self.options.merge_base, self.eval_batches)
+        if self.result is not None:
+            self.result.evaluation = evaluation
+        if evaluation is not None:
+            rank_zero_info("lightning-adapt: " + evaluation.format().replace("\n", "\n  "))
 
     def export_checkpoint(
         self, module: L.LightningModule, state_dict: dict[str, Any], specs: list[object], datamodule: Any = None,
@@ -196,13 +232,14 @@ class MergeOnSaveCallback(L.Callback):
         lines += [f"  merged model: {result.merged}{dropped}"]
         lines += [f"  {result.report.format()}"] if result.report else []
         lines += [f"  {result.memory.format()}"] if result.memory else []
+        lines += ["  " + result.evaluation.format().replace("\n", "\n  ")] if result.evaluation else []
         rank_zero_info("\n".join(lines))
         return result
 
     @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.every_checkpoint:
-            self.export(trainer, pl_module)
+            self.export(trainer, pl_module, evaluate=False)  # a validation per save would cost too much
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

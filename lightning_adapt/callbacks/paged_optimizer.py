@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_adapt.errors import ConfigError
+from lightning_adapt.layers import require_bitsandbytes
 from lightning_adapt.optim import (
     OPTIMIZERS,
     OptimizerName,
@@ -79,6 +80,7 @@ class PagedOptimizerCallback(Callback):
         super().__init__()
         betas = tuple(betas) if betas is not None else None  # type: ignore[assignment]
         _validate(optimizer, lr, betas, eps, weight_decay, min_8bit_size)
+        require_bitsandbytes()  # every optimizer here is a bitsandbytes one: say so now, not at the first step
         self.optimizer = optimizer
         self.overrides: dict[str, Any] = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         self.min_8bit_size = min_8bit_size

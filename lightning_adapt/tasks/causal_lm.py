@@ -10,6 +10,7 @@ from torchmetrics.text import Perplexity
 from typing_extensions import override
 
 from lightning_adapt.errors import ConfigError
+from lightning_adapt.models import read_hf_config
 from lightning_adapt.tasks.base import TaskModule
 
 
@@ -47,10 +48,10 @@ class CausalLMTask(TaskModule):
             raise ConfigError(f"model.max_new_tokens={max_new_tokens} must be >= 1. Fix: max_new_tokens=32.")
         super().__init__(model_name_or_path, learning_rate, weight_decay, warmup_steps)
         self.save_hyperparameters()
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        self.hf_config = AutoConfig.from_pretrained(self.source_path, local_files_only=True)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.source_path, local_files_only=True)
+        self.hf_config = read_hf_config(self.source_path, "model.model_name_or_path")
+        self.tokenizer = AutoTokenizer.from_pretrained(self.source_path, local_files_only=True, trust_remote_code=False)
         self.max_new_tokens = max_new_tokens
         self.activation_checkpointing = activation_checkpointing
         self.val_ppl = Perplexity(ignore_index=-100)
@@ -66,7 +67,9 @@ class CausalLMTask(TaskModule):
         if not self.build_pretrained(build):
             return
         if (self.source_path / "generation_config.json").is_file():  # as from_pretrained does
-            self.model.generation_config = GenerationConfig.from_pretrained(self.source_path, local_files_only=True)
+            self.model.generation_config = GenerationConfig.from_pretrained(
+                self.source_path, local_files_only=True, trust_remote_code=False
+            )
         if self.activation_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
