@@ -66,7 +66,7 @@ def test_sentiment_labels_filter_rows(tiny_bert_dir: Path, tmp_path: Path) -> No
 @pytest.mark.parametrize(
     ("content", "match"),
     [
-        ("sentiment,text\npositive,hi\n", "could not be read"),
+        ("sentiment,text\npositive,hi\n", "has no column confidence"),
         ("sentiment,confidence,text\nangry,1,x\n", "no rows"),
     ],
 )
