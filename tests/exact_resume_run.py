@@ -1,11 +1,12 @@
 """One LoRA or QLoRA fit of the toy module that can SIGKILL itself mid-step, for tests/test_exact_resume.py.
 
-    python tests/exact_resume_run.py --method lora [qlora] --root DIR [--kill-at STEP] [--resume]
+    python tests/exact_resume_run.py --method lora [qlora] --root DIR [--kill-at STEP | --kill-in-save STEP] [--resume]
 
 Dropout 0.1 on the adapters, a shuffled ResumableDataLoader (5 batches an epoch), PagedAdamW8bit (8-bit state
 for the adapters; non-paged on CPU) with a StepLR stepped every step, a ModelCheckpoint every 3 steps
 (mid-epoch included) with ``last.ckpt``. ``--kill-at s`` kills the process with SIGKILL in the middle of step
-``s`` (after its forward, before its backward): no clean exit, no final save. ``--resume`` starts from
+``s`` (after its forward, before its backward): no clean exit, no final save. ``--kill-in-save s`` kills it
+while the checkpoint of step ``s`` is being written, half of its bytes on disk. ``--resume`` starts from
 ``ckpt_path="last"``. Each method runs in ``DIR/<method>``, one after the other. Every finished step appends
 ``<step> <loss as float.hex>`` to ``losses.txt`` there; a run that reaches the end writes ``final.pt``
 (trainable weights, optimizer and scheduler state).
@@ -14,6 +15,7 @@ for the adapters; non-paged on CPU) with a StepLR stepped every step, a ModelChe
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import signal
 import sys
@@ -60,20 +62,45 @@ class KillAt(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class KillInSave(L.Callback):
+    """From step ``step`` on, the next ``torch.save`` writes half of its bytes, then the process is SIGKILLed."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        real = torch.save
+
+        def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+            if not self.armed:
+                real(obj, f, *args, **kwargs)
+                return
+            buffer = io.BytesIO()
+            real(obj, buffer, *args, **kwargs)
+            f.write(buffer.getvalue()[: buffer.tell() // 2])
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        self.armed = False
+        torch.save = save
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:  # runs before ModelCheckpoint's
+        self.armed = trainer.global_step == self.step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--method", choices=["lora", "qlora"], nargs="+", required=True)
     parser.add_argument("--root", type=Path, required=True)
     parser.add_argument("--kill-at", type=int, default=None)
+    parser.add_argument("--kill-in-save", type=int, default=None)
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     for method in args.method:
-        run(method, args.root / method, args.kill_at, args.resume)
+        run(method, args.root / method, args.kill_at, args.resume, args.kill_in_save)
 
 
-def run(method: str, root: Path, kill_at: int | None, resume: bool) -> None:
+def run(method: str, root: Path, kill_at: int | None, resume: bool, kill_in_save: int | None = None) -> None:
     root.mkdir(parents=True, exist_ok=True)
     L.seed_everything(0, verbose=False)
     g = torch.Generator().manual_seed(1)
@@ -87,6 +114,8 @@ def run(method: str, root: Path, kill_at: int | None, resume: bool) -> None:
     ]
     if kill_at is not None:
         callbacks.append(KillAt(kill_at))
+    if kill_in_save is not None:
+        callbacks.append(KillInSave(kill_in_save))
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=MAX_STEPS,

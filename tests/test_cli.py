@@ -19,7 +19,7 @@ def _tiny_budget(tmp_path: Path) -> list[str]:
         "--trainer.limit_train_batches=2",
         "--trainer.limit_val_batches=1",
         "--data.init_args.batch_size=2",
-        "--data.init_args.max_length=32",
+        "--data.init_args.max_length=48",  # the chat template fills ~30 tokens before a response
         "--trainer.enable_progress_bar=false",
         f"--trainer.logger.init_args.save_dir={tmp_path}",
         "--data.init_args.val_size=8",

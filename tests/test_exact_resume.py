@@ -2,7 +2,7 @@
 
 The kill tests run tests/exact_resume_run.py in subprocesses: LoRA dropout 0.1, a shuffled training set,
 PagedAdamW8bit and a StepLR, a checkpoint every 3 steps (5 batches an epoch, so most are mid-epoch). A run
-that SIGKILLs itself in the middle of a step and is restarted with ``ckpt_path="last"`` (twice in one epoch
+that SIGKILLs itself in the middle of a step (or while writing a checkpoint) and is restarted with ``ckpt_path="last"`` (twice in one epoch
 for LoRA) must end with the uninterrupted run's adapter weights, optimizer and scheduler state and per-step
 losses, bit for bit.
 """
@@ -65,14 +65,29 @@ def _assert_equal(a: Any, b: Any, path: str = "") -> None:
         assert a == b, path
 
 
-@pytest.mark.parametrize(("method", "kills"), [("lora", (8, 11)), ("qlora", (5,))])
+def _check_killed_in_save(ckpt: Path) -> None:
+    """Half of step 6's checkpoint was on disk: only as a hidden temp; ``last.ckpt`` is still step 3's, complete."""
+    partial = [p.name for p in ckpt.iterdir() if ".tmp-" in p.name]
+    assert len(partial) == 1 and partial[0].startswith(".epoch=1-step=6.ckpt.tmp-"), sorted(ckpt.iterdir())
+    assert sorted(p.name for p in ckpt.glob("*.ckpt")) == ["epoch=0-step=3.ckpt", "last.ckpt"]
+    assert torch.load(ckpt / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+@pytest.mark.parametrize(
+    ("method", "kills"), [("lora", (("--kill-in-save", 6), ("--kill-at", 11))), ("qlora", (("--kill-at", 5),))]
+)
 def test_a_run_killed_mid_step_and_resumed_from_last_equals_the_uninterrupted_run(
-    straight: Path, tmp_path: Path, method: str, kills: tuple[int, ...]
+    straight: Path, tmp_path: Path, method: str, kills: tuple[tuple[str, int], ...]
 ) -> None:
-    assert _child([method], tmp_path, "--kill-at", str(kills[0])) == -9, "the run must die by SIGKILL"
-    for kill in kills[1:]:
-        assert _child([method], tmp_path, "--resume", "--kill-at", str(kill)) == -9
+    """LoRA: killed while writing step 6's checkpoint (AtomicCheckpointIO keeps step 3's ``last.ckpt``), resumed,
+    killed again in the middle of step 11, resumed to the end. QLoRA: killed in the middle of step 5."""
+    for i, (flag, step) in enumerate(kills):
+        assert _child([method], tmp_path, *(["--resume"] if i else []), flag, str(step)) == -9, "must die by SIGKILL"
+        if flag == "--kill-in-save":
+            _check_killed_in_save(tmp_path / method / "ckpt")
     assert _child([method], tmp_path, "--resume") == 0
+    leftovers = [p for p in (tmp_path / method / "ckpt").iterdir() if p.name.startswith(".")]
+    assert not leftovers, "the resumed run removed the dead writer's temp file"
 
     expected = dict(_losses(straight / method))
     assert sorted(expected) == list(range(1, STEPS + 1))

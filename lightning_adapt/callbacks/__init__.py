@@ -4,6 +4,7 @@
 model's structure (quantize, lora); the others find them through it.
 """
 
+from lightning_adapt.callbacks.atomic_checkpoint import AtomicCheckpointIO
 from lightning_adapt.callbacks.exact_resume import ExactResumeCallback
 from lightning_adapt.callbacks.lora import LoRAInjectionCallback
 from lightning_adapt.callbacks.memory_report import MemoryReportCallback
@@ -14,6 +15,7 @@ from lightning_adapt.callbacks.predictions import PredictionWriter
 from lightning_adapt.callbacks.quantize import QuantizeBaseCallback
 
 __all__ = [
+    "AtomicCheckpointIO",
     "ExactResumeCallback",
     "LoRAInjectionCallback",
     "MemoryReportCallback",

@@ -24,6 +24,7 @@ from typing_extensions import override
 
 from lightning_adapt.adapters.checkpoint import base_fingerprint
 from lightning_adapt.callbacks._fsdp1 import install_fsdp1_policy
+from lightning_adapt.callbacks.atomic_checkpoint import install_atomic_checkpoint_io
 from lightning_adapt.errors import ConfigError
 
 Transform = Callable[[nn.Module], object]
@@ -108,6 +109,7 @@ class ModelTransformCallback(L.Callback):
         if isinstance(trainer.strategy, DDPStrategy):
             register_transform(pl_module, "ddp_frozen_base", DISTRIBUTED, ddp_ignore_frozen)
         install_fsdp1_policy(trainer, pl_module)  # FSDP1 (CUDA): adapters in units of their own
+        install_atomic_checkpoint_io(trainer)  # a kill mid-save cannot leave a half-written last.ckpt
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from lightning_adapt.adapters.spectrum import LayerSpectrum
+from lightning_adapt.atomic import write_text_atomic
 from lightning_adapt.compare.files import write_json
 from lightning_adapt.compare.inspect import adapter_rank
 from lightning_adapt.compare.plots import plot_losses, plot_memory, plot_metrics, plot_spectra
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     write_json(plan.output / "report.json", report)
     write_json(plan.output / "pictures.json", drawn)
     text = markdown(report, pictures)
-    (plan.output / "report.md").write_text(text)
+    write_text_atomic(plan.output / "report.md", text)
     print(text, end="")
     print(f"report: {plan.output / 'report.md'} and report.json; pictures: {', '.join(pictures.values())}")
     if any(not row["ok"] for row in report["runs"]):

@@ -1,13 +1,13 @@
 """What the parent of a ``compare`` run and its children agree on: the record's environment variable and the
-atomic JSON writer. A leaf module (imports nothing of ours), so the runner never imports the recorder's
-Lightning callbacks."""
+atomic JSON writer. Imports only :mod:`lightning_adapt.atomic` (standard library), so the runner never imports
+the recorder's Lightning callbacks."""
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from lightning_adapt.atomic import write_text_atomic
 
 __all__ = ["RECORD_ENV", "write_json"]
 
@@ -16,11 +16,5 @@ RECORD_ENV = "LIGHTNING_ADAPT_COMPARE_RECORD"
 
 
 def write_json(path: str | Path, payload: object) -> None:
-    """Write ``payload`` as JSON atomically (temporary file in the same folder, then ``os.replace``)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".json", dir=target.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2)
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 is meant for secrets, not reports
-    os.replace(tmp, target)
+    """Write ``payload`` as JSON atomically (temp file beside it, ``fsync``, then rename)."""
+    write_text_atomic(path, json.dumps(payload, indent=2))

@@ -6,8 +6,6 @@ Each writer draws from the report's numbers and returns the series *read back fr
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from lightning_adapt.adapters.spectrum import LayerSpectrum
+from lightning_adapt.atomic import atomic_file
 
 __all__ = ["MEMORY_PARTS", "plot_losses", "plot_memory", "plot_metrics", "plot_spectra", "save_figure"]
 
@@ -37,19 +36,13 @@ _DPI = 100
 
 
 def save_figure(figure: Figure, path: str | Path) -> Path:
-    """Write ``figure`` as PNG to ``path`` atomically (temporary file in the same folder, then ``os.replace``)."""
+    """Write ``figure`` as PNG to ``path`` atomically (temp file beside it, ``fsync``, then rename)."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=target.parent)
-    os.close(fd)
     try:
-        figure.savefig(tmp, format="png", dpi=_DPI, bbox_inches="tight")
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 is meant for secrets, not pictures
-        os.replace(tmp, target)
+        with atomic_file(target) as handle:
+            figure.savefig(handle, format="png", dpi=_DPI, bbox_inches="tight")
     finally:
         plt.close(figure)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
 
 

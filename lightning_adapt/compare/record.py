@@ -13,7 +13,6 @@ import math
 import os
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -22,6 +21,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_adapt.adapters.inject import LoRASpec, logical_numel
+from lightning_adapt.atomic import write_text_atomic
 from lightning_adapt.callbacks._transform import transform_specs
 from lightning_adapt.callbacks.memory_report import MemoryReportCallback
 from lightning_adapt.callbacks.merge import MergeOnSaveCallback
@@ -157,7 +157,7 @@ class CompareRecorder(L.Callback):
         if self.path and trainer.is_global_zero and now - self._shown >= _PROGRESS_EVERY_S:
             self._shown = now
             total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
-            Path(f"{self.path}.progress").write_text(f"{trainer.global_step} {total}\n")
+            write_text_atomic(f"{self.path}.progress", f"{trainer.global_step} {total}\n")
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:

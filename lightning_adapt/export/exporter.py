@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from lightning_adapt.adapters.lora import lora_modules
+from lightning_adapt.atomic import check_free_space
 from lightning_adapt.errors import ExportError
 from lightning_adapt.export.merged_state import check_tied_adapters, merged_entries
 from lightning_adapt.export.options import DTypeName, ExportOptions, MergeBase
@@ -99,15 +100,27 @@ def _write_hf_files(root: nn.Module, out: Path, dtype: torch.dtype | None, token
 
 
 def write_merged(
-    root: nn.Module, out: Path, options: ExportOptions, source: SourceWeights | None, hf: bool, tokenizer: Any = None
+    root: nn.Module,
+    out: Path,
+    options: ExportOptions,
+    source: SourceWeights | None,
+    hf: bool,
+    tokenizer: Any = None,
+    *,
+    target: Path | None = None,
+    argument: str = "dirpath",
 ) -> list[str]:
-    """Create ``out`` and write the merged model of ``root`` into it; returns the tied keys that were dropped."""
+    """Create ``out`` and write the merged model of ``root`` into it; returns the tied keys that were dropped.
+    With ``target`` (where ``out`` will end up), first refuse if its file system lacks the space."""
     check_tied_adapters(root)
     entries, dropped = merged_entries(
         root, source if options.merge_base == "original" else None, "drop" if hf else "copy"
     )
-    out.mkdir(parents=True)
     dtype = DTYPES[options.dtype] if options.dtype else None
+    if target is not None:
+        needed = sum(e.numel * (dtype if dtype and e.dtype.is_floating_point else e.dtype).itemsize for e in entries)
+        check_free_space(target, needed, argument, ", or write a smaller dtype (dtype: bf16)")
+    out.mkdir(parents=True)
     write_safetensors(out, entries, dtype, parse_size(options.max_shard_size))
     if hf:
         _write_hf_files(root, out, dtype, tokenizer)
@@ -167,7 +180,9 @@ def export_model(
         if lora_modules(root):
             write_adapter(root, tmp / "adapter", to_save, str(name) if name else None)
             result.adapter = target / "adapter"
-        result.dropped_tied = write_merged(root, tmp / "merged", options, source, hf, tokenizer if hf else None)
+        result.dropped_tied = write_merged(
+            root, tmp / "merged", options, source, hf, tokenizer if hf else None, target=target, argument=argument
+        )
         result.merged = target / "merged"
     result.memory = meter.result()
     if source is not None:

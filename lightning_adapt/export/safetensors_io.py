@@ -10,8 +10,9 @@ model plus one tensor. Above ``max_shard`` bytes the output is sharded as Huggin
     model.safetensors                                                   one shard
     model-00001-of-0000n.safetensors, ..., model.safetensors.index.json n shards
 
-:func:`atomic_directory` yields a temporary directory next to the target that replaces the target
-(``os.replace``) only when the ``with`` block succeeds: the target is either untouched or complete.
+:func:`atomic_directory` (from :mod:`lightning_adapt.atomic`, re-exported) yields a temporary directory next
+to the target that takes the target's place atomically only when the ``with`` block succeeds: the target is
+either the previous complete tree or the new complete one, and concurrent writers of one target are refused.
 
 Example:
     >>> entry = TensorEntry("w", (2, 3), torch.float32, lambda: torch.zeros(2, 3))
@@ -29,17 +30,15 @@ import json
 import math
 import os
 import re
-import shutil
 import struct
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
 
+from lightning_adapt.atomic import atomic_directory, check_target
 from lightning_adapt.errors import ExportError
 
 __all__ = [
@@ -320,44 +319,3 @@ class SourceWeights:
         if found is None:
             raise ExportError(f"source {self.path}: no tensor for {key!r}.")
         return self.tensors[found].read()
-
-
-# --------------------------------------------------------------------------- atomic directories
-
-
-def check_target(target: Path, overwrite: bool, argument: str) -> None:
-    """Refuse a target that is a file, or a non-empty directory unless ``overwrite``.
-
-    Raises:
-        ExportError: naming ``argument`` (e.g. ``dirpath``, ``--output``) and the fix.
-    """
-    if target.exists() and not target.is_dir():
-        raise ExportError(f"{argument}={str(target)!r} is a file. Fix: choose a directory path.")
-    entries = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
-    if entries and not overwrite:
-        raise ExportError(
-            f"{argument}={str(target)!r} exists and is not empty ({entries[:5]}). Fix: choose a new or empty "
-            "directory, or allow replacing it (overwrite: true / --overwrite true)."
-        )
-
-
-@contextmanager
-def atomic_directory(target: Path, overwrite: bool = False, argument: str = "dirpath") -> Iterator[Path]:
-    """Yield a temp dir next to ``target``; on success it replaces ``target`` (``os.replace``), on any
-    error (or interrupt) it is removed, so ``target`` is either untouched or complete."""
-    check_target(target, overwrite, argument)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        os.chmod(tmp, 0o755)
-        yield tmp
-        old = None
-        if target.is_dir() and any(target.iterdir()):
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

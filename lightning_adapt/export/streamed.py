@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from lightning_adapt.adapters.lora import lora_modules
+from lightning_adapt.atomic import check_free_space
 from lightning_adapt.errors import ExportError
 from lightning_adapt.export.merged_state import check_tied_adapters
 from lightning_adapt.export.options import ExportOptions
@@ -179,6 +181,7 @@ def export_streamed(
     check_target(target, options.overwrite, argument)
     keys = keys if keys is not None else model_keys(read_index(source))
     dtype = DTYPES[options.dtype] if options.dtype else None
+    check_free_space(target, _output_bytes(keys, adapters, dtype), argument, _SMALLER_DTYPE)
     result = ExportResult(target, streamed=True)
     with MemoryMeter() as meter, atomic_directory(target, options.overwrite, argument) as tmp:
         if write_peft is not None:
@@ -193,6 +196,20 @@ def export_streamed(
     result.dropped_tied = stats.dropped
     result.memory = meter.result(stats.largest_key, stats.largest_fp32_bytes, stats.model_bytes)
     return result
+
+
+_SMALLER_DTYPE = ", or write a smaller dtype (dtype: bf16)"
+
+
+def _output_bytes(keys: Mapping[str, StoredTensor], adapters: Adapters, dtype: torch.dtype | None) -> int:
+    """The merged checkpoint's tensor bytes (the adapter directory is small beside it)."""
+    total = 0
+    for key, stored in keys.items():
+        if key in adapters.drop:
+            continue
+        itemsize = dtype.itemsize if dtype is not None and stored.dtype.is_floating_point else stored.dtype.itemsize
+        total += math.prod(stored.shape) * itemsize
+    return total
 
 
 def peft_writer(
