@@ -189,6 +189,18 @@ def _output_not_empty(p: Paths) -> None:
     _write(p.tmp / "export" / "keep.txt", "a file the user keeps")
 
 
+_HELD: list[object] = []  # lock holders kept alive for the rest of the session
+
+
+def _output_being_written(p: Paths) -> None:
+    """Another export to the same folder is in progress: this process holds its lock."""
+    from lightning_adapt.atomic import target_lock
+
+    holder = target_lock(p.tmp / "export", "--output")
+    holder.__enter__()
+    _HELD.append(holder)
+
+
 def _output_is_file(p: Paths) -> None:
     _write(p.tmp / "export", "a file")
 
@@ -296,6 +308,14 @@ CASES: list[Case] = [
          "Invalid export options:\n  - max_shard_size='lots': expected bytes or e.g. '5GB', '500MB', '1GiB'."),
     Case("export-not-empty", "CLI flag", "`export --output` naming a folder that holds files",
          ["export", LORA, "--ckpt_path={shared}/lora.ckpt", "--output={tmp}/export"], "--output='{tmp}/export' exists and is not empty (['keep.txt']). Fix: choose a new or empty directory, or allow replacing it (overwrite: true / --overwrite true).", setup=_output_not_empty),
+    Case("export-busy", "CLI flag", "`export --output` that another export is writing at the same time",
+         ["export", LORA, "--ckpt_path={shared}/lora.ckpt", "--output={tmp}/export"], "--output='{tmp}/export' is being written by another process (pid …; lock .export.lock). Fix: wait for that process to finish, or choose another --output.", setup=_output_being_written),
+    Case("export-disk-full", "environment", "`export` to a file system with 1 MB free",
+         ["export", LORA, "--ckpt_path={shared}/lora.ckpt", "--output={tmp}/export"], "--output='{tmp}/export': the export needs about … GB but only 0.00 GB is free on that file system ({tmp}). Fix: free some space there or choose another --output, or write a smaller dtype (dtype: bf16).", env="disk-full"),
+    Case("estimate-flag", "CLI flag", "`estimate --bogus 1`", ["estimate", "--bogus", "1"],
+         "--bogus 1 is not an option of `lightning-adapt estimate`. Fix: check the spelling (nested keys are dotted, e.g. --lora.init_args.r=8); `lightning-adapt estimate --help` lists every option."),
+    Case("estimate-method", "CLI flag", "`estimate --method nope`", ["estimate", "--method", "nope"],
+         "method='nope' is not allowed: expected one of 'full', 'lora', 'qlora', 'all'. Fix: use one of the allowed values; `lightning-adapt estimate --help` lists every option."),
     Case("export-output-file", "CLI flag", "`export --output` naming a file",
          ["export", LORA, "--ckpt_path={shared}/lora.ckpt", "--output={tmp}/export"], "--output='{tmp}/export' is a file. Fix: choose a directory path.", setup=_output_is_file),
     Case("chat-temperature", "CLI flag", "`chat --temperature=-1`", ["chat", CHAT, "--prompt=hi", "--temperature=-1"], "--temperature=-1.0 must be >= 0 (0: greedy). Fix: --temperature=0 or 0.7."),

@@ -141,8 +141,16 @@ def _no_minilm(monkeypatch: pytest.MonkeyPatch) -> None:
     )
 
 
+def _disk_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_adapt import atomic
+
+    real = atomic.shutil.disk_usage
+    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda path: real(path)._replace(free=1_000_000))
+
+
 ENVIRONMENTS: dict[str | None, Callable[[pytest.MonkeyPatch], None]] = {
     None: lambda monkeypatch: None,
+    "disk-full": _disk_full,
     "no-bnb": _no_bitsandbytes,
     "no-minilm": _no_minilm,
 }

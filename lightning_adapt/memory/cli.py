@@ -162,11 +162,16 @@ def _report(estimates: list[Estimate], assumptions: Assumptions) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Run :func:`estimate_command` from the command line; option errors exit with a one-line message."""
-    from jsonargparse import auto_cli
+    from jsonargparse import ArgumentError, auto_cli
+
+    from lightning_adapt.checks import parser_error
 
     args = sys.argv[1:] if argv is None else argv
     try:
-        auto_cli(estimate_command, args=_bare_flags_to_true(args))
+        auto_cli(estimate_command, args=_bare_flags_to_true(args), exit_on_error=False)
+    except ArgumentError as err:  # the parser's report (unknown flag, wrong type): one line, not the usage text
+        print(f"lightning-adapt: error: {parser_error(str(err), 'estimate')}", file=sys.stderr)
+        raise SystemExit(2) from None
     except ValueError as err:  # the estimator's own checks (one message each); exit 2 like the other subcommands
         print(f"lightning-adapt estimate: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
