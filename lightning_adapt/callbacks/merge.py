@@ -286,4 +286,4 @@ def _check_sharded_export(module: Any, specs: list[object], merge_base: str) -> 
 def _hf_config(path: str) -> Any:
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(path, local_files_only=True)
+    return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
