@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from lightning_adapt.adapters.lora import lora_modules
-from lightning_adapt.atomic import check_free_space
+from lightning_adapt.atomic import atomic_directory, check_free_space, check_target
 from lightning_adapt.errors import ExportError
 from lightning_adapt.export.merged_state import check_tied_adapters, merged_entries
 from lightning_adapt.export.options import DTypeName, ExportOptions, MergeBase
@@ -51,8 +51,6 @@ from lightning_adapt.export.peft_format import PEFT_PREFIX, export_root, write_a
 from lightning_adapt.export.report import ExportResult, MemoryMeter, MergeReport, merge_report
 from lightning_adapt.export.safetensors_io import (
     SourceWeights,
-    atomic_directory,
-    check_target,
     parse_size,
     write_safetensors,
 )

@@ -10,9 +10,8 @@ model plus one tensor. Above ``max_shard`` bytes the output is sharded as Huggin
     model.safetensors                                                   one shard
     model-00001-of-0000n.safetensors, ..., model.safetensors.index.json n shards
 
-:func:`atomic_directory` (from :mod:`lightning_adapt.atomic`, re-exported) yields a temporary directory next
-to the target that takes the target's place atomically only when the ``with`` block succeeds: the target is
-either the previous complete tree or the new complete one, and concurrent writers of one target are refused.
+The trees are written inside :func:`lightning_adapt.atomic.atomic_directory`, which makes them take the
+target's place atomically (previous complete tree or new complete one; a second writer of one target refused).
 
 Example:
     >>> entry = TensorEntry("w", (2, 3), torch.float32, lambda: torch.zeros(2, 3))
@@ -38,7 +37,6 @@ from typing import BinaryIO
 
 import torch
 
-from lightning_adapt.atomic import atomic_directory, check_target
 from lightning_adapt.errors import ExportError
 
 __all__ = [
@@ -47,8 +45,6 @@ __all__ = [
     "SourceWeights",
     "StoredTensor",
     "TensorEntry",
-    "atomic_directory",
-    "check_target",
     "parse_size",
     "read_index",
     "read_tensor",
