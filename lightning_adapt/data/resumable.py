@@ -69,17 +69,23 @@ class _SkippingBatchSampler(BatchSampler):
     """A :class:`BatchSampler` whose next iteration can start ``n`` batches in, once.
 
     The skip is read when the iteration actually starts (its first ``next``), not at ``iter()``: a
-    multi-worker DataLoader calls ``iter()`` twice on creation and drops the first iterator.
+    multi-worker DataLoader calls ``iter()`` twice on creation and drops the first iterator. Subclasses
+    that form batches otherwise (:class:`~lightning_adapt.data.batching.LengthGroupedBatchSampler`) override
+    :meth:`batches`, which must depend only on the index sampler's order and its epoch, and keep ``len``.
     """
 
     def __init__(self, sampler: Sampler[int], batch_size: int, drop_last: bool) -> None:
         super().__init__(sampler, batch_size, drop_last)
         self.skip = 0
 
+    def batches(self) -> Iterator[list[int]]:
+        """Every batch of this epoch, in order (the skip is applied on top)."""
+        return super().__iter__()
+
     @override
     def __iter__(self) -> Iterator[list[int]]:
         skip, self.skip = self.skip, 0
-        yield from itertools.islice(super().__iter__(), skip, None)
+        yield from itertools.islice(self.batches(), skip, None)
 
 
 class ResumableDataLoader(DataLoader[Any]):
@@ -109,7 +115,9 @@ class ResumableDataLoader(DataLoader[Any]):
         pin_memory: copy batches into pinned memory.
         persistent_workers: keep the workers between epochs.
         sampler: an index sampler to use instead of :class:`SeededShuffleSampler` (then ``shuffle`` is ignored).
-        batch_sampler: for Lightning's re-instantiation (it passes back this loader's own batch sampler).
+        batch_sampler: a batch sampler that can skip (a
+            :class:`~lightning_adapt.data.batching.LengthGroupedBatchSampler`), or Lightning's re-instantiation
+            passing back this loader's own.
         restore_rng: save and restore the global random states with the position. Turn off only when
             something else (e.g. :class:`~lightning_adapt.callbacks.exact_resume.ExactResumeCallback`) does.
     """

@@ -15,7 +15,8 @@ from lightning_adapt.tasks.base import TaskModule
 
 
 class CausalLMTask(TaskModule):
-    """Teacher-forced next-token training on ``input_ids``/``attention_mask``/``labels`` (-100 = ignored).
+    """Teacher-forced next-token training on ``input_ids``/``attention_mask``/``labels`` (-100 = ignored), or on
+    packed rows of ``input_ids``/``position_ids``/``labels`` (``ChatDataModule(batching="pack")``).
 
     Logs ``train_loss`` per step and ``val_loss`` / ``val_ppl`` (torchmetrics perplexity over response
     tokens) per validation epoch. ``predict`` greedily generates a response for each prompt and returns a
@@ -75,7 +76,13 @@ class CausalLMTask(TaskModule):
 
     @override
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        """The model's output on a padded batch (``attention_mask``) or a packed one (``position_ids`` restarting
+        at 0 for each example, no ``attention_mask``: transformers then keeps attention inside each example)."""
+        # No KV cache: training needs none, and transformers reads packed positions only without one (with
+        # the config's use_cache=True the examples of a packed row would attend to each other).
+        packed = "position_ids" in batch
+        layout = {"position_ids": batch["position_ids"]} if packed else {"attention_mask": batch["attention_mask"]}
+        return self.model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False, **layout)
 
     @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
