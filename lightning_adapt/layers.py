@@ -105,8 +105,16 @@ def _read_linear(layer: nn.Module) -> torch.Tensor:
     return _weight(layer).float()
 
 
+def _write(target: torch.Tensor, value: torch.Tensor) -> None:
+    # `.data` keeps autograd out, but its writes skip the version counter, which caches of values derived
+    # from the weight (DoRA's ‖W‖_row, adapters/dora.py) read to notice a change: bump it.
+    target.data.copy_(value)
+    if not target.is_inference():  # inference tensors have no version counter
+        torch.autograd.graph.increment_version(target)
+
+
 def _write_linear(layer: nn.Module, weight: torch.Tensor) -> None:
-    _weight(layer).data.copy_(weight)
+    _write(_weight(layer), weight)
 
 
 def _read_conv1d(layer: nn.Module) -> torch.Tensor:
@@ -114,7 +122,7 @@ def _read_conv1d(layer: nn.Module) -> torch.Tensor:
 
 
 def _write_conv1d(layer: nn.Module, weight: torch.Tensor) -> None:
-    _weight(layer).data.copy_(weight.T)
+    _write(_weight(layer), weight.T)
 
 
 def _read_quantized(layer: nn.Module) -> torch.Tensor:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from lightning_adapt.adapters.fused import DEFAULT_GROUPS, FusedDropout, fuse_lora_projections
 from lightning_adapt.adapters.lora import InitMethod, LoRALinear, lora_modules
 from lightning_adapt.adapters.targeting import find_targets, replace_module
 from lightning_adapt.errors import ConfigError
@@ -38,12 +39,23 @@ class LoRASpec:
     use_dora: bool = False
 
 
-def inject_lora(model: nn.Module, spec: LoRASpec) -> list[str]:
+def inject_lora(
+    model: nn.Module, spec: LoRASpec, fuse_projections: bool = True, fused_dropout: FusedDropout = "per_layer"
+) -> list[str]:
     """Wrap the targeted layers of ``model`` in :class:`LoRALinear` and freeze everything else.
 
     Idempotent for one spec: on a model already adapted with ``spec`` nothing is wrapped again (the adapted
     names are returned), so calling it on every ``configure_model`` is safe. ``modules_to_save`` stay fully
     trainable.
+
+    Args:
+        model: The model to adapt in place.
+        spec: What to adapt and how.
+        fuse_projections: Compute the ``A`` projections of sibling layers that read the same input (q/k/v,
+            gate/up) as one matmul (:func:`~lightning_adapt.adapters.fused.fuse_lora_projections`); same
+            weights, keys and results (within one matmul's rounding). ``False`` undoes an earlier fusion.
+        fused_dropout: With active dropout, ``"per_layer"`` runs fused layers unfused (their own masks, exact);
+            ``"shared"`` draws one mask per group.
 
     Returns:
         The dotted names of the adapted layers.
@@ -69,6 +81,7 @@ def inject_lora(model: nn.Module, spec: LoRASpec) -> list[str]:
             existing.append(name)
         model.__dict__[_SPEC_ATTR] = spec
     freeze_base(model, spec.modules_to_save)
+    fuse_lora_projections(model, DEFAULT_GROUPS if fuse_projections else (), fused_dropout)
     return existing
 
 

@@ -22,17 +22,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal, cast
+from typing import Literal, Protocol, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_adapt.adapters.dora import dora_delta
 from lightning_adapt.errors import ConfigError
 from lightning_adapt.layers import base_weight, is_linear_like, layer_dims, layer_writer, linear_like_types
 
 __all__ = [
     "LoRALinear",
+    "SharedInput",
+    "add_lora_update",
     "lora_delta",
     "lora_modules",
     "lora_scaling",
@@ -103,6 +106,33 @@ def merged_weight(
     return result
 
 
+class SharedInput(Protocol):
+    """What a fused group offers its layers (:class:`lightning_adapt.adapters.fused.SharedProjection`)."""
+
+    def project(self, layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+        """``layer``'s ``A · dropout(x)``, exactly as :meth:`LoRALinear.lora_input` computes it alone."""
+        ...
+
+
+def add_lora_update(
+    result: torch.Tensor, projected: torch.Tensor, lora_B: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """``result + scaling · projected @ Bᵀ``, shapes ``(..., out)``, ``(..., r)``, ``(out, r)``; nothing in place.
+
+    When the dtypes agree this is one ``addmm`` with ``alpha = scaling``: besides the output no ``tokens × out``
+    tensor is made (the plain formula makes the update, the scaled update and the sum, and scales the
+    ``tokens × out`` gradient again in backward); the scale lands on the ``r``-wide operands instead. Values
+    agree with the plain formula within one rounding. Otherwise (a bf16 base, fp32 adapters) the update is
+    made in the adapters' dtype and cast to ``result``'s, as before.
+    """
+    if result.dtype != projected.dtype:
+        update: torch.Tensor = F.linear(projected, lora_B) * scaling
+        return result + update.to(result.dtype)
+    out = result.shape[-1]
+    summed = torch.addmm(result.reshape(-1, out), projected.reshape(-1, projected.shape[-1]), lora_B.t(), alpha=scaling)
+    return summed.view(result.shape)
+
+
 class LoRALinear(nn.Module):
     """``y = base_layer(x) + scaling · lora_B(lora_A(lora_dropout(x)))``; DoRA variant when ``use_dora``.
 
@@ -155,10 +185,15 @@ class LoRALinear(nn.Module):
         self.lora_magnitude_vector: nn.Parameter | None = None
         if use_dora:
             with torch.no_grad():
-                magnitude = torch.linalg.vector_norm(base_weight(base_layer).to(device), dim=1)
+                # ‖W‖_row as the forward computes n = ‖W + ΔW‖_row (dora.py): a fresh adapter is then exactly the identity
+                dense = base_weight(base_layer).to(device)
+                wide = torch.float64 if dense.dtype == torch.float64 else torch.float32
+                magnitude = dense.to(wide).pow(2).sum(dim=1).sqrt()
             self.lora_magnitude_vector = nn.Parameter(magnitude)
         # Row norm of W + ΔW captured at merge time: the only way to undo a DoRA merge exactly.
         self._merged_norm: torch.Tensor | None = None
+        # Set by fused.fuse_lora_projections: computes A·x together with the siblings that read the same x.
+        self.shared_projection: SharedInput | None = None
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> LoRALinear:
         # The base follows every conversion; the adapters refuse down-casts (module.to(bf16) by a
@@ -258,29 +293,33 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def _dora_delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        """``(m/‖W+ΔW‖ - 1) · W x + m/‖W+ΔW‖ · scaling · B A x`` (PEFT's DoRA, bias excluded)."""
+        """``(m/‖W+ΔW‖ - 1) · W x + m/‖W+ΔW‖ · scaling · B A x`` (PEFT's DoRA, bias excluded); the norm
+        without forming ``W + ΔW`` (:func:`lightning_adapt.adapters.dora.dora_delta`)."""
         assert self.lora_magnitude_vector is not None
-        weight = base_weight(self.base_layer).to(x.dtype)
-        delta = self.scaling * (self.lora_B.weight @ self.lora_A.weight)
-        scale = self.lora_magnitude_vector / self._row_norm(weight, delta)
-        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
-            bias = getattr(self.base_layer, "bias", None)
-            base_result = base_out.to(x.dtype) - (0 if bias is None else bias.to(x.dtype))
-        else:  # W x must see the same dropped-out input as the adapter path, as in PEFT
-            x = self.lora_dropout(x)
-            base_result = F.linear(x, weight)
-        lora_result: torch.Tensor = self.lora_B(self.lora_A(x))
-        return (scale - 1) * base_result + scale * lora_result * self.scaling
+        weight = base_weight(self.base_layer).to(x.dtype)  # read (dequantized) once per step
+        dropout = self.lora_dropout if self.training else None
+        adapter = (self.lora_A, self.lora_B, self.lora_magnitude_vector, self.scaling)
+        return dora_delta(x, base_out, self.base_layer, weight, *adapter, dropout)
+
+    def lora_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``A · dropout(x)``: shape ``(..., r)``, in the adapters' dtype; one slice of a shared matmul when
+        this layer is fused with its siblings (:mod:`lightning_adapt.adapters.fused`)."""
+        if self.shared_projection is not None:
+            return self.shared_projection.project(self, x)
+        return self.own_projection(x)
+
+    def own_projection(self, x: torch.Tensor) -> torch.Tensor:
+        """``A · dropout(x)`` computed by this layer alone (the unfused path)."""
+        projected: torch.Tensor = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))
+        return projected
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result: torch.Tensor = self.base_layer(x)
         if self.merged:
             return result
-        x_lora = x.to(self.lora_A.weight.dtype)
         if self.lora_magnitude_vector is None:
-            update: torch.Tensor = self.lora_B(self.lora_A(self.lora_dropout(x_lora))) * self.scaling
-        else:
-            update = self._dora_delta(x_lora, result)
+            return add_lora_update(result, self.lora_input(x), self.lora_B.weight, self.scaling)
+        update = self._dora_delta(x.to(self.lora_A.weight.dtype), result)
         return result + update.to(result.dtype)
 
     def extra_repr(self) -> str:

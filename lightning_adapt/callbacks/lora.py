@@ -13,6 +13,8 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_adapt.adapters.checkpoint import install_adapter_only_state
+from lightning_adapt.adapters.compiled import compile_adapted
+from lightning_adapt.adapters.fused import FusedDropout
 from lightning_adapt.adapters.inject import LoRASpec, inject_lora, trainable_table
 from lightning_adapt.adapters.lora import validate_lora_args
 from lightning_adapt.callbacks._transform import INJECT_LORA, ModelTransformCallback
@@ -43,6 +45,20 @@ def _read_adapter(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         ) from None
 
 
+_MODES: dict[str, tuple[str, ...]] = {"fused_dropout": ("per_layer", "shared"), "compile": ("off", "blocks", "model")}
+
+
+def _check_modes(**values: object) -> None:
+    """One :class:`ConfigError` naming every mode argument outside its allowed values."""
+    problems = [
+        f"lora.{name}={value!r}: must be one of {_MODES[name]}. Fix: {name}={_MODES[name][0]!r}."
+        for name, value in values.items()
+        if value not in _MODES[name]
+    ]
+    if problems:
+        raise ConfigError("Invalid LoRAInjectionCallback arguments:\n  - " + "\n  - ".join(problems))
+
+
 class LoRAInjectionCallback(ModelTransformCallback):
     """Freeze the base and wrap the targeted layers with ``W x + (alpha/r)·B A dropout(x)``.
 
@@ -71,6 +87,9 @@ class LoRAInjectionCallback(ModelTransformCallback):
         use_dora: bool | None = None,
         adapter_only_checkpoint: bool = True,
         adapter_path: str | None = None,
+        fuse_projections: bool = True,
+        fused_dropout: FusedDropout = "per_layer",
+        compile: Literal["off", "blocks", "model"] = "off",
     ) -> None:
         """
         Args:
@@ -92,6 +111,16 @@ class LoRAInjectionCallback(ModelTransformCallback):
             adapter_path: start from this PEFT-format LoRA adapter directory (``adapter_config.json`` +
                 ``adapter_model.safetensors``, e.g. from ``PeftModel.save_pretrained`` or ``MergeOnSaveCallback``):
                 its weights are loaded once, right after injection, to continue training or evaluate it.
+            fuse_projections: compute the ``A`` projections of layers that read the same input (q/k/v,
+                gate/up) as one matmul; same weights, checkpoints and export, results equal within one
+                matmul's rounding. With active dropout see ``fused_dropout``.
+            fused_dropout: ``per_layer`` (exact): while dropout is active, fused layers run unfused with
+                their own masks; ``shared``: one mask per fused group (faster; q/k/v drop the same features).
+            compile: ``torch.compile`` the adapted model after injection (lazily, at the first step), in
+                place, so module names and checkpoints are unchanged. ``blocks``: each transformer block that
+                holds adapters (compiled once, reused by every identical block: seconds, not minutes);
+                ``model``: the whole model's forward, loss included (more fusion, much longer compile);
+                ``off``: eager.
         """
         super().__init__()
         adapter_config: dict[str, Any] | None = None
@@ -102,6 +131,7 @@ class LoRAInjectionCallback(ModelTransformCallback):
         explicit |= {"use_rslora": use_rslora, "use_dora": use_dora, "modules_to_save": modules_to_save}
         settings = resolve_adapter_settings(explicit, adapter_config, _ARGUMENT)
         validate_lora_args(r=settings["r"], alpha=settings["alpha"], dropout=dropout, init=init)
+        _check_modes(fused_dropout=fused_dropout, compile=compile)
         self._spec = LoRASpec(
             r=settings["r"],
             alpha=settings["alpha"],
@@ -115,6 +145,9 @@ class LoRAInjectionCallback(ModelTransformCallback):
         )
         self.adapter_path = adapter_path
         self.adapter_only_checkpoint = adapter_only_checkpoint
+        self.fuse_projections = fuse_projections
+        self.fused_dropout: FusedDropout = fused_dropout
+        self.compile_scope = compile
         self.adapted: list[str] = []
 
     name = "lora"
@@ -128,13 +161,15 @@ class LoRAInjectionCallback(ModelTransformCallback):
     @override
     def apply(self, module: nn.Module) -> list[str]:
         """Inject adapters into ``module`` (idempotent); returns the adapted layer names."""
-        self.adapted = inject_lora(module, self.spec)
+        self.adapted = inject_lora(module, self.spec, self.fuse_projections, self.fused_dropout)
         if self._adapter_weights is not None and module.__dict__.get(_IMPORTED) != self.adapter_path:
             # once per module: a later configure_model (validate after fit) must keep the trained weights
             load_adapter_weights(module, self._adapter_weights, _ARGUMENT)
             module.__dict__[_IMPORTED] = self.adapter_path
         if self.adapter_only_checkpoint:
             install_adapter_only_state(module)
+        if self.compile_scope != "off":
+            compile_adapted(module, self.compile_scope)
         return self.adapted
 
     @override
