@@ -1,11 +1,12 @@
-# `make demo` runs the main job on an embedded default; `make test` runs the whole test suite.
+# `make demo` runs the main job on an embedded default; `make test` runs the whole test suite;
+# `make bench` measures every benchmark ratio in one run and regenerates benchmarks/RESULTS.md (BENCH_ARGS=--quick: smoke test).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RECIPE ?= recipes/sentiment/lora.yaml
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean bench
 
 $(STAMP): pyproject.toml constraints.txt requirements-assets.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +27,9 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) lightning_logs .pytest_cache .mypy_cache .ruff_cache

@@ -106,6 +106,42 @@ def ours_lora(s: Settings) -> tuple[nn.Module, dict[str, float]]:
     return model, {}
 
 
+def ours_unfused(s: Settings) -> tuple[nn.Module, dict[str, float]]:
+    """``ours`` without fused projections: every layer computes its own ``A x``."""
+    from lightning_adapt.adapters.inject import LoRASpec, inject_lora
+
+    model = build_llama(s)
+    spec = LoRASpec(r=s.r, alpha=s.alpha, dropout=0.0, target_modules=peft_targets(s))
+    inject_lora(model, spec, fuse_projections=False)
+    return model, {}
+
+
+def _compiled(s: Settings, scope: str) -> tuple[nn.Module, dict[str, float]]:
+    """``ours`` compiled in place (``compile_adapted``); compiled here, by one untimed forward and backward on the
+    benchmark's batch with no optimizer step, so that neither the compile time nor its memory is a step's."""
+    from lightning_adapt.adapters.compiled import compile_adapted
+
+    model, _ = ours_lora(s)
+    model.to(s.device).train()
+    compile_adapted(model, scope)  # type: ignore[arg-type]
+    ids = torch.randint(0, s.vocab, (s.batch, s.seq), generator=torch.Generator().manual_seed(s.seed + 1))
+    ids = ids.to(s.device)
+    start = time.perf_counter()
+    model(input_ids=ids, labels=ids).loss.backward()
+    model.zero_grad(set_to_none=True)
+    return model, {"compile_s": time.perf_counter() - start}
+
+
+def ours_compiled(s: Settings) -> tuple[nn.Module, dict[str, float]]:
+    """``ours`` with every decoder block compiled (``lora: compile: blocks``, regional compilation)."""
+    return _compiled(s, "blocks")
+
+
+def ours_compiled_model(s: Settings) -> tuple[nn.Module, dict[str, float]]:
+    """``ours`` with the whole model's forward compiled, loss included (``compile: model``; minutes to compile)."""
+    return _compiled(s, "model")
+
+
 def peft_lora(s: Settings) -> tuple[nn.Module, dict[str, float]]:
     from peft import LoraConfig, get_peft_model
 
@@ -118,7 +154,36 @@ def full_finetune(s: Settings) -> tuple[nn.Module, dict[str, float]]:
     return build_llama(s), {}
 
 
+def ours_dora(s: Settings) -> tuple[nn.Module, dict[str, float]]:
+    from lightning_adapt.adapters.inject import LoRASpec, inject_lora
+
+    model = build_llama(s)
+    dropout = s.extra.get("dora_dropout", 0.0)
+    inject_lora(model, LoRASpec(r=s.r, alpha=s.alpha, dropout=dropout, target_modules=peft_targets(s), use_dora=True))
+    return model, {}
+
+
+def peft_dora(s: Settings) -> tuple[nn.Module, dict[str, float]]:
+    from peft import LoraConfig, get_peft_model
+
+    model = build_llama(s)
+    dropout = s.extra.get("dora_dropout", 0.0)
+    targets = peft_targets(s)
+    config = LoraConfig(
+        r=s.r, lora_alpha=s.alpha, lora_dropout=dropout, target_modules=targets, bias="none", use_dora=True
+    )
+    return get_peft_model(model, config), {}
+
+
 Builder = Callable[[Settings], tuple[nn.Module, dict[str, float]]]
+#: run when named in --only: fusion off, compiled blocks (``lora: compile: blocks``), the compiled whole model
+OPTIONAL: dict[str, Builder] = {
+    "ours-unfused": ours_unfused,
+    "ours-compiled": ours_compiled,
+    "ours-compiled-model": ours_compiled_model,
+}
+#: added by --dora (DoRA on the same targets; --dora-dropout on both sides)
+DORA: dict[str, Builder] = {"ours-dora": ours_dora, "peft-dora": peft_dora}
 
 # --------------------------------------------------------------------------- memory probes
 
@@ -201,15 +266,17 @@ def worker(name: str, build: Builder, s: Settings, conn: Connection) -> None:
     reset_peak(device)
     conn.send("ready")
     first_loss = None
+    cpu_times: list[float] = []  # this process's CPU seconds per step: blind to time spent preempted by others
     while conn.recv() == "step":
         sync(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync(device)
         elapsed = time.perf_counter() - start
+        cpu_times.append(time.process_time() - cpu_start)
         first_loss = loss.item() if first_loss is None else first_loss
         conn.send(elapsed)
     info.update(
@@ -221,6 +288,8 @@ def worker(name: str, build: Builder, s: Settings, conn: Connection) -> None:
         baseline_rss=rss_start,
         first_loss=first_loss or float("nan"),
     )
+    if device.type == "cpu":
+        info["cpu_times"] = cpu_times  # type: ignore[assignment]
     conn.send(info)
 
 
@@ -273,12 +342,13 @@ def mb(n: float) -> str:
 
 
 def table(results: dict[str, Result]) -> str:
-    header = f"{'contender':<10} {'step s (median)':>16} {'min..max':>14} {'peak mem':>14} {'above base':>12} {'trainable':>13} {'opt state':>12} {'1st loss':>9}"
+    w = max([10, *(len(name) for name in results)])
+    header = f"{'contender':<{w}} {'step s (median)':>16} {'min..max':>14} {'peak mem':>14} {'above base':>12} {'trainable':>13} {'opt state':>12} {'1st loss':>9}"
     rows = [header]
     for r in results.values():
         i = r.info
         rows.append(
-            f"{r.name:<10} {r.median:>16.3f} {min(r.times):>6.2f}..{max(r.times):<6.2f} {mb(i['peak_bytes']):>14} "
+            f"{r.name:<{w}} {r.median:>16.3f} {min(r.times):>6.2f}..{max(r.times):<6.2f} {mb(i['peak_bytes']):>14} "
             f"{mb(i['peak_bytes'] - i['baseline_rss']):>12} "
             f"{int(i['trainable']):>13,} {mb(i['optimizer_state_bytes']):>12} {i['first_loss']:>9.4f}"
         )
@@ -297,8 +367,20 @@ def ratio_line(results: dict[str, Result], num: str, den: str, target: float | N
         verdict += "; the per-round range straddles the target: not resolved at this noise, add --reps"
     return (
         f"{num}/{den}: step time {paired:.3f} (median of per-round ratios; range {per_rep[0]:.3f}..{per_rep[-1]:.3f}; "
-        f"ratio of medians {time_ratio:.3f}), peak memory {mem_ratio:.3f} ({above:.3f} above imports){verdict}"
+        f"ratio of medians {time_ratio:.3f}){cpu_ratio(a, b)}, peak memory {mem_ratio:.3f} ({above:.3f} above "
+        f"imports){verdict}"
     )
+
+
+def cpu_ratio(a: Result, b: Result) -> str:
+    """The paired ratio of the workers' own CPU seconds per step (CPU only; the timed rounds): less noisy than
+    wall time on shared cores, where a step's wall time includes the time another process held the core."""
+    if "cpu_times" not in a.info or "cpu_times" not in b.info:
+        return ""
+    n = len(a.times)
+    cpu_a, cpu_b = a.info["cpu_times"][-n:], b.info["cpu_times"][-n:]  # type: ignore[index]
+    per_rep = sorted(x / y for x, y in zip(cpu_a, cpu_b, strict=True))
+    return f"; CPU time {statistics.median(per_rep):.3f} ({per_rep[0]:.3f}..{per_rep[-1]:.3f})"
 
 
 def describe(s: Settings) -> str:
@@ -326,12 +408,15 @@ def parse_settings(argv: Sequence[str] | None, description: str) -> tuple[Settin
     parser.add_argument("--only", default="", help="comma-separated subset of the contenders to run")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds (first step allocates state)")
     parser.add_argument("--reps", type=int, default=7, help="timed rounds; medians of these are compared")
+    parser.add_argument("--dora", action="store_true", help="add the contenders ours-dora and peft-dora")
+    parser.add_argument("--dora-dropout", type=float, default=0.0, help="adapter dropout of the DoRA contenders")
     args, _ = parser.parse_known_args(argv)
     targets: tuple[str, ...] | str = args.targets if args.targets == "all-linear" else tuple(args.targets.split(","))
     fields = {k: getattr(args, k) for k in ("hidden", "layers", "heads", "intermediate", "vocab", "seq", "batch")}
     settings = Settings(
-        **fields, r=args.r, alpha=args.alpha, seed=args.seed, threads=args.threads, dtype=args.dtype, targets=targets
-    )
+        **fields, r=args.r, alpha=args.alpha, seed=args.seed, threads=args.threads, dtype=args.dtype, targets=targets,
+        extra={"dora_dropout": args.dora_dropout},
+    )  # fmt: skip
     return settings, args
 
 
@@ -343,18 +428,43 @@ def select(contenders: dict[str, Builder], only: str) -> dict[str, Builder]:
     return {n: contenders[n] for n in names}
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Measure once; ``{"describe": str, "results": {name: Result}}`` (what ``run_all.py`` reads)."""
     s, args = parse_settings(argv, __doc__.splitlines()[0] if __doc__ else "")
     print(describe(s))
     contenders: dict[str, Builder] = {"ours": ours_lora, "peft": peft_lora, "full": full_finetune}
+    contenders.update(DORA if args.dora else {})
+    contenders.update(OPTIONAL if args.only else {})  # opt-in: by name with --only
     results = run_interleaved(select(contenders, args.only), s, args.warmup, args.reps)
+    return {"describe": describe(s), "results": results}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    results: dict[str, Result] = run(argv)["results"]
     print(table(results))
-    for num, den, target in (("ours", "peft", 1.0), ("ours", "full", 0.7), ("peft", "full", None)):
+    pairs = (
+        ("ours", "peft", 0.9),
+        ("ours", "full", 0.7),
+        ("peft", "full", None),
+        ("ours-dora", "peft-dora", 0.8),
+        ("ours", "ours-unfused", None),
+        ("ours-unfused", "peft", None),
+        ("ours-compiled", "ours", 0.85),
+        ("ours-compiled-model", "ours", 0.85),
+        ("ours-compiled", "peft", None),
+        ("ours-compiled-model", "peft", None),
+    )
+    for num, den, target in pairs:
         if num in results and den in results:
             print(ratio_line(results, num, den, target))
     if "ours" in results and "peft" in results:
         same = abs(results["ours"].info["first_loss"] - results["peft"].info["first_loss"]) < 1e-4
         print(f"first-step loss ours == peft (fresh adapter is the identity): {same}")
+    for name in ("ours-unfused", "ours-compiled", "ours-compiled-model"):
+        if name in results and "ours" in results:
+            info, ours = results[name].info, results["ours"].info
+            compiled = f"; compiled in {info['compile_s']:.0f} s (setup, untimed)" if "compile_s" in info else ""
+            print(f"first-step loss {name} - ours: {info['first_loss'] - ours['first_loss']:+.2e}{compiled}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,9 @@ Contenders (each in its own worker process, from the same seed-``--seed`` random
   ``prepare_model_for_kbit_training`` is not called (it would add gradient checkpointing and fp32
   casts that ours does not do).
 
+``--compute fp32`` replaces bf16 by fp32 everywhere above (model dtype of ``peft``, 4-bit compute dtype of
+both sides); ``ours-bf16`` is then ``ours`` and is dropped.
+
 Measured: median step time (forward + backward + AdamW step), parameter memory (all parameters and
 buffers + 4-bit quant state: absmax, nested absmax, code tables, offset), trainable parameters,
 optimizer state, and the setup peak of ``quantize_model``: peak RSS (CUDA: allocated memory) during
@@ -23,21 +26,25 @@ the call above the level just before it, as a fraction of the model's size befor
 
 Example:
     .venv/bin/python benchmarks/bench_qlora.py                 # same defaults as bench_lora.py
+    .venv/bin/python benchmarks/bench_qlora.py --compute fp32  # fp32 compute (and fp32 model) on both sides
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lora import (
+    DTYPES,
     Builder,
     Result,
     Settings,
@@ -56,7 +63,10 @@ from bench_lora import (
     tensor_bytes,
 )
 
-COMPUTE_DTYPE = torch.bfloat16
+
+def compute_dtype(s: Settings) -> torch.dtype:
+    """The 4-bit layers' compute dtype of this run (``--compute``; both sides use the same)."""
+    return DTYPES[s.extra.get("compute", "bf16")]
 
 
 def quant_state_tensors(module: nn.Module) -> list[torch.Tensor]:
@@ -84,7 +94,7 @@ def _quantize_ours(model: nn.Module, s: Settings) -> dict[str, float]:
     size = tensor_bytes(model.parameters())
     before = current_rss() if device.type == "cpu" else torch.cuda.memory_allocated(device)
     reset_peak(device)
-    quantize_model(model, QuantConfig(mode="nf4", double_quant=True, compute_dtype=COMPUTE_DTYPE))
+    quantize_model(model, QuantConfig(mode="nf4", double_quant=True, compute_dtype=compute_dtype(s)))
     extra = peak_bytes(device) - before
     return {"quant_peak_extra": extra, "quant_model_bytes": size}
 
@@ -103,7 +113,7 @@ def ours_qlora(s: Settings) -> tuple[nn.Module, dict[str, float]]:
 
 
 def ours_qlora_bf16(s: Settings) -> tuple[nn.Module, dict[str, float]]:
-    model = build_llama(s, torch.float32).to(COMPUTE_DTYPE)
+    model = build_llama(s, torch.float32).to(compute_dtype(s))
     info = _quantize_ours(model, s)
     _inject_ours(model, s)
     return model, {**info, "param_memory": parameter_memory(model)}
@@ -113,16 +123,17 @@ def peft_qlora(s: Settings) -> tuple[nn.Module, dict[str, float]]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    dtype = compute_dtype(s)
     quant = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=COMPUTE_DTYPE,
+        bnb_4bit_compute_dtype=dtype,
     )
     with tempfile.TemporaryDirectory() as tmp:
         build_llama(s, torch.float32).save_pretrained(tmp)
         model = AutoModelForCausalLM.from_pretrained(
-            tmp, quantization_config=quant, dtype=COMPUTE_DTYPE, device_map=str(s.device)
+            tmp, quantization_config=quant, dtype=dtype, device_map=str(s.device)
         )
     model.config.use_cache = False
     config = LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=0.0, target_modules=peft_targets(s), bias="none")
@@ -141,21 +152,45 @@ def report(results: dict[str, Result]) -> None:
                 f"{mb(r.info['quant_model_bytes'])} model = {frac:.3f}x its size"
             )
         print(line)
+    same_settings = "ours-bf16" if "ours-bf16" in results else "ours"  # the contender set up as the reference is
     for num in ("ours", "ours-bf16"):
         if num in results and "peft" in results:
-            print(ratio_line(results, num, "peft", target=1.0))
+            print(ratio_line(results, num, "peft", target=0.95 if num == same_settings else None))
             memory = results[num].info["param_memory"] / results["peft"].info["param_memory"]
             print(f"{num}/peft: parameter memory {memory:.3f} (target <= 1.0)")
     if "ours" in results and "ours-bf16" in results:
         print(ratio_line(results, "ours", "ours-bf16", target=None))
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def settings(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace]:
+    """The shared settings plus ``--compute {bf16,fp32}`` (the 4-bit compute dtype, and the model dtype
+    of ``ours-bf16`` and ``peft``)."""
     s, args = parse_settings(argv, __doc__.splitlines()[0] if __doc__ else "")
-    s = dataclasses.replace(s, dtype="bf16", extra={"preload": ("bitsandbytes",)})
-    print(describe(s) + f"; quantized nf4+dq, compute {COMPUTE_DTYPE}")
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--compute", choices=["bf16", "fp32"], default="bf16")
+    compute = extra.parse_known_args(argv)[0].compute
+    return dataclasses.replace(s, dtype=compute, extra={"preload": ("bitsandbytes",), "compute": compute}), args
+
+
+def contenders_for(s: Settings) -> dict[str, Builder]:
+    """``ours``, ``ours-bf16`` (only when computing in bf16: with fp32 compute it is ``ours``) and ``peft``."""
     contenders: dict[str, Builder] = {"ours": ours_qlora, "ours-bf16": ours_qlora_bf16, "peft": peft_qlora}
-    report(run_interleaved(select(contenders, args.only), s, args.warmup, args.reps))
+    if compute_dtype(s) == torch.float32:
+        del contenders["ours-bf16"]
+    return contenders
+
+
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Measure once; ``{"describe": str, "results": {name: Result}}`` (what ``run_all.py`` reads)."""
+    s, args = settings(argv)
+    described = describe(s) + f"; quantized nf4+dq, compute {compute_dtype(s)}"
+    print(described)
+    results = run_interleaved(select(contenders_for(s), args.only), s, args.warmup, args.reps)
+    return {"describe": described, "results": results}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    report(run(argv)["results"])
 
 
 if __name__ == "__main__":
