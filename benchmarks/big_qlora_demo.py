@@ -73,7 +73,7 @@ def fit(path: Path, out: Path, steps: int) -> tuple[int, str]:
     cmd = [sys.executable, "-c", PEAK, "fit", "--config", "recipes/chat/qlora.yaml"]
     cmd += [f"--model.init_args.model_name_or_path={path}", "--trainer.precision=bf16-true"]
     cmd += [f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=2", "--trainer.num_sanity_val_steps=0"]
-    cmd += ["--data.init_args.batch_size=2", "--data.init_args.max_length=32", "--data.init_args.val_size=4"]
+    cmd += ["--data.init_args.batch_size=2", "--data.init_args.max_length=48", "--data.init_args.val_size=4"]
     cmd += [f"--trainer.logger.init_args.save_dir={out}", "--trainer.enable_progress_bar=false"]
     cmd += [
         "--model.init_args.activation_checkpointing=true"

@@ -30,6 +30,7 @@ from lightning_adapt.export.streaming import LoRASettings, model_keys
 
 
 def adapter_state(hidden: int, layers: int, seed: int) -> dict[str, torch.Tensor]:
+    """Random q/v LoRA weights under a task's checkpoint keys (``model.model.layers.<i>...``)."""
     g = torch.Generator().manual_seed(seed)
     state = {}
     for i in range(layers):

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from export_kill_run import adapter_state
 from safetensors.torch import load_file
 from torch import nn
 from toy import IDS, tiny_bert, tiny_gpt2, tiny_llama
@@ -236,14 +237,7 @@ def _llama_dir(path: Path, hidden: int, layers: int, vocab: int) -> int:
 
 
 def _adapter_state(hidden: int, layers: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    state = {}
-    for i in range(layers):
-        for name in ("q_proj", "v_proj"):
-            key = f"model.model.layers.{i}.self_attn.{name}"
-            state[key + ".lora_A.weight"] = torch.randn(8, hidden, generator=g) * 0.1
-            state[key + ".lora_B.weight"] = torch.randn(hidden, 8, generator=g) * 0.1
-    return state
+    return adapter_state(hidden, layers, seed=1)
 
 
 def test_at_most_one_base_tensor_is_alive_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -134,7 +134,8 @@ class ChatDataModule(SplitDataModule):
         if self._splits:
             return
         super().setup(stage)
-        self._splits = drop_responseless(self._splits, self.max_length)
+        if stage != "predict":  # generation needs only the prompt; a truncated reference is still shown
+            self._splits = drop_responseless(self._splits, self.max_length)
 
     @override
     def train_dataloader(self) -> ResumableDataLoader:
