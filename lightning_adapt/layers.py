@@ -39,6 +39,7 @@ __all__ = [
     "frozen_state_keys",
     "is_conv1d",
     "is_linear_like",
+    "is_plain_linear",
     "is_quantized",
     "layer_dims",
     "layer_writer",
@@ -158,6 +159,12 @@ def _build_layer_kinds(with_bitsandbytes: bool) -> dict[type, _LayerKind]:
 def _kind(layer: nn.Module) -> _LayerKind | None:
     kinds = _layer_kinds()
     return next((kinds[cls] for cls in type(layer).__mro__ if cls in kinds), None)
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is exactly an ``nn.Linear`` without forward hooks, so that reading its ``weight`` directly
+    equals calling it (not so for an FSDP1 unit wrapping it, or a hook that gathers a sharded weight)."""
+    return type(module) is nn.Linear and not (module._forward_pre_hooks or module._forward_hooks)
 
 
 def is_linear_like(module: nn.Module) -> bool:

@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_adapt.layers import is_plain_linear
+
 __all__ = [
     "DEFAULT_GROUPS",
     "FusableLayer",
@@ -162,8 +164,7 @@ class SharedProjection:
     def _plain(self) -> bool:
         # The fused matmul reads each lora_A.weight without calling lora_A: only sound while lora_A is a plain
         # Linear without hooks (FSDP1 wraps lora_A in a unit of its own; FSDP2 on lora_A would gather in a hook).
-        adapters = [m.lora_A for m in self.members]
-        return all(type(a) is nn.Linear and not (a._forward_pre_hooks or a._forward_hooks) for a in adapters)
+        return all(is_plain_linear(m.lora_A) for m in self.members)
 
     def _unfused(self, layer: FusableLayer) -> bool:
         dropout = layer.lora_dropout

@@ -30,7 +30,14 @@ from torch import nn
 
 from lightning_adapt.adapters.dora import dora_delta
 from lightning_adapt.errors import ConfigError
-from lightning_adapt.layers import base_weight, is_linear_like, layer_dims, layer_writer, linear_like_types
+from lightning_adapt.layers import (
+    base_weight,
+    is_linear_like,
+    is_plain_linear,
+    layer_dims,
+    layer_writer,
+    linear_like_types,
+)
 
 __all__ = [
     "LoRALinear",
@@ -317,17 +324,13 @@ class LoRALinear(nn.Module):
         result: torch.Tensor = self.base_layer(x)
         if self.merged:
             return result
-        if self.lora_magnitude_vector is None and self._plain_lora_B():
+        if self.lora_magnitude_vector is None and is_plain_linear(self.lora_B):
             return add_lora_update(result, self.lora_input(x), self.lora_B.weight, self.scaling)
         if self.lora_magnitude_vector is None:  # lora_B wrapped or hooked (an FSDP1 unit): call it as a module
             update_b: torch.Tensor = self.lora_B(self.lora_input(x)) * self.scaling
             return result + update_b.to(result.dtype)
         update = self._dora_delta(x.to(self.lora_A.weight.dtype), result)
         return result + update.to(result.dtype)
-
-    def _plain_lora_B(self) -> bool:
-        b = self.lora_B
-        return type(b) is nn.Linear and not (b._forward_pre_hooks or b._forward_hooks)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, dora={self.use_dora}"

@@ -50,9 +50,11 @@ from lightning_adapt.export.original import optional_source, source_dir, source_
 from lightning_adapt.export.peft_format import PEFT_PREFIX, export_root, write_adapter
 from lightning_adapt.export.report import ExportResult, MemoryMeter, MergeReport, merge_report
 from lightning_adapt.export.safetensors_io import (
+    SMALLER_DTYPE_FIX,
     SourceWeights,
     parse_size,
     write_safetensors,
+    written_bytes,
 )
 from lightning_adapt.layers import DTYPES
 from lightning_adapt.naming import select
@@ -116,8 +118,8 @@ def write_merged(
     )
     dtype = DTYPES[options.dtype] if options.dtype else None
     if target is not None:
-        needed = sum(e.numel * (dtype if dtype and e.dtype.is_floating_point else e.dtype).itemsize for e in entries)
-        check_free_space(target, needed, argument, ", or write a smaller dtype (dtype: bf16)")
+        needed = written_bytes(((e.shape, e.dtype) for e in entries), dtype)
+        check_free_space(target, needed, argument, SMALLER_DTYPE_FIX)
     out.mkdir(parents=True)
     write_safetensors(out, entries, dtype, parse_size(options.max_shard_size))
     if hf:

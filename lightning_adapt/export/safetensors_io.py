@@ -30,7 +30,7 @@ import math
 import os
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -41,6 +41,7 @@ from lightning_adapt.errors import ExportError
 
 __all__ = [
     "DTYPE_OF_NAME",
+    "SMALLER_DTYPE_FIX",
     "ExportError",
     "SourceWeights",
     "StoredTensor",
@@ -50,6 +51,7 @@ __all__ = [
     "read_tensor",
     "safetensors_files",
     "write_safetensors",
+    "written_bytes",
 ]
 
 _ST_DTYPES = {
@@ -170,6 +172,15 @@ def _copy_stored(stored: StoredTensor, out: BinaryIO) -> None:
             out.write(buffer[:n])
             offset, left = offset + n, left - n
     out.seek(0, os.SEEK_END)  # the kernel moved the file's offset behind the buffered writer's back
+
+
+#: The free-space refusal's extra fix for an export (see :func:`lightning_adapt.atomic.check_free_space`).
+SMALLER_DTYPE_FIX = ", or write a smaller dtype (dtype: bf16)"
+
+
+def written_bytes(tensors: Iterable[tuple[tuple[int, ...], torch.dtype]], dtype: torch.dtype | None) -> int:
+    """Tensor bytes :func:`write_safetensors` writes for ``(shape, stored dtype)`` pairs, floats cast to ``dtype``."""
+    return sum(math.prod(shape) * (dtype if dtype and d.is_floating_point else d).itemsize for shape, d in tensors)
 
 
 def write_safetensors(out: Path, entries: list[TensorEntry], dtype: torch.dtype | None, max_shard: int) -> list[str]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import shutil
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -39,10 +38,12 @@ from lightning_adapt.export.original import source_dir, source_for
 from lightning_adapt.export.peft_format import PEFT_PREFIX, export_root, peft_config, write_adapter, write_adapter_files
 from lightning_adapt.export.report import ExportResult, MemoryMeter, merge_report
 from lightning_adapt.export.safetensors_io import (
+    SMALLER_DTYPE_FIX,
     StoredTensor,
     parse_size,
     read_index,
     safetensors_files,
+    written_bytes,
 )
 from lightning_adapt.export.streaming import (
     Adapters,
@@ -179,7 +180,8 @@ def export_streamed(
     check_target(target, options.overwrite, argument)
     keys = keys if keys is not None else model_keys(read_index(source))
     dtype = DTYPES[options.dtype] if options.dtype else None
-    check_free_space(target, _output_bytes(keys, adapters, dtype), argument, _SMALLER_DTYPE)
+    kept = ((stored.shape, stored.dtype) for key, stored in keys.items() if key not in adapters.drop)
+    check_free_space(target, written_bytes(kept, dtype), argument, SMALLER_DTYPE_FIX)
     result = ExportResult(target, streamed=True)
     with MemoryMeter() as meter, atomic_directory(target, options.overwrite, argument) as tmp:
         if write_peft is not None:
@@ -194,20 +196,6 @@ def export_streamed(
     result.dropped_tied = stats.dropped
     result.memory = meter.result(stats.largest_key, stats.largest_fp32_bytes, stats.model_bytes)
     return result
-
-
-_SMALLER_DTYPE = ", or write a smaller dtype (dtype: bf16)"
-
-
-def _output_bytes(keys: Mapping[str, StoredTensor], adapters: Adapters, dtype: torch.dtype | None) -> int:
-    """The merged checkpoint's tensor bytes (the adapter directory is small beside it)."""
-    total = 0
-    for key, stored in keys.items():
-        if key in adapters.drop:
-            continue
-        itemsize = dtype.itemsize if dtype is not None and stored.dtype.is_floating_point else stored.dtype.itemsize
-        total += math.prod(stored.shape) * itemsize
-    return total
 
 
 def peft_writer(
