@@ -154,6 +154,22 @@ def full_finetune(s: Settings) -> tuple[nn.Module, dict[str, float]]:
     return build_llama(s), {}
 
 
+def frozen_floor(model: nn.Module) -> nn.Module:
+    """The floor of any adapter on ``model``: every weight frozen, no adapter at all, and the embeddings' output
+    made to require grad, so that backward still computes every layer's input gradient (what adapters in every
+    block need) and nothing else. An adapter implementation costs at least this step; a ratio target below
+    ``floor / reference`` cannot be met by any adapter code at these settings. (Pessimistic by three matmuls a
+    step: the first block's q/k/v input gradient, which adapters there do not need.)"""
+    model.requires_grad_(False)
+    model.get_input_embeddings().register_forward_hook(lambda _m, _args, out: out.requires_grad_(True))
+    return model
+
+
+def floor(s: Settings) -> tuple[nn.Module, dict[str, float]]:
+    """The frozen base without adapters (``frozen_floor``): the lower bound of every LoRA contender's step."""
+    return frozen_floor(build_llama(s)), {}
+
+
 def ours_dora(s: Settings) -> tuple[nn.Module, dict[str, float]]:
     from lightning_adapt.adapters.inject import LoRASpec, inject_lora
 
@@ -181,6 +197,7 @@ OPTIONAL: dict[str, Builder] = {
     "ours-unfused": ours_unfused,
     "ours-compiled": ours_compiled,
     "ours-compiled-model": ours_compiled_model,
+    "floor": floor,
 }
 #: added by --dora (DoRA on the same targets; --dora-dropout on both sides)
 DORA: dict[str, Builder] = {"ours-dora": ours_dora, "peft-dora": peft_dora}
@@ -259,7 +276,7 @@ def worker(name: str, build: Builder, s: Settings, conn: Connection) -> None:
     model, info = build(s)
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=s.lr)
+    optimizer = torch.optim.AdamW(params or [torch.zeros(1, requires_grad=True)], lr=s.lr)  # floor: no params
     generator = torch.Generator().manual_seed(s.seed + 1)
     ids = torch.randint(0, s.vocab, (s.batch, s.seq), generator=generator).to(device)
     setup_bytes = current_rss() if device.type == "cpu" else torch.cuda.memory_allocated(device)

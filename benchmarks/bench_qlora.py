@@ -51,6 +51,7 @@ from bench_lora import (
     build_llama,
     current_rss,
     describe,
+    frozen_floor,
     mb,
     parse_settings,
     peak_bytes,
@@ -119,6 +120,15 @@ def ours_qlora_bf16(s: Settings) -> tuple[nn.Module, dict[str, float]]:
     return model, {**info, "param_memory": parameter_memory(model)}
 
 
+def floor_qlora(s: Settings) -> tuple[nn.Module, dict[str, float]]:
+    """Our 4-bit base (quantized as ``ours``, model dtype as ``ours-bf16`` when the compute is bf16) without
+    adapters, frozen, every input gradient computed (``bench_lora.frozen_floor``): the bound of any QLoRA step."""
+    model = build_llama(s, torch.float32)
+    model = model.to(compute_dtype(s)) if compute_dtype(s) != torch.float32 else model
+    info = _quantize_ours(model, s)
+    return frozen_floor(model), {**info, "param_memory": parameter_memory(model)}
+
+
 def peft_qlora(s: Settings) -> tuple[nn.Module, dict[str, float]]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -173,8 +183,11 @@ def settings(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace]:
 
 
 def contenders_for(s: Settings) -> dict[str, Builder]:
-    """``ours``, ``ours-bf16`` (only when computing in bf16: with fp32 compute it is ``ours``) and ``peft``."""
-    contenders: dict[str, Builder] = {"ours": ours_qlora, "ours-bf16": ours_qlora_bf16, "peft": peft_qlora}
+    """``ours``, ``ours-bf16`` (only when computing in bf16: with fp32 compute it is ``ours``), ``peft`` and
+    ``floor`` (the frozen 4-bit base without adapters: the bound)."""
+    contenders: dict[str, Builder] = {
+        "ours": ours_qlora, "ours-bf16": ours_qlora_bf16, "peft": peft_qlora, "floor": floor_qlora,
+    }  # fmt: skip
     if compute_dtype(s) == torch.float32:
         del contenders["ours-bf16"]
     return contenders

@@ -281,6 +281,23 @@ class AdaptCLI(LightningCLI):
         check_strategy(name, [key for key in RECIPE_KEYS if self._get(self.config, key) is not None])
 
 
+class _ParseOnly(AdaptCLI):
+    """The ``fit`` parser and its checks (``before_instantiate_classes``), building nothing."""
+
+    @override
+    def instantiate_classes(self) -> None:
+        return None
+
+
+def check_fit_arguments(args: list[str], where: str) -> None:
+    """Parse ``fit``'s ``args`` (no subcommand) as the CLI would, without building a model, data or trainer;
+    raises :class:`ConfigError` with the parser's one line, prefixed by ``where`` (what the user passed)."""
+    try:
+        _ParseOnly(args=args, run=False)
+    except (argparse.ArgumentError, ConfigError) as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
 def _output_dirs(trainer: Trainer) -> list[str | None]:
     dirs: list[str | None] = [getattr(cb, "dirpath", None) for cb in trainer.checkpoint_callbacks]
     for logger in trainer.loggers:

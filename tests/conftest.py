@@ -12,9 +12,30 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+#: pytest-xdist runs test files in parallel workers (``-n`` in pyproject's addopts); each worker takes its share of
+#: the cores so that parallel tests do not oversubscribe them
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 ROOT = Path(__file__).resolve().parents[1]
+
+#: the files that take longest (``--durations``), started first so that no worker is left alone with one at the end
+_LONGEST_FIRST = (
+    "test_big_model.py", "test_fsdp.py", "test_cli.py", "test_crash_safety.py", "test_compare.py", "test_chat.py", "test_distributed.py",
+    "test_exact_resume.py", "test_fsdp1.py", "test_merge_eval.py", "test_loading.py",
+)  # fmt: skip
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: one worker per core, at most 4 (the multi-process tests start 2 ranks each, and the 1B-model
+    test peaks at ~2 GB)."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Long files first (a stable sort keeps every file's own order, and every worker's collection the same)."""
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(scope="session")

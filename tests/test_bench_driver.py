@@ -25,7 +25,13 @@ def measured() -> dict[str, dict[str, Any] | str]:
                 "peft-dora": {"times": [1.0, 1.0, 1.0], "info": {"cpu_times": [9.0, 1.0, 1.0, 1.0]}},
             },
         },
-        "lora-bf16": {"results": {"ours": {"times": [2.0, 2.2, 2.1]}, "peft": {"times": [1.0, 1.0, 1.0]}}},
+        "lora-bf16": {
+            "results": {  # the frozen base with no adapter (the floor) above the target: unreachable here
+                "ours": {"times": [2.0, 2.2, 2.1]},
+                "peft": {"times": [1.0, 1.0, 1.0]},
+                "floor": {"times": [1.8, 2.0, 1.9]},
+            }
+        },
         "qlora-bf16": "qlora-bf16 failed: ModuleNotFoundError: No module named 'bitsandbytes'",
     }
 
@@ -41,10 +47,12 @@ def test_ratios_and_verdicts() -> None:
     assert lora.verdict.startswith("PASS (range straddles")  # median at the target 0.9, range across it
     assert outcome("DoRA ours / PEFT (fp32)").verdict == "PASS"
     assert outcome("DoRA ours / PEFT (fp32)").median == pytest.approx(0.72)
-    assert outcome("LoRA ours / PEFT (bf16)").verdict == "FAIL"
+    assert outcome("LoRA ours / PEFT (bf16)").verdict == "FAIL: unreachable here, the floor 1.900 is above the target"
+    assert outcome("DoRA ours / PEFT (fp32)").floor == pytest.approx(0.9)  # plain LoRA bounds DoRA; it passes anyway
+    assert outcome("LoRA ours / PEFT (fp32)").floor is None  # no floor contender in that group
     assert (
         outcome("DoRA ours / PEFT (bf16)").verdict
-        == "not measured: no contender ours-dora, peft-dora in lora-bf16 (have: ours, peft)"
+        == "not measured: no contender ours-dora, peft-dora in lora-bf16 (have: ours, peft, floor)"
     )
     assert outcome("compiled / eager LoRA (fp32)").verdict.startswith("not measured: no contender ours-compiled")
     assert outcome("QLoRA ours / PEFT+bnb (bf16 model, bf16 compute)").verdict == (
@@ -69,17 +77,38 @@ def test_report_block_and_plot(tmp_path: Path) -> None:
     assert text.count(run_all.BEGIN) == 1 and "old numbers" not in text
     assert text.startswith("# Results\n\nintro\n") and text.endswith("## Analysis\nkept\n")
     assert (
-        "| DoRA ours / PEFT (fp32) | lora-fp32 | 0.720 | 0.700..0.750 | ≤ 0.8 | PASS | 0.600 (0.500..0.700) |  |"
+        "| DoRA ours / PEFT (fp32) | lora-fp32 | 0.720 | 0.700..0.750 | ≤ 0.8 | PASS | 0.600 (0.500..0.700) | 0.900 |"
         in block
     )
     assert "| LoRA ours / PEFT (fp32) | lora-fp32 | 0.900 | 0.850..0.950 | ≤ 0.9 | PASS (range straddles" in block
     assert "| 0.500 |" in block.split("LoRA ours / PEFT (fp32)")[1].splitlines()[0]  # peak memory 100 / 200
-    assert "| LoRA ours / PEFT (bf16) | lora-bf16 | 2.100 | 2.000..2.200 | ≤ 0.9 | FAIL |" in block
+    assert "| LoRA ours / PEFT (bf16) | lora-bf16 | 2.100 | 2.000..2.200 | ≤ 0.9 | FAIL: unreachable here" in block
     for key in ("cpu", "cores", "load average", "bf16 hardware", "date", "torch", "transformers", "peft", "lightning"):
         assert f"**{key}" in block
     assert "- `qlora-bf16`: qlora-bf16 failed" in block and "- `lora-fp32`: fp32 settings" in block
     assert plot.read_bytes().startswith(b"\x89PNG")
     assert not [p for p in plot.parent.iterdir() if p != plot]  # no temp file left beside it
+
+
+def test_the_floor_contender_trains_nothing_and_backpropagates_through_every_block() -> None:
+    """The floor is the base's own step: no trainable parameter, yet every block's input gradient computed."""
+    import bench_lora
+    import torch
+
+    s = bench_lora.Settings(hidden=32, layers=2, heads=4, intermediate=64, vocab=128, seq=8)
+    model, _ = bench_lora.floor(s)
+    assert not any(p.requires_grad for p in model.parameters())
+    seen: list[torch.Tensor] = []
+
+    def keep(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        args[0].retain_grad()  # a block's input hidden states: their gradient is what an adapter in it needs
+        seen.append(args[0])
+
+    for block in model.model.layers:
+        block.register_forward_pre_hook(keep)
+    ids = torch.randint(0, s.vocab, (1, s.seq))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert len(seen) == s.layers and all(h.grad is not None and h.grad.abs().sum() > 0 for h in seen)
 
 
 def test_plot_draws_the_measured_medians(tmp_path: Path) -> None:

@@ -127,6 +127,20 @@ def test_each_example_of_a_packed_row_has_its_logits_alone(attention: str) -> No
     torch.testing.assert_close(cached[:7], together[:7], atol=1e-5, rtol=1e-5)
 
 
+def test_the_export_probe_keeps_the_examples_of_a_packed_row_apart() -> None:
+    """The merge's probe forward (``make_probe``) reads ``position_ids``: each packed example's logits are its own."""
+    from lightning_adapt.export.exporter import make_probe
+
+    model = tiny_llama().eval()
+    rows = [{"input_ids": list(range(3, 3 + n)), "labels": [0] * n} for n in (6, 9)]
+    probe = make_probe(model, pack_collate(rows))
+    assert probe is not None
+    with torch.no_grad():
+        logits = probe()[0]
+        alone = model(input_ids=torch.tensor([rows[1]["input_ids"]])).logits[0]
+    torch.testing.assert_close(logits[6:], alone, atol=1e-5, rtol=1e-5)
+
+
 def packed_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
 

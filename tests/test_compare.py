@@ -206,6 +206,14 @@ def _no_run(*args: object, **kwargs: object) -> None:
         (["recipes/sentiment/lora.yaml", "--project", "llama-9"], "--project='llama-9' is neither a preset"),
         (["recipes/sentiment/lora.yaml", "--project_dtype", "int3"], "--project_dtype='int3' is not one of"),
         ([], "RECIPE: none given"),
+        (  # a misspelled option: the recipe's own fit parser refuses it, before the first run
+            ["recipes/sentiment/lora.yaml", "--trainer.max_stepz", "3"],
+            "RECIPE='recipes/sentiment/lora.yaml' with the options given: ",
+        ),
+        (  # a value of the wrong type, only in the second recipe's key
+            ["recipes/sentiment/full.yaml", "recipes/sentiment/lora.yaml", "--lora.init_args.r", "eight"],
+            "RECIPE='recipes/sentiment/full.yaml' with the options given: ",
+        ),
     ],
 )
 def test_bad_input_is_one_line_before_anything_runs(
@@ -231,6 +239,20 @@ def test_an_earlier_compare_is_not_overwritten_unasked(
         main(["compare", str(RECIPES[1]), "--output", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert f"--output={str(tmp_path / 'out')!r}: holds runs of an earlier compare" in err and "--overwrite" in err
+
+
+def test_a_packed_batch_counts_its_examples_not_its_rows() -> None:
+    from lightning_adapt.compare.record import _batch_size
+    from lightning_adapt.data.batching import pack_collate
+
+    rows = [{"input_ids": [5] * n, "labels": [0] * n} for n in (4, 7, 3)]
+    packed = pack_collate(rows)
+    assert _batch_size(packed) == (3, 14)
+    padded = {
+        "input_ids": torch.ones(2, 5, dtype=torch.long),
+        "attention_mask": torch.tensor([[1] * 5, [1, 1, 0, 0, 0]]),
+    }
+    assert _batch_size(padded) == (2, 7)
 
 
 def test_command_line_split_and_failure_lines(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ def _run_predict(recipe: str, tmp_path: Path, *extra: str) -> tuple[list[dict[st
 
     cli = AdaptCLI(args=["predict", "--config", recipe, *_budget(tmp_path), *extra])
     (path,) = tmp_path.rglob("predictions.jsonl")
-    assert not list(tmp_path.rglob("*.tmp")), "the temporary file is moved into place"
+    assert not list(tmp_path.rglob(".predictions.jsonl.tmp-*")), "the temporary file is moved into place"
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     return rows, list(cli.trainer.predict_loop.predictions)
 
@@ -76,3 +76,46 @@ def test_rows_tables_and_bad_options(tmp_path: Path) -> None:
         PredictionWriter(show=-1)
     with pytest.raises(ConfigError, match=r"predictions.max_width=2"):
         PredictionWriter(max_width=2)
+
+
+def _predict(tmp_path: Path, output: Path, fail_at: int | None) -> None:
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    class Module(L.LightningModule):
+        def predict_step(self, batch: torch.Tensor, batch_idx: int) -> list[dict[str, int]]:
+            if batch_idx == fail_at:
+                raise RuntimeError("predict failed on purpose")
+            return [{"value": int(v)} for v in batch]
+
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path,
+        callbacks=[PredictionWriter(output=str(output), show=0)],
+    )  # fmt: skip
+    trainer.predict(Module(), DataLoader(torch.arange(12), batch_size=4), return_predictions=False)
+
+
+def test_a_predict_that_fails_midway_keeps_the_previous_file_and_leaves_no_temp(tmp_path: Path) -> None:
+    output = tmp_path / "out" / "predictions.jsonl"
+    _predict(tmp_path, output, fail_at=None)
+    complete = output.read_text()
+    assert [json.loads(line)["value"] for line in complete.splitlines()] == list(range(12))
+    with pytest.raises(RuntimeError, match="on purpose"):
+        _predict(tmp_path, output, fail_at=2)  # two batches already written to the temp file
+    assert output.read_text() == complete, "the failed run did not touch the previous predictions"
+    assert sorted(p.name for p in output.parent.iterdir()) == ["predictions.jsonl"]
+
+
+def test_two_writers_of_one_file_write_separate_temps(tmp_path: Path) -> None:
+    import lightning as L
+
+    output = tmp_path / "predictions.jsonl"
+    trainer = L.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path)
+    first, second = PredictionWriter(output=str(output)), PredictionWriter(output=str(output))
+    first.on_predict_start(trainer, L.LightningModule())
+    second.on_predict_start(trainer, L.LightningModule())
+    temps = sorted(p.name for p in tmp_path.iterdir())
+    assert len(temps) == 2 and all(name.startswith(".predictions.jsonl.tmp-") for name in temps)
+    for writer in (first, second):
+        writer.on_exception(trainer, L.LightningModule(), RuntimeError("stopped"))
+    assert list(tmp_path.iterdir()) == []

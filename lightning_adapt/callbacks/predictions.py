@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from typing_extensions import override
 
+from lightning_adapt.atomic import atomic_file
 from lightning_adapt.errors import ConfigError
 
 
@@ -21,8 +22,9 @@ class PredictionWriter(BasePredictionWriter):
 
     A batch's prediction is a list of dicts (one per example, as the packaged tasks return) or a tensor
     (one line per row). Label ids are named with the DataModule's ``labels`` when it has them. The file is
-    written to ``<path>.tmp`` while predicting and moved into place at the end, so a crash leaves no
-    half-written ``predictions.jsonl``. Under several processes each rank writes its own file.
+    written to a hidden temp file of its own beside the target (``lightning_adapt.atomic.atomic_file``) and
+    moved into place at the end, so a crash leaves the previous ``predictions.jsonl`` or none, and two runs
+    writing one file never share a temp. Under several processes each rank writes its own file.
     """
 
     def __init__(self, output: str | None = None, show: int = 5, max_width: int = 48) -> None:
@@ -43,6 +45,7 @@ class PredictionWriter(BasePredictionWriter):
         self.max_width = max_width
         self.path: Path | None = None
         self._file: Any = None
+        self._commit: contextlib.ExitStack | None = None  # the open atomic_file: closed on success, else unwound
         self._first: list[dict[str, Any]] = []
         self._count = 0
 
@@ -59,7 +62,8 @@ class PredictionWriter(BasePredictionWriter):
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.path = self._target(trainer)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path.with_name(self.path.name + ".tmp"), "w", encoding="utf-8")  # noqa: SIM115
+        self._commit = contextlib.ExitStack()
+        self._file = self._commit.enter_context(atomic_file(self.path))
         self._first, self._count = [], 0
 
     @override
@@ -76,17 +80,16 @@ class PredictionWriter(BasePredictionWriter):
         datamodule = getattr(trainer, "datamodule", None)
         labels = getattr(datamodule, "labels", None)
         for row in prediction_rows(prediction, labels):
-            self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
+            self._file.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
             if len(self._first) < self.show:
                 self._first.append(row)
             self._count += 1
 
     @override
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        assert self.path is not None and self._file is not None
-        self._file.close()
-        os.replace(self._file.name, self.path)
-        self._file = None
+        assert self.path is not None and self._commit is not None
+        commit, self._commit, self._file = self._commit, None, None
+        commit.close()  # fsync, then rename over the target
         if self.show and trainer.is_global_zero:
             print(format_rows(self._first, self.max_width), file=sys.stdout)
         if trainer.is_global_zero:
@@ -94,10 +97,9 @@ class PredictionWriter(BasePredictionWriter):
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        if self._file is not None:
-            self._file.close()
-            Path(self._file.name).unlink(missing_ok=True)
-            self._file = None
+        if self._commit is not None:
+            commit, self._commit, self._file = self._commit, None, None
+            commit.__exit__(type(exception), exception, exception.__traceback__)  # removes the temp file
 
 
 def _plain(value: Any) -> Any:

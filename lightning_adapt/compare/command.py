@@ -9,8 +9,8 @@ Runs each recipe's ``fit`` in a fresh process, one after the other, with the sam
 into ``--output``: ``report.md`` (also printed), ``report.json``, ``memory.png``, ``losses.png``,
 ``metrics.png``, ``rank-<recipe>.png`` for adapter runs, ``pictures.json`` (the series each picture drew) and
 one folder per run (``run.log``, ``record.json``, its logs, checkpoint and export). A bad argument (a missing
-recipe, recipes of different tasks, an unknown ``--project`` model) is one line on stderr and exit 2 before
-anything runs; a failed run keeps its row, the others still run, and the exit status is then 1.
+recipe, recipes of different tasks, an unknown ``--project`` model, an option that a recipe's ``fit`` would
+refuse) is one line on stderr and exit 2 before anything runs; a failed run keeps its row, the others still run, and the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from lightning_adapt.compare.inspect import adapter_rank
 from lightning_adapt.compare.plots import plot_losses, plot_memory, plot_metrics, plot_spectra
 from lightning_adapt.compare.project import load_projection_shape, project_row
 from lightning_adapt.compare.report import build_report, markdown, primary_metric
-from lightning_adapt.compare.runner import Plan, make_plan, run_all
+from lightning_adapt.compare.runner import Plan, command, make_plan, run_all
 from lightning_adapt.errors import ConfigError
 from lightning_adapt.memory.estimator import ModelShape
 
@@ -122,8 +122,17 @@ def _pictures(report: dict[str, Any], output: Path) -> tuple[dict[str, str], dic
 
 
 def _prepare(options: Options) -> tuple[Plan, ModelShape | None]:
+    """The plan and projection shape, every recipe parsed with the overrides first: a misspelled or mistyped
+    option is one line before anything runs, not a failed row per recipe."""
+    from lightning_adapt.cli import check_fit_arguments
+
     shape = load_projection_shape(options.project) if options.project else None
-    return make_plan(options.recipes, options.overrides, options.output, options.overwrite), shape
+    plan = make_plan(options.recipes, options.overrides, options.output, options.overwrite)
+    for run in plan.runs:
+        has_memory_report = bool(plan.recipes.get(run.recipe, {}).get("memory_report"))
+        child = command(run, plan.overrides, has_memory_report)
+        check_fit_arguments(child[child.index("fit") + 1 :], f"RECIPE={str(run.recipe)!r} with the options given")
+    return plan, shape
 
 
 def _fail(err: ConfigError) -> NoReturn:

@@ -48,9 +48,14 @@ def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def _batch_size(batch: Any) -> tuple[int, int | None]:
-    """``(samples, tokens)`` of a batch: tokens from ``attention_mask`` (else ``input_ids``) when present."""
+    """``(samples, tokens)`` of a batch: tokens from ``attention_mask`` (else ``input_ids``) when present; the
+    examples of packed rows (``position_ids``, no ``attention_mask``) counted by their positions restarting at 0,
+    not as one sample per row."""
     if isinstance(batch, Mapping):
         attention, ids = batch.get("attention_mask"), batch.get("input_ids")
+        positions = batch.get("position_ids")
+        if attention is None and isinstance(positions, torch.Tensor) and positions.ndim == 2:  # packed rows
+            return int((positions == 0).sum()), positions.numel()
         if isinstance(attention, torch.Tensor) and attention.ndim == 2:
             return int(attention.shape[0]), int(attention.sum())
         if isinstance(ids, torch.Tensor) and ids.ndim == 2:

@@ -196,12 +196,14 @@ def modules_to_save_names(names: list[str], modules_to_save: Sequence[str]) -> l
 
 
 def make_probe(module: nn.Module, batch: Any) -> Callable[[], torch.Tensor] | None:
-    """A forward on (up to two rows of) ``batch``: the HF model on ``input_ids``/``attention_mask``, or
-    the module on its ``example_input_array``; ``None`` when neither applies."""
+    """A forward on (up to two rows of) ``batch``: the HF model on ``input_ids``/``attention_mask`` (and the
+    ``position_ids`` of packed rows, which keep each example's attention to itself), or the module on its
+    ``example_input_array``; ``None`` when neither applies."""
     _, root, hf = export_root(module)
     if hf and isinstance(batch, dict) and isinstance(batch.get("input_ids"), torch.Tensor):
-        inputs = {k: batch[k][:2].detach().clone() for k in ("input_ids", "attention_mask") if k in batch}
-        return lambda: root(**inputs).logits  # type: ignore[no-any-return]
+        keys = ("input_ids", "attention_mask", "position_ids")
+        inputs = {k: batch[k][:2].detach().clone() for k in keys if isinstance(batch.get(k), torch.Tensor)}
+        return lambda: root(**inputs, use_cache=False).logits  # type: ignore[no-any-return]  # (a cache drops positions)
     example = getattr(module, "example_input_array", None)
     if isinstance(example, torch.Tensor):
         return lambda: module(example)  # type: ignore[no-any-return]
