@@ -21,22 +21,47 @@ The package is layered (``docs/architecture.md``): :mod:`~lightning_adapt.errors
 and :mod:`~lightning_adapt.memory`; the thin Lightning :mod:`~lightning_adapt.callbacks`; the CLI, tasks and data.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from lightning_adapt import _compat
-from lightning_adapt.adapters.lora import LoRALinear, merge_lora
-from lightning_adapt.callbacks.atomic_checkpoint import AtomicCheckpointIO
-from lightning_adapt.callbacks.exact_resume import ExactResumeCallback
-from lightning_adapt.callbacks.lora import LoRAInjectionCallback
-from lightning_adapt.callbacks.memory_report import MemoryReportCallback
-from lightning_adapt.callbacks.merge import MergeOnSaveCallback
-from lightning_adapt.callbacks.nonfinite_guard import NonFiniteGuardCallback
-from lightning_adapt.callbacks.paged_optimizer import PagedOptimizerCallback, PagedOptimizerPlugin
-from lightning_adapt.callbacks.predictions import PredictionWriter
-from lightning_adapt.callbacks.quantize import QuantizeBaseCallback
-from lightning_adapt.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lightning_adapt.adapters.lora import LoRALinear, merge_lora
+    from lightning_adapt.callbacks.atomic_checkpoint import AtomicCheckpointIO
+    from lightning_adapt.callbacks.exact_resume import ExactResumeCallback
+    from lightning_adapt.callbacks.lora import LoRAInjectionCallback
+    from lightning_adapt.callbacks.memory_report import MemoryReportCallback
+    from lightning_adapt.callbacks.merge import MergeOnSaveCallback
+    from lightning_adapt.callbacks.nonfinite_guard import NonFiniteGuardCallback
+    from lightning_adapt.callbacks.paged_optimizer import PagedOptimizerCallback, PagedOptimizerPlugin
+    from lightning_adapt.callbacks.predictions import PredictionWriter
+    from lightning_adapt.callbacks.quantize import QuantizeBaseCallback
+    from lightning_adapt.errors import ConfigError
 
 _compat.install()
 
 __version__ = "0.1.0"
+
+#: public name -> its module, imported on first use (PEP 562): ``lightning-adapt estimate`` and the math
+#: modules (``lightning_adapt.memory``, ``.adapters``...) load without Lightning
+_EXPORTS: dict[str, str] = {
+    "AtomicCheckpointIO": "lightning_adapt.callbacks.atomic_checkpoint",
+    "ConfigError": "lightning_adapt.errors",
+    "ExactResumeCallback": "lightning_adapt.callbacks.exact_resume",
+    "LoRAInjectionCallback": "lightning_adapt.callbacks.lora",
+    "LoRALinear": "lightning_adapt.adapters.lora",
+    "MemoryReportCallback": "lightning_adapt.callbacks.memory_report",
+    "MergeOnSaveCallback": "lightning_adapt.callbacks.merge",
+    "NonFiniteGuardCallback": "lightning_adapt.callbacks.nonfinite_guard",
+    "PagedOptimizerCallback": "lightning_adapt.callbacks.paged_optimizer",
+    "PagedOptimizerPlugin": "lightning_adapt.callbacks.paged_optimizer",
+    "PredictionWriter": "lightning_adapt.callbacks.predictions",
+    "QuantizeBaseCallback": "lightning_adapt.callbacks.quantize",
+    "merge_lora": "lightning_adapt.adapters.lora",
+}
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -54,3 +79,16 @@ __all__ = [
     "__version__",
     "merge_lora",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lightning_adapt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once: later lookups do not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -18,8 +18,6 @@ from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lightning_adapt.errors import ArgumentError, CheckpointError, ConfigError, MissingDependencyError
 
 __all__ = ["SUBCOMMANDS", "check_strategy", "missing_roots", "parser_error", "read_checkpoint", "remove_created"]
@@ -56,6 +54,8 @@ def read_checkpoint(path: str | Path, argument: str = "--ckpt_path", mmap: bool 
             f"{where} is not a PyTorch checkpoint (not a complete zip archive: truncated, empty or another "
             f"format; {file.stat().st_size} bytes).{_CKPT_FIX}"
         )
+    import torch  # here: the parser's messages (``lightning-adapt estimate``) need no torch
+
     try:
         checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:

@@ -1,9 +1,10 @@
-"""The ``lightning-adapt`` command: LightningCLI with recipe keys for adapters, plus ``estimate``.
+"""The Lightning subcommands of ``lightning-adapt``: LightningCLI with recipe keys for adapters.
 
 ``lightning-adapt fit --config recipes/sentiment/qlora.yaml`` trains any LightningModule/DataModule named
 under ``model:`` / ``data:``; the recipe's top-level keys (``quantize:``, ``lora:``, ``paged_optimizer:``,
 ``merge:``, ``memory_report:``) each add one callback, so the same module trains as full fine-tuning, LoRA
-or QLoRA by configuration alone. ``lightning-adapt estimate`` plans memory without building a model.
+or QLoRA by configuration alone. The console script (:mod:`lightning_adapt.entry`) sends ``estimate``,
+``inspect`` and ``compare`` elsewhere without importing this module (or Lightning).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from lightning_adapt.callbacks.merge import MergeOnSaveCallback, checkpoint_stre
 from lightning_adapt.checks import check_strategy, missing_roots, parser_error, read_checkpoint, remove_created
 from lightning_adapt.errors import CheckpointError, ConfigError, ExportError
 from lightning_adapt.export.exporter import check_target
-from lightning_adapt.memory.cli import main as estimate_main
 
 #: Top-level recipe keys and the callback class each one configures (``class_path``/``init_args``);
 #: a key left out of the config adds nothing.
@@ -282,7 +282,11 @@ class AdaptCLI(LightningCLI):
 
 
 class _ParseOnly(AdaptCLI):
-    """The ``fit`` parser and its checks (``before_instantiate_classes``), building nothing."""
+    """The ``fit`` parser and its checks (``before_instantiate_classes``), building and seeding nothing."""
+
+    @override
+    def _set_seed(self) -> None:
+        return None
 
     @override
     def instantiate_classes(self) -> None:
@@ -309,17 +313,8 @@ def _output_dirs(trainer: Trainer) -> list[str | None]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``lightning-adapt`` console script."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] == "estimate":
-        estimate_main(args[1:])
-        return
-    if args and args[0] == "inspect":
-        _inspect(args[1:])
-        return
-    if args and args[0] == "compare":
-        _compare(args[1:])
-        return
+    """The Lightning subcommands of ``lightning-adapt`` (the console script is :func:`lightning_adapt.entry.main`,
+    which also runs ``estimate``, ``inspect`` and ``compare``)."""
     try:
         AdaptCLI(args=argv)  # None: LightningCLI reads sys.argv itself
     except ValueError as err:
@@ -328,20 +323,6 @@ def main(argv: list[str] | None = None) -> None:
             raise  # not a setting the user can fix: keep the traceback
         print(f"lightning-adapt: error: {config_error}", file=sys.stderr)
         raise SystemExit(2) from None
-
-
-def _inspect(args: list[str]) -> None:
-    """``lightning-adapt inspect``: rank diagnostics of a trained adapter (imported only when asked for)."""
-    from lightning_adapt.compare.inspect import main as inspect_main
-
-    inspect_main(args)
-
-
-def _compare(args: list[str]) -> None:
-    """``lightning-adapt compare``: one fit per recipe, measured side by side (imported only when asked for)."""
-    from lightning_adapt.compare.command import main as compare_main
-
-    compare_main(args)
 
 
 def _config_error(err: BaseException) -> ConfigError | None:

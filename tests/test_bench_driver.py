@@ -47,7 +47,18 @@ def test_ratios_and_verdicts() -> None:
     assert lora.verdict.startswith("PASS (range straddles")  # median at the target 0.9, range across it
     assert outcome("DoRA ours / PEFT (fp32)").verdict == "PASS"
     assert outcome("DoRA ours / PEFT (fp32)").median == pytest.approx(0.72)
-    assert outcome("LoRA ours / PEFT (bf16)").verdict == "FAIL: unreachable here, the floor 1.900 is above the target"
+    assert outcome("LoRA ours / PEFT (bf16)").verdict == (
+        "FAIL: unreachable here, the step-time floor 1.900 is above the target"
+    )
+    dora_bf16 = run_all.Row("DoRA (bf16)", "dora", "ours-dora", "peft-dora", 0.8, floor="ours")
+    cpu = {"dora": {"results": {  # wall time says the floor is under the target; CPU time (trusted) says not
+        "ours": {"times": [0.7, 0.7], "info": {"cpu_times": [0.85, 0.85]}},
+        "ours-dora": {"times": [0.9, 0.9], "info": {"cpu_times": [0.95, 0.95]}},
+        "peft-dora": {"times": [1.0, 1.0], "info": {"cpu_times": [1.0, 1.0]}},
+    }}}  # fmt: skip
+    judged = run_all.evaluate(dora_bf16, cpu)  # type: ignore[arg-type]
+    assert (judged.floor, judged.bound) == (pytest.approx(0.7), pytest.approx(0.85))
+    assert judged.verdict == "FAIL: unreachable here, the CPU-time floor 0.850 is above the target"
     assert outcome("DoRA ours / PEFT (fp32)").floor == pytest.approx(0.9)  # plain LoRA bounds DoRA; it passes anyway
     assert outcome("LoRA ours / PEFT (fp32)").floor is None  # no floor contender in that group
     assert (

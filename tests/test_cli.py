@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_adapt.cli import main
+from lightning_adapt.entry import main
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "recipes").rglob("*.yaml"))
@@ -154,6 +154,23 @@ def test_estimate_subcommand_prints_json(capsys: pytest.CaptureFixture[str]) -> 
     for key in ("weights_bytes", "optimizer_bytes", "gradient_bytes", "total_bytes"):
         assert isinstance(report[key], int)
     assert report["total_bytes"] == report["weights_bytes"] + report["optimizer_bytes"] + report["gradient_bytes"]
+
+
+def test_estimate_starts_without_lightning_or_torch() -> None:
+    """The console script plans a run in a fraction of a second: neither Lightning nor torch is imported."""
+    import json
+    import subprocess
+    import sys
+
+    script = (
+        "import json, sys; from lightning_adapt.entry import main; "
+        "main(['estimate', '--model', 'llama-2-7b', '--method', 'qlora', '--json']); "
+        "print(json.dumps(sorted(m for m in ('torch', 'lightning', 'transformers') if m in sys.modules)))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    *report, loaded = done.stdout.strip().splitlines()
+    assert json.loads("\n".join(report))["trainable_params"] > 0
+    assert json.loads(loaded) == []
 
 
 def test_adapter_checkpoint_validates_and_predicts_through_the_cli(

@@ -17,11 +17,12 @@ import yaml
 
 from lightning_adapt.adapters.inject import LoRASpec, inject_lora
 from lightning_adapt.callbacks.memory_report import MemoryReportCallback
-from lightning_adapt.cli import AdaptCLI, main
+from lightning_adapt.cli import AdaptCLI
 from lightning_adapt.compare.command import parse_args
 from lightning_adapt.compare.plots import MEMORY_PARTS
 from lightning_adapt.compare.project import project
 from lightning_adapt.compare.runner import failure
+from lightning_adapt.entry import main
 from lightning_adapt.memory.cli import main as estimate_main
 from lightning_adapt.memory.estimator import Assumptions, estimate, load_model_shape
 

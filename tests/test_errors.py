@@ -16,7 +16,7 @@ import torch
 import yaml
 from error_table import CASES, DOC, Case, Paths, document_table, evil_checkpoint, matches, render
 
-from lightning_adapt.cli import main
+from lightning_adapt.entry import main
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["negative", "neutral", "positive"]
@@ -218,7 +218,7 @@ def test_a_malicious_checkpoint_is_refused_and_never_runs(shared: Path, tmp_path
     evil, marker = tmp_path / "evil.ckpt", tmp_path / "PWNED"
     evil_checkpoint(evil, marker)
     command = ["fit", f"--config={shared}/lora.yaml", f"--ckpt_path={evil}", "--weights_only=false"]
-    script = "import sys; from lightning_adapt.cli import main; main(sys.argv[1:])"
+    script = "import sys; from lightning_adapt.entry import main; main(sys.argv[1:])"
     done = subprocess.run([sys.executable, "-c", script, *command], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "(it would call eval); it is refused and nothing in it was run" in done.stderr

@@ -18,7 +18,7 @@ from toy import ToyModule, trainer
 from lightning_adapt.adapters.lora import lora_modules
 from lightning_adapt.callbacks.lora import LoRAInjectionCallback
 from lightning_adapt.callbacks.merge import MergeOnSaveCallback
-from lightning_adapt.cli import main
+from lightning_adapt.entry import main
 from lightning_adapt.errors import ExportError
 from lightning_adapt.export.exporter import ExportOptions, export_model, find_tokenizer
 from lightning_adapt.tasks import CausalLMTask, SequenceClassificationTask

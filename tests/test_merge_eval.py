@@ -18,7 +18,8 @@ from lightning_adapt.callbacks._merge_eval import monitored
 from lightning_adapt.callbacks.lora import LoRAInjectionCallback
 from lightning_adapt.callbacks.merge import MergeOnSaveCallback
 from lightning_adapt.callbacks.quantize import QuantizeBaseCallback
-from lightning_adapt.cli import AdaptCLI, main
+from lightning_adapt.cli import AdaptCLI
+from lightning_adapt.entry import main
 from lightning_adapt.errors import ConfigError
 from lightning_adapt.export.merge_eval import MergeEvaluation
 from lightning_adapt.layers import quantized_layers

@@ -17,7 +17,7 @@ from lightning_adapt.adapters.spectrum import (
     suggest_ranks,
     update_singular_values,
 )
-from lightning_adapt.cli import main
+from lightning_adapt.entry import main
 
 
 def _rank_k_factors(out: int, inp: int, r: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
