@@ -275,3 +275,12 @@ def test_unmodeled_optimizer_is_explained() -> None:
 def test_invalid_prefix_fails_at_construction() -> None:
     with pytest.raises(ValueError, match="prefix=''"):
         MemoryReportCallback(prefix="")
+
+
+def test_a_load_peak_of_zero_is_reported_and_empty_rows_are_not() -> None:
+    """A load that reuses pages freed earlier peaks 0 B above its baseline: a measurement, kept (an absent 4-bit
+    weight row is not)."""
+    from lightning_adapt.callbacks.memory_report import _pair
+
+    rows = _pair({"weights": 10, "load peak": 0, "weights: quantized": 0}, {"weights": 10})
+    assert rows["load peak"] == (0, None) and "weights: quantized" not in rows

@@ -210,9 +210,12 @@ _ALWAYS = ("weights", "trainable params", "gradients", "optimizer state", "peak"
 
 
 def _pair(measured: dict[str, int | None], predicted: dict[str, int | None]) -> _Report:
-    """Rows present in either column (empty ones dropped, the main components always kept)."""
+    """Rows present in either column (empty ones dropped, the main components always kept; a load peak of 0, when
+    the allocator reused pages freed earlier, is a measurement and kept)."""
     keys = dict.fromkeys([*measured, *predicted])
-    return {k: (measured.get(k), predicted.get(k)) for k in keys if k in _ALWAYS or measured.get(k) or predicted.get(k)}
+    kept = [k for k in keys if k in _ALWAYS or measured.get(k) or predicted.get(k)]
+    kept += [k for k in keys if k == "load peak" and k not in kept and measured.get(k) is not None]
+    return {k: (measured.get(k), predicted.get(k)) for k in keys if k in kept}
 
 
 def _load_line(module: nn.Module) -> str:
