@@ -1,4 +1,5 @@
-"""``lightning-adapt chat`` with SmolLM2 end to end: adapter, QLoRA and merged checkpoints (issue 17)."""
+"""``lightning-adapt chat`` with SmolLM2 end to end: adapter and merged checkpoints (issue 17); chat from a QLoRA
+checkpoint is tested on the chat QLoRA fit of ``tests/test_merge_eval.py``."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
-def _fit(recipe: str, save_dir: Path, *extra: str) -> Path:
+def _fit(recipe: str, save_dir: Path) -> Path:
     """A one-step fit and its checkpoint (learning rate 2e-3: the adapters change the greedy answer yet keep
     it an answer; at 2e-2 the model stops at once)."""
     main(
@@ -25,7 +26,7 @@ def _fit(recipe: str, save_dir: Path, *extra: str) -> Path:
             "--trainer.num_sanity_val_steps=0", "--data.init_args.batch_size=2", "--data.init_args.max_length=64",
             "--data.init_args.train_size=4", "--data.init_args.val_size=2", "--model.init_args.learning_rate=0.002",
             "--model.init_args.warmup_steps=0",
-            f"--trainer.logger.init_args.save_dir={save_dir}", *extra,
+            f"--trainer.logger.init_args.save_dir={save_dir}",
         ]
     )  # fmt: skip
     return next(save_dir.rglob("*.ckpt"))
@@ -58,16 +59,6 @@ def test_one_shot_reply_is_deterministic_and_the_loop_reads_stdin(
     assert _chat(capsys, recipe, lora_run) == first * 2  # /reset: the second turn starts afresh
     merged = next(lora_run.parents[1].rglob("export/merged"))
     assert _chat(capsys, recipe, merged, "--prompt=Hello") == first  # merged weights answer as the adapters do
-
-
-def test_qlora_checkpoint_chats(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.chdir(ROOT)
-    recipe = "recipes/chat/qlora.yaml"
-    ckpt = _fit(recipe, tmp_path, "--merge=null")  # chat reads the checkpoint; the merges are tested elsewhere
-    first = _chat(capsys, recipe, ckpt, "--prompt=Hello")  # a reply may span lines
-    assert first == _chat(capsys, recipe, ckpt, "--prompt=Hello") and "".join(first).strip()
 
 
 def test_bad_options_and_recipes_exit_with_one_line(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 from typing import Any
@@ -116,9 +117,14 @@ def _qlora_fit(save_dir: Path, *extra: str) -> AdaptCLI:
     )  # fmt: skip
 
 
-def test_chat_qlora_export_reports_perplexity_of_each_merge(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+def test_chat_qlora_export_reports_perplexity_of_each_merge_and_its_checkpoint_chats(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    """One chat QLoRA fit serves both: its export's merge evaluation, and ``chat`` from its adapter-only QLoRA
+    checkpoint (the base quantized again on load), greedy, so the same reply after ``/reset``."""
     monkeypatch.chdir(ROOT)
     caplog.set_level(logging.INFO)
     cli = _qlora_fit(tmp_path)
@@ -129,6 +135,14 @@ def test_chat_qlora_export_reports_perplexity_of_each_merge(
     assert sorted(ppl) == ["dequantized", "original", "trained"] and all(1 < v < 1e4 for v in ppl.values())
     assert evaluation.relative_gap("dequantized") < 1e-3 and evaluation.recommended() in ("original", "dequantized")
     assert "val_ppl" in caplog.text and ("this export: merge_base=original" in caplog.text)
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    capsys.readouterr()
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n/reset\nHello\n/exit\n"))  # one load, two turns
+    main(["chat", "--config", "recipes/chat/qlora.yaml", f"--ckpt_path={ckpt}", "--max_new_tokens=8", *QUIET])
+    replies = [
+        line for line in capsys.readouterr().out.splitlines() if line and not line.startswith("lightning-adapt:")
+    ]
+    assert replies and replies[: len(replies) // 2] * 2 == replies and "".join(replies).strip()  # greedy: the same
 
 
 def _tiny_qlora_recipe(tmp_path: Path, model_dir: Path) -> Path:
