@@ -102,14 +102,13 @@ class Outcome:
     cpu: str = ""  # the paired ratio of the workers' own CPU seconds per step (blind to preemption), if recorded
     why: str = ""
     floor: float | None = None  # the paired floor / den ratio (``Row.floor``), if the row has one and it ran
-    floor_cpu: str = ""
-    floor_cpu_median: float | None = None
+    floor_cpu: tuple[float, float, float] | None = None  # the same in CPU time: median, min, max (if recorded)
 
     @property
     def bound(self) -> float | None:
         """The floor the verdict trusts: its CPU-time ratio where recorded (wall time on shared cores swings by
         ±40 % per round; CPU time by a few %), else its wall-time ratio."""
-        return self.floor_cpu_median if self.floor_cpu_median is not None else self.floor
+        return self.floor_cpu[0] if self.floor_cpu is not None else self.floor
 
     @property
     def verdict(self) -> str:
@@ -121,7 +120,7 @@ class Outcome:
         verdict = "PASS" if self.median <= self.row.target else "FAIL"
         bound = self.bound
         if verdict == "FAIL" and bound is not None and bound > self.row.target:
-            kind = "CPU-time" if self.floor_cpu_median is not None else "step-time"
+            kind = "CPU-time" if self.floor_cpu is not None else "step-time"
             return f"FAIL: unreachable here, the {kind} floor {bound:.3f} is above the target"
         if self.low <= self.row.target < self.high:
             verdict += " (range straddles the target: not resolved, raise --reps)"
@@ -224,10 +223,7 @@ def evaluate(row: Row, measured: dict[str, dict[str, Any] | str]) -> Outcome:
     if row.floor is not None and row.floor in results:
         floor = paired(_field(results[row.floor], "times"), _field(b, "times"))[0]
         floor_cpu = _cpu_paired(results[row.floor], b)
-    return Outcome(
-        row, median, low, high, memory, _fmt_range(_cpu_paired(a, b)), floor=floor,
-        floor_cpu=_fmt_range(floor_cpu), floor_cpu_median=None if floor_cpu is None else floor_cpu[0],
-    )  # fmt: skip
+    return Outcome(row, median, low, high, memory, _fmt_range(_cpu_paired(a, b)), floor=floor, floor_cpu=floor_cpu)
 
 
 def _cpu_paired(a: Any, b: Any) -> tuple[float, float, float] | None:
@@ -302,7 +298,9 @@ def render(outcomes: Sequence[Outcome], env: dict[str, str], describes: dict[str
     for o in outcomes:
         span = "" if o.low is None else f"{o.low:.3f}..{o.high:.3f}"
         target = "" if o.row.target is None else f"≤ {o.row.target}"
-        floor = "" if o.floor is None else f"{o.floor:.3f}" + (f"; CPU {o.floor_cpu}" if o.floor_cpu else "")
+        floor = (
+            "" if o.floor is None else f"{o.floor:.3f}" + (f"; CPU {_fmt_range(o.floor_cpu)}" if o.floor_cpu else "")
+        )
         lines.append(
             f"| {o.row.label} | {o.row.group} | {_fmt(o.median)} | {span} | {target} | {o.verdict} | {o.cpu} "
             f"| {floor} | {_fmt(o.memory)} |"

@@ -209,13 +209,19 @@ def _predicted(est: Estimate, has_optimizer: bool) -> dict[str, int | None]:
 _ALWAYS = ("weights", "trainable params", "gradients", "optimizer state", "peak")
 
 
+_ZERO_IS_MEASURED = ("load peak",)
+
+
 def _pair(measured: dict[str, int | None], predicted: dict[str, int | None]) -> _Report:
     """Rows present in either column (empty ones dropped, the main components always kept; a load peak of 0, when
     the allocator reused pages freed earlier, is a measurement and kept)."""
     keys = dict.fromkeys([*measured, *predicted])
-    kept = [k for k in keys if k in _ALWAYS or measured.get(k) or predicted.get(k)]
-    kept += [k for k in keys if k == "load peak" and k not in kept and measured.get(k) is not None]
-    return {k: (measured.get(k), predicted.get(k)) for k in keys if k in kept}
+
+    def shown(k: str) -> bool:
+        zero_measured = k in _ZERO_IS_MEASURED and measured.get(k) is not None
+        return k in _ALWAYS or bool(measured.get(k) or predicted.get(k)) or zero_measured
+
+    return {k: (measured.get(k), predicted.get(k)) for k in keys if shown(k)}
 
 
 def _load_line(module: nn.Module) -> str:

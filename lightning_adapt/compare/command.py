@@ -29,7 +29,7 @@ from lightning_adapt.compare.inspect import adapter_rank
 from lightning_adapt.compare.plots import plot_losses, plot_memory, plot_metrics, plot_spectra
 from lightning_adapt.compare.project import load_projection_shape, project_row
 from lightning_adapt.compare.report import build_report, markdown, primary_metric
-from lightning_adapt.compare.runner import Plan, command, make_plan, run_all
+from lightning_adapt.compare.runner import Plan, make_plan, run_all, run_command
 from lightning_adapt.errors import ConfigError
 from lightning_adapt.memory.estimator import ModelShape
 
@@ -129,8 +129,7 @@ def _prepare(options: Options) -> tuple[Plan, ModelShape | None]:
     shape = load_projection_shape(options.project) if options.project else None
     plan = make_plan(options.recipes, options.overrides, options.output, options.overwrite)
     for run in plan.runs:
-        has_memory_report = bool(plan.recipes.get(run.recipe, {}).get("memory_report"))
-        child = command(run, plan.overrides, has_memory_report)
+        child = run_command(plan, run)  # [python, -m, lightning_adapt.cli, fit, *fit's arguments]
         check_fit_arguments(child[child.index("fit") + 1 :], f"RECIPE={str(run.recipe)!r} with the options given")
     return plan, shape
 

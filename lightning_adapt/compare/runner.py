@@ -28,7 +28,7 @@ import yaml
 from lightning_adapt.compare.files import RECORD_ENV
 from lightning_adapt.errors import ConfigError
 
-__all__ = ["Plan", "Run", "load_recipes", "make_plan", "override_value", "run_all"]
+__all__ = ["Plan", "Run", "load_recipes", "make_plan", "override_value", "run_all", "run_command"]
 
 #: Recipe keys that must agree for recipes to train the same task on the same data.
 TASK_KEYS = ("model.class_path", "model.init_args.model_name_or_path", "data.class_path", "data.init_args")
@@ -162,6 +162,11 @@ def command(run: Run, overrides: list[str], has_memory_report: bool) -> list[str
     ]  # fmt: skip
 
 
+def run_command(plan: Plan, run: Run) -> list[str]:
+    """:func:`command` for ``run`` of ``plan`` (a recipe without ``memory_report:`` gets one added)."""
+    return command(run, plan.overrides, bool(plan.recipes.get(run.recipe, {}).get("memory_report")))
+
+
 def failure(log: Path, returncode: int) -> str:
     """One line saying why a run failed: out of memory, the CLI's one-line error, or the last error line."""
     lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
@@ -211,12 +216,9 @@ def run_all(plan: Plan, echo: bool = True) -> None:
             print(f"[{index}/{total}] {run.name}: fit --config {run.recipe} "
                   f"({time.perf_counter() - started:.0f}s so far)", file=sys.stderr)  # fmt: skip
         env = {**os.environ, RECORD_ENV: str(run.record_path)}
-        has_memory_report = bool(plan.recipes.get(run.recipe, {}).get("memory_report"))
         t0 = time.perf_counter()
         with run.log_path.open("wb") as handle:
-            process = subprocess.Popen(
-                command(run, plan.overrides, has_memory_report), stdout=handle, stderr=subprocess.STDOUT, env=env
-            )
+            process = subprocess.Popen(run_command(plan, run), stdout=handle, stderr=subprocess.STDOUT, env=env)
             run.returncode = _wait(process, run, index, total, echo)
         run.seconds = time.perf_counter() - t0
         if run.returncode != 0:
