@@ -13,6 +13,7 @@ import argparse
 import importlib
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +30,7 @@ from lightning_adapt.callbacks.merge import MergeOnSaveCallback, checkpoint_stre
 from lightning_adapt.checks import check_strategy, missing_roots, parser_error, read_checkpoint, remove_created
 from lightning_adapt.errors import CheckpointError, ConfigError, ExportError
 from lightning_adapt.export.exporter import check_target
+from lightning_adapt.export.original import request_spill
 
 #: Top-level recipe keys and the callback class each one configures (``class_path``/``init_args``);
 #: a key left out of the config adds nothing.
@@ -101,18 +103,21 @@ class AdaptTrainer(Trainer):
                 return  # else the trained model is built to measure the merges
         else:
             rank_zero_info(f"lightning-adapt: export builds the model and merges in memory: {reason}")
-        build_model(self, model)
-        try:
-            model.load_state_dict(state)
-        except (KeyError, RuntimeError) as err:
-            raise ExportError(
-                f"--ckpt_path={ckpt_path!r} does not match the model built from --config: {err}"
-                f"{'' if 'Fix:' in str(err) else fix}"
-            ) from None
-        if reason is not None:
-            merge.export(None, model, datamodule, evaluate=False)
-        if merge.evaluates(specs):
-            merge.evaluate_merges(self, model, datamodule)
+        with tempfile.TemporaryDirectory(prefix="lightning-adapt-originals-") as spill:
+            request_spill(model, Path(spill))  # a model built in full precision: its originals, until exported
+            build_model(self, model)
+            try:
+                model.load_state_dict(state)
+            except (KeyError, RuntimeError) as err:
+                raise ExportError(
+                    f"--ckpt_path={ckpt_path!r} does not match the model built from --config: {err}"
+                    f"{'' if 'Fix:' in str(err) else fix}"
+                ) from None
+            if reason is not None:
+                merge.export(None, model, datamodule, evaluate=False)
+            if merge.evaluates(specs):
+                merge.evaluate_merges(self, model, datamodule)
+            request_spill(model, None)
 
     def chat(
         self,

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from lightning_adapt.errors import MissingDependencyError
+from lightning_adapt.errors import ConfigError, MissingDependencyError
 
 __all__ = [
     "DTYPES",
@@ -49,6 +49,7 @@ __all__ = [
     "quant_storage_bytes",
     "quantized_layers",
     "require_bitsandbytes",
+    "to_dtype",
 ]
 
 #: dtype names used in configs, CLI flags and reports.
@@ -59,6 +60,32 @@ DTYPES: dict[str, torch.dtype] = {
     "fp64": torch.float64,
     "uint8": torch.uint8,
 }
+
+
+#: The other spellings users write (transformers', PEFT's and torch's): ``"bfloat16"``, ``"torch.float32"``, ...
+DTYPE_ALIASES: dict[str, str] = {
+    "float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16",
+    "float64": "fp64", "double": "fp64",
+}  # fmt: skip
+
+
+def to_dtype(
+    value: str | torch.dtype, argument: str, allowed: tuple[str, ...] = ("bf16", "fp16", "fp32")
+) -> torch.dtype:
+    """``value`` as a torch dtype: a ``torch.dtype`` or a name (``"bf16"``, ``"bfloat16"``, ``"torch.bfloat16"``).
+
+    Raises:
+        ConfigError: naming ``argument``, the value and the ``allowed`` names.
+    """
+    name = dtype_name(value) if isinstance(value, torch.dtype) else str(value).strip().lower().removeprefix("torch.")
+    name = DTYPE_ALIASES.get(name, name)
+    if name not in allowed:
+        spellings = ", ".join(f"{a!r}" for a in allowed)
+        raise ConfigError(
+            f"{argument}={value!r}: not an allowed dtype. Allowed: {spellings} (or their long names such as "
+            f"'bfloat16', 'float32', or a torch.dtype). Fix: e.g. {argument}='{allowed[0]}'."
+        )
+    return DTYPES[name]
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from lightning_adapt.errors import LoadError
+from lightning_adapt.export.original import remember_originals
 from lightning_adapt.export.safetensors_io import DTYPE_OF_NAME, StoredTensor, read_tensor
 from lightning_adapt.layers import quant_storage_bytes, quantized_layers
 from lightning_adapt.naming import check_entries, under
@@ -374,6 +375,7 @@ def load_pretrained(
     except BaseException:
         _drop(model, source.prefix)
         raise
+    remember_originals(model, {s.names[0]: s.stored for s in slots if s.stored and s.names[0] == s.layer + ".weight"})
     loaded = [s.stored for s in slots if s.stored is not None]
     end, peak = time.perf_counter(), peak_rss_bytes()
     return LoadReport(

@@ -296,11 +296,14 @@ class QuantPlan:
         skip_modules: modules kept in full precision (naming rules of :mod:`lightning_adapt.naming`;
             a skipped module keeps everything inside it).
         include_default_skips: also keep :func:`default_skip_names` (output heads, tied weights).
+        keep: modules that train in full precision (LoRA's ``modules_to_save``): never quantized. Unlike
+            ``skip_modules``, an entry matching nothing is not an error here (the LoRA settings check it).
     """
 
     config: QuantConfig = QuantConfig()
     skip_modules: tuple[str, ...] = ()
     include_default_skips: bool = True
+    keep: tuple[str, ...] = ()
 
     def selected(self, model: nn.Module) -> list[str]:
         """Names of the Linear layers of ``model`` this plan quantizes (an unknown skip entry is an error)."""
@@ -308,7 +311,11 @@ class QuantPlan:
         names = [name for name, _ in model.named_modules()]
         check_entries(list(self.skip_modules), names, "skip_modules", candidates)
         skip = set(self.skip_modules) | (default_skip_names(model) if self.include_default_skips else set())
-        return [name for name in candidates if not under(name, skip)]
+        return [name for name in candidates if not under(name, skip) and not under(name, self.keep)]
+
+    def kept(self, model: nn.Module) -> list[str]:
+        """The Linear layers ``keep`` holds back from quantization (they train in full precision)."""
+        return [name for name in candidate_names(model) if under(name, self.keep)]
 
 
 def quantize_model(
@@ -316,6 +323,7 @@ def quantize_model(
     config: QuantConfig,
     skip_modules: Sequence[str] = (),
     include_default_skips: bool = True,
+    keep: Sequence[str] = (),
 ) -> QuantSummary:
     """Replace ``model``'s Linear layers by quantized ones, in place, one layer at a time.
 
@@ -324,7 +332,8 @@ def quantize_model(
     (a module's dotted name, exact or as ``.suffix``, also skipping everything inside it),
     :func:`default_skip_names` when ``include_default_skips``, LoRA adapters (``lora_A`` / ``lora_B``
     and anything an ``adapter_params()`` module reports). The ``base_layer`` of a LoRA wrapper is
-    quantized. Already quantized layers are left alone, so calling this twice is a no-op.
+    quantized; ``keep`` (LoRA's ``modules_to_save``) is never quantized. Already quantized layers are left
+    alone, so calling this twice is a no-op.
 
     Returns:
         A summary over every quantized layer of ``model`` (including ones quantized earlier).
@@ -332,7 +341,7 @@ def quantize_model(
     Raises:
         ValueError: an entry of ``skip_modules`` matches no module (the message lists candidates).
     """
-    plan = QuantPlan(config, tuple(skip_modules), include_default_skips)
+    plan = QuantPlan(config, tuple(skip_modules), include_default_skips, tuple(keep))
     for name in plan.selected(model):
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)

@@ -99,3 +99,26 @@ def test_a_missing_tensor_names_the_file_and_the_tensor(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"2\.bias") as info:  # not hidden by Lightning's teardown
         _trainer(tmp_path, max_steps=1).fit(module, _data())
     assert "model.safetensors" in str(info.value) and module.net is None
+
+
+def test_readme_module_with_qlora_exports_into_the_weights_it_loaded(tmp_path: Path) -> None:
+    """``load_pretrained`` remembers where each layer it quantized lies: the export merges into those originals
+    (no copy written), so the merged layer is the file's weight plus the trained adapter."""
+    from safetensors.torch import load_file
+
+    from lightning_adapt import MergeOnSaveCallback
+    from lightning_adapt.adapters.lora import lora_modules
+
+    weights = tmp_path / "model.safetensors"
+    _pretrained(weights)
+    module = _readme_module()(weights=str(weights))
+    trainer = _trainer(tmp_path, max_steps=3)
+    trainer.callbacks.append(MergeOnSaveCallback(dirpath=str(tmp_path / "export"), dtype="fp32", evaluate=False))  # type: ignore[attr-defined]
+    trainer.fit(module, _data())
+    layer = dict(lora_modules(module))["net.0"]
+    original = load_file(str(weights))["0.weight"].float()
+    merged = load_file(str(tmp_path / "export/merged/model.safetensors"))
+    delta = layer.scaling * (layer.lora_B.weight @ layer.lora_A.weight).detach()
+    assert delta.abs().max() > 0
+    torch.testing.assert_close(merged["net.0.weight"], original + delta, rtol=0, atol=1e-6)
+    assert not (tmp_path / "original_weights.safetensors").exists(), "no spill: the loaded file is the original"

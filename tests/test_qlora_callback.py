@@ -170,3 +170,34 @@ def test_checkpoint_drops_quantized_layers_without_adapters_too() -> None:
     keys = set(module.state_dict())
     assert not any("k_proj" in k or "absmax" in k or "base_layer" in k for k in keys), sorted(keys)
     assert {k for k in keys if "lora_" in k} and "net.classifier.weight" in keys
+
+
+def test_modules_to_save_are_never_quantized_and_train(caplog: pytest.LogCaptureFixture) -> None:
+    """A Linear named in modules_to_save would otherwise be quantized (``o_proj`` is no output head): it stays an
+    nn.Linear, trains, and the quantization line says so."""
+    module = ToyModule()
+    before = module.net.layers[0].o_proj.weight.detach().clone()  # type: ignore[union-attr]
+    lora = LoRAInjectionCallback(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["layers.0.o_proj"])
+    with caplog.at_level(logging.INFO):
+        trainer(callbacks=[QuantizeBaseCallback(compute_dtype="fp32"), lora], max_steps=2).fit(module, loader())
+    kept = module.net.layers[0].o_proj  # type: ignore[union-attr]
+    assert type(kept) is torch.nn.Linear and kept.weight.requires_grad
+    assert not torch.equal(kept.weight, before), "it trained"
+    assert is_quantized(module.net.layers[1].o_proj), "the other o_proj is quantized"  # type: ignore[union-attr]
+    assert "kept in full precision for modules_to_save: net.layers.0.o_proj" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(torch.bfloat16, torch.bfloat16), ("bfloat16", torch.bfloat16), ("float32", torch.float32),
+     ("torch.float16", torch.float16), ("fp32", torch.float32)],
+)  # fmt: skip
+def test_compute_dtype_takes_torch_dtypes_and_the_usual_names(value: Any, expected: torch.dtype) -> None:
+    assert QuantizeBaseCallback(compute_dtype=value).config.compute_dtype == expected
+
+
+def test_an_unknown_compute_dtype_names_the_argument_and_the_choices() -> None:
+    from lightning_adapt.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"compute_dtype='float8'.*'bf16', 'fp16', 'fp32'.*Fix"):
+        QuantizeBaseCallback(compute_dtype="float8")  # type: ignore[arg-type]

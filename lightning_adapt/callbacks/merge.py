@@ -34,6 +34,8 @@ from lightning_adapt.export.exporter import (
     find_tokenizer,
     make_probe,
 )
+from lightning_adapt.export.merged_state import check_tied_adapters
+from lightning_adapt.export.original import optional_source, request_spill
 from lightning_adapt.export.peft_format import export_root
 from lightning_adapt.export.report import RequantizedGap
 from lightning_adapt.export.safetensors_io import read_index
@@ -111,11 +113,28 @@ class MergeOnSaveCallback(L.Callback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if isinstance(trainer.strategy, ModelParallelStrategy):
+        sharded = isinstance(trainer.strategy, ModelParallelStrategy)
+        if sharded:
             _check_sharded_export(pl_module, transform_specs(trainer), self.options.merge_base)
         if stage == "fit" and self.result is None:  # refuse before training, not after it
-            self.dirpath = self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "export"
+            run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+            self.dirpath = self.dirpath or run_dir / "export"
             check_target(self.dirpath, self.options.overwrite, self.argument)
+            if self.options.merge_base == "original" and trainer.is_global_zero and not sharded:
+                request_spill(pl_module, run_dir)  # a module built in full precision keeps its originals on disk
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Check what the export will need now, so that a setting that cannot work fails before the first step."""
+        if not trainer.is_global_zero or isinstance(trainer.strategy, ModelParallelStrategy):
+            return
+        _, root, _ = export_root(pl_module)
+        check_tied_adapters(root)
+        optional_source(pl_module, root, None, self.options.merge_base)  # merge_base='original': the originals
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        request_spill(pl_module, None)
 
     @override
     def on_train_batch_end(

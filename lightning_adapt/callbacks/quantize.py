@@ -6,20 +6,23 @@ from dataclasses import replace
 from typing import Literal
 
 import lightning as L
+import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
 from lightning_adapt.adapters.checkpoint import install_adapter_only_state
+from lightning_adapt.adapters.inject import LoRASpec
 from lightning_adapt.callbacks._fsdp1 import fsdp1_param_dtype, fsdp1_quant_storage
-from lightning_adapt.callbacks._transform import QUANTIZE, ModelTransformCallback
-from lightning_adapt.layers import DTYPES, require_bitsandbytes
+from lightning_adapt.callbacks._transform import QUANTIZE, ModelTransformCallback, transform_specs
+from lightning_adapt.export.original import spill_originals, spill_target
+from lightning_adapt.layers import require_bitsandbytes, to_dtype
 from lightning_adapt.loading import attach_quant_plan
 from lightning_adapt.quantize import QuantConfig, QuantMode, QuantPlan, QuantSummary, quantize_model
 
-DTypeName = Literal["bf16", "fp16", "fp32"]
-StorageName = Literal["uint8", "bf16", "fp16", "fp32"]
+DTypeName = Literal["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"]
+StorageName = Literal["uint8", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32"]
 
 
 class QuantizeBaseCallback(ModelTransformCallback):
@@ -36,8 +39,8 @@ class QuantizeBaseCallback(ModelTransformCallback):
         mode: QuantMode = "nf4",
         double_quant: bool | None = None,
         blocksize: int = 64,
-        compute_dtype: DTypeName | None = None,
-        quant_storage: StorageName = "uint8",
+        compute_dtype: DTypeName | torch.dtype | None = None,
+        quant_storage: StorageName | torch.dtype = "uint8",
         skip_modules: list[str] | None = None,
         include_default_skips: bool = True,
     ) -> None:
@@ -47,9 +50,9 @@ class QuantizeBaseCallback(ModelTransformCallback):
             double_quant: quantize the 4-bit block constants to 8 bits (≈4.127 instead of 4.5 bits per
                 weight). Default: on for nf4/fp4, off (and not allowed) for int8.
             blocksize: 4-bit only: weights per absmax constant (64 in QLoRA).
-            compute_dtype: dtype the dequantized matmul runs in. ``None`` (default): bf16 on CUDA (as QLoRA),
-                else the dtype the weights are in (the run's precision): fp32 stays fast on a CPU without
-                bf16 matmul units. An explicit value always wins.
+            compute_dtype: dtype the dequantized matmul runs in (``bf16``/``bfloat16``, ``fp16``, ``fp32``, or a
+                ``torch.dtype``). ``None`` (default): bf16 on CUDA (as QLoRA), else the dtype the weights are in
+                (the run's precision): fp32 stays fast on a CPU without bf16 matmul units. An explicit value wins.
             quant_storage: 4-bit only: dtype of the packed weight tensor (non-uint8 is for sharded training).
             skip_modules: extra modules to keep in full precision (dotted names or suffixes, e.g. ``[gate]``).
             include_default_skips: keep output heads (lm_head, classifier, score, ...) and tied weights in
@@ -63,12 +66,14 @@ class QuantizeBaseCallback(ModelTransformCallback):
             mode=mode,
             double_quant=double_quant,
             blocksize=blocksize,
-            compute_dtype=None if compute_dtype is None else DTYPES[compute_dtype],
-            quant_storage=DTYPES[quant_storage],
+            compute_dtype=None if compute_dtype is None else to_dtype(compute_dtype, "compute_dtype"),
+            quant_storage=to_dtype(quant_storage, "quant_storage", ("uint8", "bf16", "fp16", "fp32")),
         )
+        self.keep: tuple[str, ...] = ()  # LoRA's modules_to_save, set in setup: they train, so stay full precision
         self.skip_modules = list(skip_modules or [])
         self.include_default_skips = include_default_skips
         self.summary: QuantSummary | None = None
+        self.kept: list[str] = []
 
     name = "quantize"
     priority = QUANTIZE
@@ -76,7 +81,7 @@ class QuantizeBaseCallback(ModelTransformCallback):
     @property
     @override
     def spec(self) -> QuantPlan:
-        return QuantPlan(self.config, tuple(self.skip_modules), self.include_default_skips)
+        return QuantPlan(self.config, tuple(self.skip_modules), self.include_default_skips, self.keep)
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -86,6 +91,8 @@ class QuantizeBaseCallback(ModelTransformCallback):
             if storage != self.config.quant_storage:
                 rank_zero_info(f"lightning-adapt: FSDP1: 4-bit codes stored as {storage} (the compute dtype)")
             self.config = replace(self.config, quant_storage=storage)
+        specs = [spec for spec in transform_specs(trainer) if isinstance(spec, LoRASpec)]
+        self.keep = tuple(entry for spec in specs for entry in spec.modules_to_save)
         super().setup(trainer, pl_module, stage)
 
     @override
@@ -101,7 +108,16 @@ class QuantizeBaseCallback(ModelTransformCallback):
     def apply(self, module: nn.Module) -> QuantSummary:
         """Quantize ``module`` in place (idempotent) and make its checkpoints adapter-only."""
         plan = self.spec
-        self.summary = quantize_model(module, plan.config, plan.skip_modules, plan.include_default_skips)
+        target = spill_target(module)  # MergeOnSaveCallback merges into the originals: keep them, on disk
+        if target is not None:
+            written = spill_originals(module, plan.selected(module), target)
+            if written:
+                rank_zero_info(
+                    f"lightning-adapt: wrote the full-precision weights of the layers about to be quantized to "
+                    f"{target} ({written / 1e6:.1f} MB): the export merges into them (merge_base='original')"
+                )
+        self.kept = plan.kept(module)
+        self.summary = quantize_model(module, plan.config, plan.skip_modules, plan.include_default_skips, plan.keep)
         install_adapter_only_state(module)
         return self.summary
 
@@ -109,4 +125,5 @@ class QuantizeBaseCallback(ModelTransformCallback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         if self.summary is not None:
-            rank_zero_info(f"lightning-adapt: {self.summary.format()}")
+            kept = f"; kept in full precision for modules_to_save: {', '.join(self.kept)}" if self.kept else ""
+            rank_zero_info(f"lightning-adapt: {self.summary.format()}{kept}")

@@ -1,21 +1,47 @@
-"""The original weights of a model: the Hugging Face directory it was loaded from, read tensor by tensor.
+"""The original weights of a quantized model: where QLoRA's ``merge_base='original'`` re-reads them from.
 
-QLoRA merges into these full-precision weights (``merge_base='original'``), not the dequantized copy held
-in memory; :func:`source_for` finds the directory and checks it holds every quantized layer of the model.
+Three places hold them, tried in this order:
+
+1. the Hugging Face directory the model was loaded from (an explicit ``source_path``, the module's
+   ``source_path``, the HF model's ``name_or_path``);
+2. the tensors :func:`remember_originals` recorded on the module: :func:`lightning_adapt.loading.load_pretrained`
+   records where each layer it quantized lies in its files, and :func:`spill_originals` writes the weights of a
+   module built in full precision (in ``__init__``) to a safetensors file before they are quantized;
+3. nothing: then :func:`source_for` says so, and ``MergeOnSaveCallback`` says it before the first step.
+
+Recorded tensors are keyed by the module's own parameter names (``net.0.weight``), each a
+:class:`~lightning_adapt.export.safetensors_io.StoredTensor`: a place in a file, never a tensor in memory.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import torch
 from torch import nn
 
 from lightning_adapt.errors import ExportError
-from lightning_adapt.export.safetensors_io import SourceWeights
+from lightning_adapt.export.peft_format import export_root
+from lightning_adapt.export.safetensors_io import SourceWeights, StoredTensor, TensorEntry, stream_safetensors
 from lightning_adapt.layers import quantized_layers
 
-__all__ = ["optional_source", "quantized_bases", "source_dir", "source_for"]
+__all__ = [
+    "optional_source",
+    "quantized_bases",
+    "remember_originals",
+    "request_spill",
+    "source_dir",
+    "source_for",
+    "spill_originals",
+    "spill_target",
+]
+
+_RECORDED = "_lightning_adapt_originals"
+_SPILL = "_lightning_adapt_spill_to"
+SPILL_FILE = "original_weights.safetensors"
 
 
 def quantized_bases(root: nn.Module) -> list[tuple[str, Any]]:
@@ -23,23 +49,99 @@ def quantized_bases(root: nn.Module) -> list[tuple[str, Any]]:
     return [(name.removesuffix(".base_layer"), layer) for name, layer in quantized_layers(root)]
 
 
+def remember_originals(module: nn.Module, tensors: dict[str, StoredTensor]) -> None:
+    """Record where the full-precision weights of ``module``'s parameters lie (keys: the module's names)."""
+    module.__dict__.setdefault(_RECORDED, {}).update(tensors)
+
+
+def request_spill(module: nn.Module, directory: Path | None) -> None:
+    """Ask the quantization of ``module`` to write the weights it is about to quantize into ``directory`` first
+    (:func:`spill_originals`), unless a source holds them; ``None`` withdraws the request."""
+    module.__dict__[_SPILL] = directory
+    if directory is None:
+        del module.__dict__[_SPILL]
+
+
+def spill_target(module: nn.Module) -> Path | None:
+    """The directory :func:`request_spill` asked for, or ``None``."""
+    target: Path | None = module.__dict__.get(_SPILL)
+    return target
+
+
+def spill_originals(module: nn.Module, layer_names: list[str], directory: Path) -> int:
+    """Write the weights of ``module``'s Linear layers ``layer_names`` (about to be quantized) that no source holds
+    into ``directory/original_weights.safetensors``, one tensor after another (nothing is copied in memory), and
+    record them. Returns the bytes written (0 when every weight already has a source)."""
+    weights = {name + ".weight": cast(torch.Tensor, module.get_submodule(name).weight) for name in layer_names}
+    missing = {key: w for key, w in weights.items() if _recorded_or_sourced(module, key) != tuple(w.shape)}
+    if not missing:
+        return 0
+    entries = [TensorEntry(key, tuple(w.shape), w.dtype, functools.partial(_host, w)) for key, w in missing.items()]
+    path = Path(directory) / SPILL_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        size = stream_safetensors(tmp, entries, None)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    remember_originals(module, SourceWeights(path.parent, files=[path]).tensors)
+    return size
+
+
+def _host(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach().cpu()
+
+
+def _recorded_or_sourced(module: nn.Module, key: str) -> tuple[int, ...] | None:
+    """The shape of the original of ``module``'s parameter ``key`` where one is known, else ``None``."""
+    recorded: dict[str, StoredTensor] = module.__dict__.get(_RECORDED, {})
+    if key in recorded:
+        return recorded[key].shape
+    prefix, root, _ = export_root(module)
+    path = source_dir(module, root, None)
+    if not path or not Path(path).is_dir() or not key.startswith(prefix):
+        return None
+    try:
+        return SourceWeights(path, str(getattr(root, "base_model_prefix", "") or "")).shape(key[len(prefix) :])
+    except ExportError:
+        return None
+
+
 def source_dir(module: nn.Module, root: nn.Module, source_path: str | Path | None) -> str | Path | None:
     """``source_path``, else ``module.source_path``, else the HF model's ``name_or_path``; ``None`` if none."""
     return source_path or getattr(module, "source_path", None) or getattr(root, "name_or_path", None) or None
+
+
+def _recorded_source(module: nn.Module, root: nn.Module) -> SourceWeights | None:
+    """The recorded originals of ``root``'s quantized layers, keyed relative to ``root``; ``None`` unless all are."""
+    recorded: dict[str, StoredTensor] = module.__dict__.get(_RECORDED, {})
+    prefix = next((name + "." for name, m in module.named_modules() if m is root and name), "")
+    wanted = {name + ".weight": prefix + name + ".weight" for name, _ in quantized_bases(root)}
+    if not recorded or not all(key in recorded for key in wanted.values()):
+        return None
+    tensors = {rel: recorded[key] for rel, key in wanted.items()}
+    return SourceWeights(tensors[next(iter(tensors))].file.parent, tensors=tensors) if tensors else None
 
 
 def source_for(module: nn.Module, root: nn.Module, source_path: str | Path | None, argument: str) -> SourceWeights:
     """The original weights for every quantized layer of ``root``, checked (names, shapes) up front.
 
     Raises:
-        ExportError: no such directory, no safetensors in it, or a quantized layer it does not match.
+        ExportError: no source holds them, or the one found does not match a quantized layer.
     """
     path = source_dir(module, root, source_path)
+    recorded = None if source_path else _recorded_source(module, root)
+    if recorded is not None and not (path and Path(path).is_dir()):
+        return recorded
     if not path or not Path(path).is_dir():
+        names = [name for name, _ in quantized_bases(root)]
         raise ExportError(
-            f"{argument}={str(path) if path else None!r}: merge_base='original' needs the directory the model was "
-            "loaded from, to re-read the full-precision weights of the quantized layers. Fix: set "
-            f"{argument} to that safetensors directory, or use merge_base='dequantized'."
+            f"merge_base='original': the full-precision weights of the {len(names)} quantized layer(s) "
+            f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) are nowhere to re-read: the model was "
+            "quantized before QuantizeBaseCallback ran, not loaded through lightning_adapt.loading.load_pretrained, "
+            "and has no Hugging Face source directory. Fix: let QuantizeBaseCallback quantize it (build it in full "
+            "precision in __init__ or configure_model), load it with load_pretrained, or use merge_base='dequantized'."
         )
     source = SourceWeights(path, str(getattr(root, "base_model_prefix", "") or ""), argument)
     bad = []
@@ -48,6 +150,8 @@ def source_for(module: nn.Module, root: nn.Module, source_path: str | Path | Non
         got = source.shape(name + ".weight")
         if got != want:
             bad.append(f"{name}.weight: source {got} vs model {want}")
+    if bad and recorded is not None:
+        return recorded
     if bad:
         raise ExportError(
             f"{argument}={str(path)!r} does not hold this model's weights ({'; '.join(bad[:3])}). Fix: point it at "

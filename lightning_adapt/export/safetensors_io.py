@@ -104,7 +104,7 @@ def _nbytes(entry: TensorEntry, dtype: torch.dtype | None) -> int:
     return entry.numel * torch.empty((), dtype=_out_dtype(entry, dtype)).element_size()
 
 
-def _stream_safetensors(path: Path, entries: list[TensorEntry], dtype: torch.dtype | None) -> int:
+def stream_safetensors(path: Path, entries: list[TensorEntry], dtype: torch.dtype | None) -> int:
     """Write one safetensors file tensor by tensor (header first); returns the data size in bytes."""
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
@@ -205,7 +205,7 @@ def write_safetensors(out: Path, entries: list[TensorEntry], dtype: torch.dtype 
     weight_map: dict[str, str] = {}
     total = 0
     for name, shard in zip(names, shards, strict=True):
-        total += _stream_safetensors(out / name, shard, dtype)
+        total += stream_safetensors(out / name, shard, dtype)
         weight_map.update(dict.fromkeys((e.key for e in shard), name))
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -298,9 +298,17 @@ class SourceWeights:
         ExportError: ``path`` holds neither ``model.safetensors`` nor ``model.safetensors.index.json``.
     """
 
-    def __init__(self, path: str | Path, base_model_prefix: str = "", argument: str = "source_path") -> None:
+    def __init__(
+        self, path: str | Path, base_model_prefix: str = "", argument: str = "source_path", *,
+        files: list[Path] | None = None, tensors: dict[str, StoredTensor] | None = None,
+    ) -> None:  # fmt: skip
         self.path = Path(path)
         self.prefix = base_model_prefix
+        if tensors is not None or files is not None:  # given tensors (keys as the model's), or given files
+            self.tensors = (
+                dict(tensors) if tensors is not None else {t.key: t for f in files or [] for t in _read_header(f)}
+            )
+            return
         if not safetensors_files(self.path):
             raise ExportError(
                 f"{argument}={str(path)!r}: no model.safetensors (or index) to re-read the original weights from "
