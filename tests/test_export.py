@@ -257,6 +257,7 @@ def test_missing_source_and_non_empty_target_fail_before_writing(tiny_llama_dir:
     task = _qlora(tiny_llama_dir)
     task.source_path = tmp_path / "gone"  # type: ignore[assignment]
     task.model.name_or_path = str(tmp_path / "gone")
+    task.__dict__.pop("_lightning_adapt_originals")  # nor what load_pretrained recorded: no original anywhere
     with pytest.raises(ExportError, match=r"source_path='.*gone'.*merge_base='dequantized'"):
         export_model(task, tmp_path / "out")
     assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == []

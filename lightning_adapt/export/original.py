@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from pathlib import Path
 from typing import Any, cast
 
@@ -24,7 +25,6 @@ import torch
 from torch import nn
 
 from lightning_adapt.errors import ExportError
-from lightning_adapt.export.peft_format import export_root
 from lightning_adapt.export.safetensors_io import SourceWeights, StoredTensor, TensorEntry, stream_safetensors
 from lightning_adapt.layers import quantized_layers
 
@@ -98,7 +98,9 @@ def _recorded_or_sourced(module: nn.Module, key: str) -> tuple[int, ...] | None:
     recorded: dict[str, StoredTensor] = module.__dict__.get(_RECORDED, {})
     if key in recorded:
         return recorded[key].shape
-    prefix, root, _ = export_root(module)
+    prefix, root = next(
+        ((name + "." if name else "", sub) for name, sub in module.named_modules() if _is_hf(sub)), ("", module)
+    )  # the outermost Hugging Face model, as export_root finds it
     path = source_dir(module, root, None)
     if not path or not Path(path).is_dir() or not key.startswith(prefix):
         return None
@@ -106,6 +108,11 @@ def _recorded_or_sourced(module: nn.Module, key: str) -> tuple[int, ...] | None:
         return SourceWeights(path, str(getattr(root, "base_model_prefix", "") or "")).shape(key[len(prefix) :])
     except ExportError:
         return None
+
+
+def _is_hf(module: nn.Module) -> bool:
+    pretrained = getattr(sys.modules.get("transformers"), "PreTrainedModel", None)  # never imported here (seconds)
+    return isinstance(pretrained, type) and isinstance(module, pretrained)
 
 
 def source_dir(module: nn.Module, root: nn.Module, source_path: str | Path | None) -> str | Path | None:
@@ -134,7 +141,13 @@ def source_for(module: nn.Module, root: nn.Module, source_path: str | Path | Non
     recorded = None if source_path else _recorded_source(module, root)
     if recorded is not None and not (path and Path(path).is_dir()):
         return recorded
-    if not path or not Path(path).is_dir():
+    if path and not Path(path).is_dir():
+        raise ExportError(
+            f"{argument}={str(path)!r}: no such directory to re-read the full-precision weights of the quantized "
+            "layers from (merge_base='original'). Fix: point it at the safetensors directory the model was loaded "
+            "from, or use merge_base='dequantized'."
+        )
+    if not path:
         names = [name for name, _ in quantized_bases(root)]
         raise ExportError(
             f"merge_base='original': the full-precision weights of the {len(names)} quantized layer(s) "
