@@ -20,7 +20,16 @@ from typing import Any
 
 from lightning_adapt.errors import ArgumentError, CheckpointError, ConfigError, MissingDependencyError
 
-__all__ = ["SUBCOMMANDS", "check_strategy", "missing_roots", "parser_error", "read_checkpoint", "remove_created"]
+__all__ = [
+    "SUBCOMMANDS",
+    "check_strategy",
+    "last_checkpoint",
+    "mesh_sizes",
+    "missing_roots",
+    "parser_error",
+    "read_checkpoint",
+    "remove_created",
+]
 
 #: What ``lightning-adapt`` takes first (LightningCLI's four, the project's own, and the ones main() dispatches).
 SUBCOMMANDS = ("fit", "validate", "test", "predict", "export", "chat", "estimate", "inspect", "compare")
@@ -75,6 +84,22 @@ def read_checkpoint(path: str | Path, argument: str = "--ckpt_path", mmap: bool 
     return checkpoint
 
 
+def last_checkpoint(folders: Iterable[Path]) -> Path:
+    """What ``--ckpt_path last`` means in ``lightning-adapt``: the newest ``last*.ckpt`` in ``folders`` (the checkpoint
+    folders of every earlier version of the run: each ``fit`` logs to a new version folder, where Lightning's
+    own lookup finds nothing); none there: one :class:`CheckpointError` instead of a silent fresh run."""
+    searched = sorted({folder.absolute() for folder in folders})
+    found = [f for folder in searched if folder.is_dir() for f in folder.glob("last*.ckpt") if f.is_file()]
+    if found:
+        return max(found, key=lambda f: (f.stat().st_mtime_ns, str(f)))
+    where = ", ".join(str(f) for f in searched[:3]) + (f" (+{len(searched) - 3} more)" if len(searched) > 3 else "")
+    raise CheckpointError(
+        f"--ckpt_path='last': there is no last checkpoint (last.ckpt) to resume from in {where or 'no folder'}. "
+        "Fix: pass a checkpoint file (<log dir>/checkpoints/*.ckpt), or leave --ckpt_path out to start afresh; "
+        "a run saves last.ckpt with trainer.callbacks ModelCheckpoint save_last: true (the shipped recipes do)."
+    )
+
+
 def missing_roots(paths: Iterable[str | Path | None]) -> list[Path]:
     """The topmost folder of each of ``paths`` that does not exist yet: what a run writing there creates."""
     roots = set()
@@ -115,6 +140,27 @@ def check_strategy(strategy: str, recipe_keys: Collection[str]) -> None:
             f"trainer.strategy={strategy!r} needs the deepspeed package, which is not installed. "
             "Fix: `pip install deepspeed`, or use strategy ddp or fsdp."
         )
+
+
+def mesh_sizes(data_parallel: int | str, tensor_parallel: int | str, devices: int, nodes: int) -> tuple[int, int]:
+    """``ModelParallelStrategy``'s two sizes for ``devices`` x ``nodes`` processes: a size left ``"auto"`` is what the
+    other leaves (so ``--trainer.devices N`` alone works when ``tensor_parallel_size`` is 1); both ``"auto"``:
+    Lightning's own rule (``nodes`` x ``devices``). Raises one :class:`ConfigError` when no whole sizes fit.
+    """
+    world = devices * nodes
+    if data_parallel == "auto" and tensor_parallel == "auto":
+        return nodes, devices
+    dp = world // max(int(tensor_parallel), 1) if data_parallel == "auto" else int(data_parallel)
+    tp = world // max(int(data_parallel), 1) if tensor_parallel == "auto" else int(tensor_parallel)
+    if dp > 0 and tp > 0 and dp * tp == world:
+        return dp, tp
+    raise ConfigError(
+        f"trainer.strategy: ModelParallelStrategy needs data_parallel_size x tensor_parallel_size = devices x "
+        f"num_nodes = {devices} x {nodes} = {world} processes, got data_parallel_size={data_parallel!r}, "
+        f"tensor_parallel_size={tensor_parallel!r}. Fix: pass --trainer.strategy.init_args.data_parallel_size=auto "
+        f"(derived: {world} / tensor_parallel_size; FSDP2 with shard: needs tensor_parallel_size=1), or sizes "
+        f"whose product is {world}."
+    )
 
 
 _KEY = re.compile(r'Parser key "([^"]+)"')

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
@@ -27,7 +28,15 @@ from lightning_adapt.adapters.checkpoint import FINGERPRINT_KEY, LEGACY_FINGERPR
 from lightning_adapt.callbacks._transform import build_model, transform_specs
 from lightning_adapt.callbacks.atomic_checkpoint import install_atomic_checkpoint_io
 from lightning_adapt.callbacks.merge import MergeOnSaveCallback, checkpoint_streaming_unavailable
-from lightning_adapt.checks import check_strategy, missing_roots, parser_error, read_checkpoint, remove_created
+from lightning_adapt.checks import (
+    check_strategy,
+    last_checkpoint,
+    mesh_sizes,
+    missing_roots,
+    parser_error,
+    read_checkpoint,
+    remove_created,
+)
 from lightning_adapt.errors import CheckpointError, ConfigError, ExportError
 from lightning_adapt.export.exporter import check_target
 from lightning_adapt.export.original import request_spill
@@ -265,6 +274,7 @@ class AdaptCLI(LightningCLI):
                 f"`lightning-adapt {self.subcommand} --help` lists them."
             ) from None
         install_atomic_checkpoint_io(trainer)  # full fine-tuning too: no half-written last.ckpt after a kill
+        _resolve_mesh(trainer)
         return trainer
 
     @override
@@ -273,6 +283,11 @@ class AdaptCLI(LightningCLI):
         # version folder with config.yaml, the checkpoint folder) go, unless it trained (then they are kept).
         roots = missing_roots(_output_dirs(self.trainer))
         try:
+            if self.config_init[subcommand].get("ckpt_path") == "last":
+                path = last_checkpoint(_checkpoint_folders(self.trainer))
+                read_checkpoint(path)  # opened safely first, as every --ckpt_path is
+                rank_zero_info(f"lightning-adapt: --ckpt_path last: resuming from {path}")
+                self.config_init[subcommand]["ckpt_path"] = str(path)
             super()._run_subcommand(subcommand)
         except Exception as err:
             if _config_error(err) is not None and self.trainer.global_step == 0:
@@ -305,6 +320,30 @@ def check_fit_arguments(args: list[str], where: str) -> None:
         _ParseOnly(args=args, run=False)
     except (argparse.ArgumentError, ConfigError) as err:
         raise ConfigError(f"{where}: {err}") from None
+
+
+def _resolve_mesh(trainer: Trainer) -> None:
+    """ModelParallelStrategy: a size left ``auto`` becomes what ``--trainer.devices`` x ``num_nodes`` leaves it (each
+    rank that Lightning's launcher starts re-runs the CLI and derives the same), or one error line before launch."""
+    strategy = trainer.strategy
+    if isinstance(strategy, ModelParallelStrategy):
+        devices = len(strategy.parallel_devices or ())
+        sizes = mesh_sizes(strategy._data_parallel_size, strategy._tensor_parallel_size, devices, strategy.num_nodes)
+        strategy._data_parallel_size, strategy._tensor_parallel_size = sizes
+
+
+def _checkpoint_folders(trainer: Trainer) -> list[Path]:
+    """Where earlier runs of this recipe saved checkpoints: each ModelCheckpoint's own ``dirpath``, else the
+    ``checkpoints`` folder of every version folder of each logger (no logger: ``default_root_dir``)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    callbacks = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+    folders = [Path(cb.dirpath) for cb in callbacks if cb.dirpath]
+    if any(cb.dirpath is None for cb in callbacks):
+        roots = [getattr(logger, "root_dir", None) or logger.save_dir for logger in trainer.loggers]
+        for root in [Path(r) for r in roots if r] or [Path(trainer.default_root_dir)]:
+            folders += [root / "checkpoints", *(v / "checkpoints" for v in root.glob("*") if v.is_dir())]
+    return folders
 
 
 def _output_dirs(trainer: Trainer) -> list[str | None]:

@@ -374,6 +374,8 @@ CASES: list[Case] = [
          setup=_evil_ckpt),
     Case("ckpt-export-pickle", "checkpoint", "`export --ckpt_path` whose pickle would run code",
          ["export", LORA, "--ckpt_path={tmp}/evil.ckpt", "--output={tmp}/export"], "--ckpt_path='{tmp}/evil.ckpt' holds Python objects that only arbitrary code could rebuild (it would call eval); it is refused and nothing in it was run (checkpoints load with weights_only=True). Fix: pass a .ckpt file written by `lightning-adapt fit` with this recipe (e.g. <log dir>/checkpoints/epoch=0-step=200.ckpt).", setup=_evil_ckpt),
+    Case("ckpt-last-none", "checkpoint", "`fit --ckpt_path=last` before any run saved a last checkpoint",
+         [*FIT, "--ckpt_path=last"], "--ckpt_path='last': there is no last checkpoint (last.ckpt) to resume from in {tmp}/out/checkpoints. Fix: pass a checkpoint file (<log dir>/checkpoints/*.ckpt), or leave --ckpt_path out to start afresh; a run saves last.ckpt with trainer.callbacks ModelCheckpoint save_last: true (the shipped recipes do)."),
     Case("ckpt-best-none", "checkpoint", "`validate --ckpt_path=best` in a run that saved no checkpoint",
          ["validate", LORA, "--ckpt_path=best"], "--ckpt_path='best' means the best checkpoint of a fit run earlier in the same process; `lightning-adapt validate` starts a new one, which has none. Fix: pass the checkpoint file (<log dir>/checkpoints/*.ckpt), or 'last' to resume a fit."),
     Case("ckpt-other-base", "checkpoint", "an adapter checkpoint whose base model has changed since (other weights at the same path)",
@@ -435,6 +437,9 @@ CASES: list[Case] = [
          "trainer: The strategy `fsdp` requires a GPU accelerator, but received `accelerator='cpu'`. Please set `accelerator='cuda'`, `accelerator='gpu'`, or pass a `CUDAAccelerator()` instance to use FSDP. Fix: change that trainer setting; `lightning-adapt fit --help` lists them."),
     Case("shard-strategy", "combination", "`shard:` without `ModelParallelStrategy`",
          [*FIT, "--shard=lightning_adapt.callbacks.shard.FullyShardCallback"], "shard: FullyShardCallback needs ModelParallelStrategy, got SingleDeviceStrategy. Fix: set trainer.strategy to lightning.pytorch.strategies.ModelParallelStrategy with data_parallel_size=<number of processes> and tensor_parallel_size=1, or remove shard:."),
+    Case("mesh-size", "combination", "`ModelParallelStrategy` sizes that do not multiply to `--trainer.devices`",
+         [*FIT, "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy", "--trainer.strategy.init_args.data_parallel_size=1", "--trainer.strategy.init_args.tensor_parallel_size=1", "--trainer.devices=2"],
+         "trainer.strategy: ModelParallelStrategy needs data_parallel_size x tensor_parallel_size = devices x num_nodes = 2 x 1 = 2 processes, got data_parallel_size=1, tensor_parallel_size=1. Fix: pass --trainer.strategy.init_args.data_parallel_size=auto (derived: 2 / tensor_parallel_size; FSDP2 with shard: needs tensor_parallel_size=1), or sizes whose product is 2."),
     # ---- environment
     Case("no-bnb-quantize", "environment", "bitsandbytes not installed, recipe with `quantize:`", ["fit", QLORA],
          "Quantization and 8-bit/paged optimizers need bitsandbytes. Fix: `pip install 'bitsandbytes>=0.48'`.", env="no-bnb"),

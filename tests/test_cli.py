@@ -34,11 +34,12 @@ def test_every_recipe_fits(recipe: str, tmp_path: Path, monkeypatch: pytest.Monk
     merges = "merge" in yaml.safe_load((ROOT / recipe).read_text())
     # The merge evaluation (3 validation runs of SmolLM2) is tested in tests/test_merge_eval.py; not again here.
     no_eval = ["--merge.init_args.evaluate=false"] if merges else []
-    main(["fit", "--config", recipe, *_tiny_budget(tmp_path), f"--trainer.enable_checkpointing={not full}", *no_eval])
+    no_ckpt = ["--trainer.enable_checkpointing=false", "--trainer.callbacks=[]"] if full else []
+    main(["fit", "--config", recipe, *_tiny_budget(tmp_path), *no_ckpt, *no_eval])
     metrics = list(tmp_path.rglob("metrics.csv"))
     assert metrics, "the CSV logger wrote metrics"
     assert "val_loss" in metrics[0].read_text().splitlines()[0]
-    assert full or list(tmp_path.rglob("*.ckpt")), "a checkpoint was written"
+    assert full or list(tmp_path.rglob("checkpoints/last.ckpt")), "a last checkpoint was written (--ckpt_path last)"
     if merges:
         exported = list(tmp_path.rglob("export/adapter/adapter_config.json"))
         assert exported and (exported[0].parents[1] / "merged" / "config.json").is_file()
@@ -191,3 +192,10 @@ def test_adapter_checkpoint_validates_and_predicts_through_the_cli(
     assert float(fresh.trainer.callback_metrics["val_loss"]) != pytest.approx(trained, abs=1e-3)
     predict = AdaptCLI(args=["predict", "--config", recipe, f"--ckpt_path={ckpt}", *budget])
     assert predict.trainer.predict_loop.predictions
+    # `fit --ckpt_path last` in a new version folder resumes the first fit's last.ckpt (global_step continues)
+    steps = fit.trainer.global_step
+    resumed = AdaptCLI(
+        args=["fit", "--config", recipe, *_tiny_budget(tmp_path), "--trainer.max_epochs=2", "--ckpt_path=last"]
+    )
+    assert resumed.trainer.global_step == 2 * steps > 0
+    assert resumed.trainer.ckpt_path == str(next(tmp_path.rglob("version_0/checkpoints/last.ckpt")))

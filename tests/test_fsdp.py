@@ -327,3 +327,24 @@ def test_merge_on_save_under_fsdp2_refuses_what_it_cannot_stream_with_the_export
     )
     with pytest.raises(ConfigError, match=r"is not a Hugging Face directory of safetensors.*lightning-adapt export"):
         MergeOnSaveCallback(dirpath=str(tmp_path / "out")).setup(trainer, ToyModule(), "fit")
+
+
+def test_fsdp2_recipes_take_their_data_parallel_size_from_devices() -> None:
+    """``lightning-adapt fit --config recipes/chat/lora-fsdp.yaml --trainer.devices 2`` needs no other size: the
+    recipes leave data_parallel_size ``auto``; sizes that cannot fit the processes are one line before launch."""
+    import lightning as L
+    import yaml
+
+    from lightning_adapt.checks import mesh_sizes
+    from lightning_adapt.cli import _resolve_mesh
+
+    root = Path(__file__).resolve().parents[1]
+    for recipe in ("lora-fsdp", "qlora-fsdp"):
+        config = yaml.safe_load((root / "recipes" / "chat" / f"{recipe}.yaml").read_text())
+        strategy = ModelParallelStrategy(**config["trainer"]["strategy"]["init_args"])
+        _resolve_mesh(L.Trainer(accelerator="cpu", devices=2, strategy=strategy, logger=False))
+        assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == (2, 1), recipe
+    assert mesh_sizes("auto", "auto", 4, 2) == (2, 4), "both auto: Lightning's own rule (nodes x devices)"
+    assert mesh_sizes(2, "auto", 4, 1) == (2, 2) and mesh_sizes(4, 2, 4, 2) == (4, 2)
+    with pytest.raises(ConfigError, match=r"= 2 x 1 = 2 processes, got data_parallel_size='auto', tensor_parallel"):
+        mesh_sizes("auto", 3, 2, 1)

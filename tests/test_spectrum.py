@@ -113,7 +113,7 @@ def test_real_adapter_of_the_sentiment_recipe(
         "--data.init_args.max_length=32", "--trainer.enable_progress_bar=false",
         f"--trainer.logger.init_args.save_dir={tmp_path}",
     ])  # fmt: skip
-    (ckpt,) = tmp_path.rglob("*.ckpt")
+    (ckpt,) = tmp_path.rglob("last.ckpt")
     (adapter,) = tmp_path.rglob("export/adapter")
     capsys.readouterr()
     main(
