@@ -18,6 +18,7 @@ from toy import ToyModule, loader, trainer
 
 from lightning_adapt.callbacks.lora import LoRAInjectionCallback
 from lightning_adapt.callbacks.memory_report import MemoryReportCallback
+from lightning_adapt.errors import ConfigError
 from lightning_adapt.memory.estimator import ModelShape, format_bytes
 from lightning_adapt.memory.live import _saved
 from lightning_adapt.tasks import CausalLMTask, SequenceClassificationTask
@@ -193,7 +194,7 @@ def test_table_has_both_columns_and_numbers_reach_the_logger(
     tiny_llama_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    report = MemoryReportCallback()
+    report = MemoryReportCallback(show=["fit_start", "first_step", "fit_end"])
     module = CausalLMTask(model_name_or_path=str(tiny_llama_dir))
     logger = CSVLogger(tmp_path)
     t = trainer(tmp_path, callbacks=[LoRAInjectionCallback(r=4), report], max_steps=2, logger=logger)
@@ -284,3 +285,20 @@ def test_a_load_peak_of_zero_is_reported_and_empty_rows_are_not() -> None:
 
     rows = _pair({"weights": 10, "load peak": 0, "weights: quantized": 0}, {"weights": 10})
     assert rows["load peak"] == (0, None) and "weights: quantized" not in rows
+
+
+def test_one_table_by_default_with_the_peak_on_the_estimates_footing(caplog: pytest.LogCaptureFixture) -> None:
+    """By default only the fit-end table is printed (every stage is still measured); the CPU peak counts from the
+    process's size before the model, so a ratio is given."""
+    caplog.set_level(logging.INFO)
+    report = MemoryReportCallback()
+    module = ToyModule()
+    trainer(callbacks=[report], max_steps=2).fit(module, loader())
+    assert caplog.text.count("| component | measured | estimated | ratio |") == 1
+    assert "memory report at fit end" in caplog.text and "at fit start" not in caplog.text
+    assert set(report.reports) == {"fit_start", "first_step", "fit_end"}
+    weights = report.reports["fit_end"]["weights"][0]
+    peak = report.reports["fit_end"]["peak"][0]
+    assert peak is not None and weights is not None and weights <= peak < 2e9, "the model's weights, not the process"
+    with pytest.raises(ConfigError, match=r"show=\['fit_begin'\].*allowed"):
+        MemoryReportCallback(show=["fit_begin"])  # type: ignore[list-item]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 from toy import trainer
 
@@ -45,7 +47,9 @@ def test_causal_lm_lora_with_activation_checkpointing_trains_and_predicts(tiny_l
     assert len(rows) == 4 and all(isinstance(r["response"], str) and r["prompt"] for r in rows)
 
 
-def test_classification_full_fine_tune_improves_on_a_learnable_split(tiny_bert_dir: Path, tmp_path: Path) -> None:
+def test_classification_full_fine_tune_improves_on_a_learnable_split(
+    tiny_bert_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     csv = tmp_path / "tweets.csv"
     rows = ["sentiment,confidence,text"]
     rows += [f"positive,1.0,i love this wonderful great day {i}" for i in range(48)]
@@ -54,9 +58,13 @@ def test_classification_full_fine_tune_improves_on_a_learnable_split(tiny_bert_d
     L.seed_everything(0)
     task = SequenceClassificationTask(str(tiny_bert_dir), num_labels=2, learning_rate=3e-3)
     data = TweetSentimentDataModule(csv_path=str(csv), labels=("negative", "positive"), val_size=16, batch_size=16)
+    caplog.set_level(logging.INFO)
     trainer(max_epochs=8, num_sanity_val_steps=-1).fit(task, datamodule=data)
     assert task.last_val["val_acc"] > task.baseline["val_acc"]
     assert task.last_val["val_acc"] >= 0.9
+    summary = caplog.text[caplog.text.index("=== lightning-adapt: fine-tuned") :]  # printed in teardown: last
+    before, after = task.baseline["val_acc"], task.last_val["val_acc"]
+    assert f"val_acc: {before:.4f} before training -> {after:.4f} after {task.trainer.global_step} steps" in summary
 
 
 def test_perplexity_is_accumulated_in_fp32_under_bf16_true(tiny_llama_dir: Path) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -19,8 +19,9 @@ from lightning_adapt.layers import adapter_param_ids, dtype_name, quant_storage_
 from lightning_adapt.memory.estimator import Estimate, format_bytes, format_params
 from lightning_adapt.memory.live import predict
 from lightning_adapt.optim import optimizer_state_bytes
-from lightning_adapt.resources import peak_rss_bytes
+from lightning_adapt.resources import current_rss_bytes, peak_rss_bytes
 
+Stage = Literal["fit_start", "first_step", "fit_end"]
 _STAGES = {
     "fit_start": "at fit start (no gradients or optimizer state before the first step)",
     "first_step": "after the first optimizer step",
@@ -62,13 +63,21 @@ class MemoryReportCallback(L.Callback):
         estimate: The estimator's prediction for the run, or ``None`` (see ``no_estimate_reason``).
     """
 
-    def __init__(self, log_metrics: bool = True, activations: bool = True, prefix: str = "memory") -> None:
+    def __init__(
+        self,
+        log_metrics: bool = True,
+        activations: bool = True,
+        prefix: str = "memory",
+        show: list[Stage] | None = None,
+    ) -> None:
         """
         Args:
-            log_metrics: also send the numbers to the trainer's loggers (if any), not only print them.
+            log_metrics: also send the numbers to the trainer's loggers (if any), not only print them (every stage).
             activations: add the estimator's activation term to the estimated peak, from the first training
                 batch's ``input_ids`` shape (batch size, sequence length); a stated 16-bit approximation.
             prefix: first component of the logged metric names.
+            show: the stages whose table is printed: ``fit_start``, ``first_step``, ``fit_end``. Default: ``[fit_end]``
+                (one table, at the end of fit); every stage is measured and logged whatever this says.
         """
         super().__init__()
         if not isinstance(prefix, str) or not prefix.strip("/"):
@@ -76,11 +85,25 @@ class MemoryReportCallback(L.Callback):
         self.log_metrics = log_metrics
         self.activations = activations
         self.prefix = prefix.strip("/")
+        shown = ["fit_end"] if show is None else list(show)
+        wrong = [stage for stage in shown if stage not in _STAGES]
+        if wrong:
+            raise ConfigError(
+                f"show={shown!r}: unknown stage(s) {wrong}; allowed {list(_STAGES)}. Fix: show: [fit_end]."
+            )
+        self.show = shown
+        self._baseline = 0
         self.reports: dict[str, _Report] = {}
         self.estimate: Estimate | None = None
         self.no_estimate_reason: str | None = None
         self._grad_bytes: int | None = None
         self._tokens: tuple[int, int] | None = None
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # the process before the model: now, less what a module built in __init__ already holds
+        built = sum(_nbytes(p) for p in pl_module.parameters() if not p.is_meta)
+        self._baseline = max(0, current_rss_bytes() - built)
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -118,9 +141,11 @@ class MemoryReportCallback(L.Callback):
         specs = transform_specs(trainer)
         self.estimate, self.no_estimate_reason = predict(pl_module, specs, optimizer, self._tokens, _sharding(trainer))
         predicted = _predicted(self.estimate, optimizer is not None) if self.estimate else {}
-        self.reports[stage] = report = _pair(_measure(pl_module, optimizer, self._grad_bytes), predicted)
-        text = _format(stage, report, self.estimate, self.no_estimate_reason, _peak(pl_module)[1])
-        rank_zero_info(text + _load_line(pl_module) if stage == "fit_start" else text)
+        measured = _measure(pl_module, optimizer, self._grad_bytes, self._peak(pl_module)[0])
+        self.reports[stage] = report = _pair(measured, predicted)
+        if stage in self.show:
+            text = _format(stage, report, self.estimate, self.no_estimate_reason, self._peak(pl_module)[1])
+            rank_zero_info(text + _load_line(pl_module) if stage == self.show[0] else text)
         if self.log_metrics and trainer.loggers and trainer.is_global_zero:
             metrics = {
                 f"{self.prefix}/{stage}/{component.replace(' ', '_')}_{kind}": float(value)
@@ -130,6 +155,21 @@ class MemoryReportCallback(L.Callback):
             }
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
+
+    def _peak(self, module: nn.Module) -> tuple[int | None, str]:
+        """Peak bytes on the estimate's footing, and how they were measured."""
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        if device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(device)), "torch.cuda.max_memory_allocated"
+        load = getattr(module, "load_report", None)  # a streaming build measured the process before it
+        baseline = load.baseline_rss_bytes if load is not None else self._baseline
+        return max(0, peak_rss_bytes() - baseline), _RSS
+
+
+_RSS = (
+    "the process's peak RSS above its size before the model was built (activations, the autograd graph, data "
+    "and the framework's buffers included)"
+)
 
 
 # --------------------------------------------------------------------------- measuring
@@ -152,7 +192,9 @@ def _sharding(trainer: L.Trainer) -> dict[str, Any]:
     }
 
 
-def _measure(module: nn.Module, optimizer: torch.optim.Optimizer | None, grads: int | None) -> dict[str, int | None]:
+def _measure(
+    module: nn.Module, optimizer: torch.optim.Optimizer | None, grads: int | None, peak: int | None
+) -> dict[str, int | None]:
     """Measured bytes: weights (per dtype; a quantized layer as codes + quant state), adapter weights,
     the trainable count, gradients, optimizer state and peak memory."""
     layers = [layer for _, layer in quantized_layers(module)]
@@ -170,22 +212,11 @@ def _measure(module: nn.Module, optimizer: torch.optim.Optimizer | None, grads: 
     out["trainable params"] = sum(p.numel() for p in module.parameters() if p.requires_grad)
     out["gradients"] = grads
     out["optimizer state"] = optimizer_state_bytes(optimizer) if optimizer is not None else None
-    out["peak"] = _peak(module)[0]
+    out["peak"] = peak
     load = getattr(module, "load_report", None)
     if load is not None:
         out["load peak"] = load.load_peak_bytes
     return out
-
-
-_RSS = "the process's peak RSS (interpreter, libraries and data included; not comparable, no ratio)"
-
-
-def _peak(module: nn.Module) -> tuple[int | None, str]:
-    """Peak bytes and how they were measured."""
-    device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device)), "torch.cuda.max_memory_allocated"
-    return peak_rss_bytes(), _RSS
 
 
 # --------------------------------------------------------------------------- the table
@@ -256,7 +287,7 @@ def _format(stage: str, report: _Report, est: Estimate | None, reason: str | Non
     lines = [f"lightning-adapt memory report {_STAGES[stage]}; {source}", ""]
     lines += ["| component | measured | estimated | ratio |", "|---|---|---|---|"]
     for component, (measured, predicted) in report.items():
-        comparable = measured is not None and predicted and not (component == "peak" and peak == _RSS)
+        comparable = measured is not None and predicted
         ratio = f"{measured / predicted:.3f}" if comparable else "-"  # type: ignore[operator]
         lines.append(f"| {component} | {_cell(component, measured)} | {_cell(component, predicted)} | {ratio} |")
     lines.append(f"measured peak: {peak}; estimated peak: weights + gradients + optimizer state + activations")

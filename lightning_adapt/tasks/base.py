@@ -119,27 +119,35 @@ class TaskModule(L.LightningModule):
         self.log_dict(metrics, prog_bar=True, sync_dist=True)
 
     @override
-    def on_fit_end(self) -> None:
-        log_dir = self.trainer.log_dir  # a broadcast: every rank takes part
-        if not self.trainer.is_global_zero:
+    def teardown(self, stage: str) -> None:
+        """The run's summary, last on screen: after the callbacks' teardown (the progress bar's last frame)."""
+        if stage != "fit" or self.trainer.global_step == 0:
             return
-        lines = [
-            "",
-            f"=== lightning-adapt: fine-tuned {self.model_name_or_path} ({_class_name(self.model)})",
-        ]
-        if not self.last_val:
+        log_dir = self.trainer.log_dir  # a broadcast: every rank takes part
+        if self.trainer.is_global_zero:
+            rank_zero_info("\n".join(self._summary(log_dir)))
+
+    def _summary(self, log_dir: str | None) -> list[str]:
+        steps = self.trainer.global_step
+        lines = ["", f"=== lightning-adapt: fine-tuned {self.model_name_or_path} ({_class_name(self.model)})"]
+        callbacks = getattr(self.trainer, "callbacks", [])
+        export = next((r for cb in callbacks if (r := getattr(cb, "result", None)) is not None), None)
+        evaluation = getattr(export, "evaluation", None)
+        after, source = self.last_val, f"after {steps} steps"
+        if not after and evaluation is not None:  # the merge evaluation validated the trained model
+            after, source = evaluation.metrics.get("trained", {}), f"after {steps} steps (merge evaluation)"
+        if not after:
             lines.append("  no validation ran after training (end on an epoch boundary or set val_check_interval)")
-        for key, after in self.last_val.items():
+        for key, value in after.items():
             before = self.baseline.get(key)
             start = f"{before:.4f} before training -> " if before is not None else ""
-            lines.append(f"  {key}: {start}{after:.4f} after {self.trainer.global_step} steps")
-        ckpt = self.trainer.checkpoint_callback
-        best = str(getattr(ckpt, "best_model_path", "") or "")
-        if best:
-            lines.append(f"  checkpoint: {best}")
-        if log_dir:
-            lines.append(f"  logs: {log_dir}")
-        rank_zero_info("\n".join(lines))
+            lines.append(f"  {key}: {start}{value:.4f} {source}")
+        best = str(getattr(self.trainer.checkpoint_callback, "best_model_path", "") or "")
+        lines += [f"  checkpoint: {best}"] if best else []
+        exported = getattr(export, "dirpath", None)
+        lines += [f"  export: {exported} (adapter/, merged/)"] if exported else []
+        lines += [f"  logs: {log_dir}"] if log_dir else []
+        return lines
 
 
 def _class_name(model: Any) -> str:
