@@ -172,3 +172,18 @@ def test_bf16_true_keeps_adapters_fp32_so_small_updates_are_not_lost() -> None:
     assert all(layer.base_layer.weight.dtype == torch.bfloat16 for _, layer in layers)
     assert all(p.dtype == torch.float32 for _, layer in layers for p in layer.adapter_params())
     assert all(layer.lora_B.weight.abs().max() > 0 for _, layer in layers)
+
+
+def test_a_trainable_head_frozen_by_the_injection_is_named_with_the_fix() -> None:
+    with pytest.warns(
+        UserWarning, match=r"LoRA froze net\.classifier, an output head.*modules_to_save=\['net\.classifier'\]"
+    ):
+        trainer(callbacks=[LoRAInjectionCallback(r=4, target_modules=["q_proj"])], max_steps=1).fit(
+            ToyModule(), loader()
+        )
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*LoRA froze")
+        lora = LoRAInjectionCallback(r=4, target_modules=["q_proj"], modules_to_save=["classifier"])
+        trainer(callbacks=[lora], max_steps=1).fit(ToyModule(), loader())

@@ -123,8 +123,8 @@ class _AdapterState:
             what = "values" if same_structure else "layer names/shapes/dtypes"
             raise BaseMismatchError(
                 f"this adapter-only checkpoint was trained on a different base model (frozen {what} differ). "
-                "Fix: resume with the same model_name_or_path and the same quantize:/lora: settings it was "
-                "trained with, or start a new run without ckpt_path."
+                "Fix: resume with the same base model and the same QuantizeBaseCallback/LoRAInjectionCallback "
+                "settings (recipe keys quantize:/lora:) it was trained with, or start a new run without ckpt_path."
             )
         bad = [
             f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from safetensors import SafetensorError
 from torch import nn
 from typing_extensions import override
@@ -20,6 +20,7 @@ from lightning_adapt.adapters.lora import validate_lora_args
 from lightning_adapt.callbacks._transform import INJECT_LORA, ModelTransformCallback
 from lightning_adapt.errors import ConfigError
 from lightning_adapt.export.peft_format import load_adapter_weights, read_adapter, resolve_adapter_settings
+from lightning_adapt.layers import adapter_param_ids, output_head_names
 
 _IMPORTED = "_lightning_adapt_imported_adapter"
 _ARGUMENT = "lora.adapter_path"
@@ -161,7 +162,14 @@ class LoRAInjectionCallback(ModelTransformCallback):
     @override
     def apply(self, module: nn.Module) -> list[str]:
         """Inject adapters into ``module`` (idempotent); returns the adapted layer names."""
+        heads = _trainable_new_heads(module)
         self.adapted = inject_lora(module, self.spec, self.fuse_projections, self.fused_dropout)
+        frozen = [name for name in heads if not any(p.requires_grad for p in module.get_submodule(name).parameters())]
+        if frozen:
+            rank_zero_warn(
+                f"lightning-adapt: LoRA froze {', '.join(frozen)}, an output head that was trainable. If it is new "
+                f"or must learn your task, train it fully: modules_to_save={frozen!r} (recipes: lora: modules_to_save)."
+            )
         if self._adapter_weights is not None and module.__dict__.get(_IMPORTED) != self.adapter_path:
             # once per module: a later configure_model (validate after fit) must keep the trained weights
             load_adapter_weights(module, self._adapter_weights, _ARGUMENT)
@@ -181,3 +189,24 @@ class LoRAInjectionCallback(ModelTransformCallback):
             f"{' rslora' if spec.use_rslora else ''}{' dora' if spec.use_dora else ''} "
             f"on {len(self.adapted)} layers\n{trainable_table(pl_module)}"
         )
+
+
+def _trainable_new_heads(module: nn.Module) -> list[str]:
+    """Outermost output heads of ``module`` that train now, before any adapter exists; not a language model's
+    head (``get_output_embeddings``, tied to the embeddings: pretrained, and frozen on purpose)."""
+    if adapter_param_ids(module):
+        return []  # injected before: what is frozen now was frozen by the user's settings
+    lm_heads = {
+        id(out)
+        for m in module.modules()
+        if callable(f := getattr(m, "get_output_embeddings", None)) and (out := f()) is not None
+    }
+    names = sorted(output_head_names(module))
+    heads = [n for n in names if not any(n.startswith(h + ".") for h in names if h != n)]
+    return [
+        name
+        for name in heads
+        if id(head := module.get_submodule(name)) not in lm_heads
+        and "lm_head" not in name
+        and any(p.requires_grad for p in head.parameters())
+    ]
