@@ -137,7 +137,7 @@ def _prepare(options: Options) -> tuple[Plan, ModelShape | None]:
 def _fail(err: ConfigError) -> NoReturn:
     if os.environ.get("LIGHTNING_ADAPT_DEBUG"):
         raise err
-    print(f"lightning-adapt compare: error: {err}", file=sys.stderr)
+    print(f"lightning-adapt: error: {err}", file=sys.stderr)
     raise SystemExit(2) from None
 
 

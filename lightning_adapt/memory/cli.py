@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"lightning-adapt: error: {parser_error(str(err), 'estimate')}", file=sys.stderr)
         raise SystemExit(2) from None
     except ValueError as err:  # the estimator's own checks (one message each); exit 2 like the other subcommands
-        print(f"lightning-adapt estimate: error: {err}", file=sys.stderr)
+        print(f"lightning-adapt: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
