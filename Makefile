@@ -1,4 +1,5 @@
 # `make demo` runs the main job on an embedded default; `make test` runs the whole test suite;
+# `make figures` reruns the comparisons the README quotes and rewrites its figures (docs/figures/);
 # `make bench` measures every benchmark ratio in one run and regenerates benchmarks/RESULTS.md (BENCH_ARGS=--quick: smoke test).
 PYTHON ?= python3
 VENV ?= .venv
@@ -6,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RECIPE ?= recipes/sentiment/lora.yaml
 
-.PHONY: demo test lint install clean bench
+.PHONY: demo test lint install clean bench figures
 
 $(STAMP): pyproject.toml constraints.txt requirements-assets.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +31,9 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
+
+figures: $(STAMP)
+	$(BIN)/python benchmarks/figures.py
 
 clean:
 	rm -rf $(VENV) lightning_logs .pytest_cache .mypy_cache .ruff_cache

@@ -53,9 +53,9 @@ def run(name: str, scratch: Path) -> None:
     target = FIGURES / name
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
-    for picture in ("memory.png", "losses.png", "metrics.png"):
-        if (out / picture).is_file():
-            shutil.copy(out / picture, target / picture)
+    for picture in [*(out / p for p in ("memory.png", "losses.png", "metrics.png")), *out.glob("rank-*.png")]:
+        if picture.is_file():
+            shutil.copy(picture, target / picture.name)
     text = (out / "report.md").read_text().replace(str(out) + "/", "")
     (target / "report.md").write_text(text)
     runs = [{key: row.get(key) for key in _KEPT} for row in report["runs"]]
