@@ -99,7 +99,8 @@ def require_bitsandbytes() -> ModuleType:
         return importlib.import_module("bitsandbytes")
     except ImportError as err:
         raise MissingDependencyError(
-            "Quantization and 8-bit/paged optimizers need bitsandbytes. Fix: `pip install 'bitsandbytes>=0.48'`."
+            "Quantization and 8-bit/paged optimizers need bitsandbytes. Fix: `pip install 'lightning-adapt[qlora]'` "
+            "(or `pip install 'bitsandbytes>=0.48'`)."
         ) from err
 
 

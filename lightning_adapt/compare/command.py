@@ -24,9 +24,8 @@ from typing import Any, NoReturn
 
 from lightning_adapt.adapters.spectrum import LayerSpectrum
 from lightning_adapt.atomic import write_text_atomic
-from lightning_adapt.compare.files import write_json
+from lightning_adapt.compare.files import require_plots, write_json
 from lightning_adapt.compare.inspect import adapter_rank
-from lightning_adapt.compare.plots import plot_losses, plot_memory, plot_metrics, plot_spectra
 from lightning_adapt.compare.project import load_projection_shape, project_row
 from lightning_adapt.compare.report import build_report, markdown, primary_metric
 from lightning_adapt.compare.runner import Plan, make_plan, run_all, run_command
@@ -99,6 +98,8 @@ def parse_args(argv: list[str]) -> Options:
 
 def _pictures(report: dict[str, Any], output: Path) -> tuple[dict[str, str], dict[str, Any]]:
     """Write the PNGs; ``({label: file name}, {picture: series drawn})``."""
+    from lightning_adapt.compare.plots import plot_losses, plot_memory, plot_metrics, plot_spectra
+
     rows = [row for row in report["runs"] if row["ok"]]
     if not rows:
         return {}, {}
@@ -126,6 +127,7 @@ def _prepare(options: Options) -> tuple[Plan, ModelShape | None]:
     option is one line before anything runs, not a failed row per recipe."""
     from lightning_adapt.cli import check_fit_arguments
 
+    require_plots()
     shape = load_projection_shape(options.project) if options.project else None
     plan = make_plan(options.recipes, options.overrides, options.output, options.overwrite)
     for run in plan.runs:

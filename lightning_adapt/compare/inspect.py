@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from lightning_adapt.adapters.spectrum import ENERGIES, LayerSpectrum, spectra_from_state, suggest_ranks
-from lightning_adapt.compare.files import write_json
+from lightning_adapt.compare.files import require_plots, write_json
 from lightning_adapt.errors import ConfigError
 from lightning_adapt.export.peft_format import PEFT_PREFIX, read_adapter
 
@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of ``lightning-adapt inspect``: prints the rank report; a bad argument is one line, exit 2."""
     args = _parser().parse_args(argv)
     try:
+        if args.plot:
+            require_plots()
         spectra = inspect_adapter(args.ckpt_path, args.alpha, args.use_rslora, args.config)
     except ConfigError as err:
         if os.environ.get("LIGHTNING_ADAPT_DEBUG"):
