@@ -128,7 +128,7 @@ ERROR_CASES = [
     ("llama", [r".*\.q_pro"], (), ["match no module"]),  # regex must full-match
     ("llama", ["q_proj", "nope"], (), ["['nope']"]),  # one bad entry among good ones
     ("llama", ["self_attn"], (), ["LlamaAttention", "cannot wrap", "model.layers.0.self_attn"]),
-    ("llama", ["embed_tokens"], (), ["Embedding", "cannot wrap"]),
+    ("llama", ["input_layernorm"], (), ["LlamaRMSNorm", "cannot wrap"]),  # embeddings can be adapted (test_layer_kinds)
     ("llama", ["q_proj"], ["nope"], ["['nope']", "match no module"]),  # excludes are checked too
     ("llama", ["q_proj"], ["q_proj"], ["selects no linear-like module"]),
     ("llama", ["(unclosed"], (), ["not a valid regular expression"]),

@@ -8,15 +8,19 @@ Example:
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any, cast
 
 import torch
 from torch import nn
 
+from lightning_adapt.adapters.attention import LoRAMultiheadAttention
+from lightning_adapt.adapters.delta import Foldable, lora_layers
 from lightning_adapt.adapters.fused import DEFAULT_GROUPS, FusedDropout, fuse_lora_projections
-from lightning_adapt.adapters.lora import InitMethod, LoRALinear, lora_modules
-from lightning_adapt.adapters.targeting import find_targets, replace_module
+from lightning_adapt.adapters.kinds import LoRAConv, LoRAEmbedding, check_adaptable
+from lightning_adapt.adapters.lora import InitMethod, LoRALinear
+from lightning_adapt.adapters.targeting import adaptable_kind, find_targets, replace_module
 from lightning_adapt.errors import ConfigError
 from lightning_adapt.layers import AdapterModule
 from lightning_adapt.naming import select
@@ -39,10 +43,33 @@ class LoRASpec:
     use_dora: bool = False
 
 
+#: The LoRA wrapper of each layer kind (:func:`~lightning_adapt.adapters.targeting.adaptable_kind`).
+_WRAP: dict[str, Callable[[Any, LoRASpec], nn.Module]] = {
+    "linear": lambda layer, s: LoRALinear(layer, s.r, s.alpha, s.dropout, s.init, s.use_rslora, s.use_dora),
+    "conv": lambda layer, s: LoRAConv(layer, s.r, s.alpha, s.dropout, s.init, s.use_rslora),
+    "embedding": lambda layer, s: LoRAEmbedding(layer, s.r, s.alpha, s.dropout, s.init, s.use_rslora),
+    "attention": lambda layer, s: LoRAMultiheadAttention(layer, s.r, s.alpha, s.dropout, s.init, s.use_rslora),
+}
+
+
+def wrap_layer(name: str, layer: nn.Module, spec: LoRASpec) -> nn.Module:
+    """The LoRA wrapper of ``layer`` (dotted ``name``, for errors) for its kind.
+
+    Raises:
+        ConfigError: one line naming the layer and the fix, for a layer whose adapter could not act or merge
+            exactly (a grouped conv, an embedding with ``max_norm``, DoRA on a non-linear kind).
+    """
+    kind = adaptable_kind(layer)
+    if kind is None:
+        raise ConfigError(f"{name} ({type(layer).__name__}): LoRA cannot wrap it. Fix: target its linear children.")
+    check_adaptable(name, layer, spec.use_dora)
+    return _WRAP[kind](layer, spec)
+
+
 def inject_lora(
     model: nn.Module, spec: LoRASpec, fuse_projections: bool = True, fused_dropout: FusedDropout = "per_layer"
 ) -> list[str]:
-    """Wrap the targeted layers of ``model`` in :class:`LoRALinear` and freeze everything else.
+    """Wrap the targeted layers of ``model`` in their LoRA wrapper (:func:`wrap_layer`) and freeze everything else.
 
     Idempotent for one spec: on a model already adapted with ``spec`` nothing is wrapped again (the adapted
     names are returned), so calling it on every ``configure_model`` is safe. ``modules_to_save`` stay fully
@@ -63,26 +90,42 @@ def inject_lora(
     Raises:
         ConfigError: ``model`` already holds adapters made with another spec (both are named).
     """
-    existing = [name for name, _ in lora_modules(model)]
+    existing = [name for name, _ in lora_layers(model)]
     if existing:
         _check_same_spec(model, spec, existing)
     else:
-        for name in find_targets(model, spec.target_modules, spec.exclude_modules):
-            layer = LoRALinear(
-                model.get_submodule(name),
-                r=spec.r,
-                alpha=spec.alpha,
-                dropout=spec.dropout,
-                init=spec.init,
-                use_rslora=spec.use_rslora,
-                use_dora=spec.use_dora,
-            )
-            replace_module(model, name, layer)
+        targets = find_targets(model, spec.target_modules, spec.exclude_modules)
+        for name in targets:  # every layer checked before any is changed
+            check_adaptable(name, model.get_submodule(name), spec.use_dora)
+        for name in targets:
+            replace_module(model, name, wrap_layer(name, model.get_submodule(name), spec))
             existing.append(name)
         model.__dict__[_SPEC_ATTR] = spec
     freeze_base(model, spec.modules_to_save)
+    keep_off_fused_paths(model)
     fuse_lora_projections(model, DEFAULT_GROUPS if fuse_projections else (), fused_dropout)
     return existing
+
+
+def _no_fused_fast_path(module: nn.Module, args: Any) -> None:
+    """A forward pre-hook that does nothing: torch skips ``TransformerEncoderLayer``'s fused path when one is set."""
+
+
+def keep_off_fused_paths(model: nn.Module) -> None:
+    """Keep torch's fused inference paths off where they would bypass adapters (idempotent).
+
+    In eval mode without gradients ``nn.TransformerEncoderLayer`` hands ``linear1.weight``, ``linear2.weight`` and
+    its attention's weights straight to one fused kernel, and ``nn.TransformerEncoder`` turns padded batches into
+    nested tensors for it; neither calls the adapted layers. A layer holding an adapter gets a no-op forward
+    pre-hook (torch's documented reason to take the general path) and its encoder ``use_nested_tensor = False``.
+    """
+    for module in model.modules():
+        holds = any(isinstance(m, Foldable) for m in module.modules())
+        hooked = _no_fused_fast_path in module._forward_pre_hooks.values()
+        if isinstance(module, nn.TransformerEncoderLayer) and holds and not hooked:
+            module.register_forward_pre_hook(_no_fused_fast_path)
+        if isinstance(module, nn.TransformerEncoder) and holds:
+            module.use_nested_tensor = False
 
 
 def _check_same_spec(model: nn.Module, spec: LoRASpec, existing: list[str]) -> None:
@@ -92,8 +135,8 @@ def _check_same_spec(model: nn.Module, spec: LoRASpec, existing: list[str]) -> N
         same = _comparable(recorded) == _comparable(spec)
         held = repr(recorded)
     else:  # adapters made by hand: compare what the layers themselves hold
-        layers = [layer for _, layer in lora_modules(model)]
-        held = f"{len(layers)} LoRALinear layers with r={sorted({layer.r for layer in layers})}"
+        layers: list[Any] = [layer for _, layer in lora_layers(model)]
+        held = f"{len(layers)} LoRA layers with r={sorted({layer.r for layer in layers})}"
         same = all((layer.r, layer.alpha, layer.use_dora) == (spec.r, spec.alpha, spec.use_dora) for layer in layers)
     if not same:
         raise ConfigError(
@@ -143,10 +186,10 @@ def trainable_rows(model: nn.Module) -> list[TrainableRow]:
     """Trainable parameters per adapted layer type (leaf name), plus fully trained modules."""
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     seen: set[int] = set()
-    for name, layer in lora_modules(model):
+    for name, layer in lora_layers(model):
         row = counts[f"lora: {name.rsplit('.', 1)[-1]}"]
         row[0] += 1
-        for param in layer.adapter_params():
+        for param in cast(AdapterModule, layer).adapter_params():
             seen.add(id(param))
             row[1] += param.numel() if param.requires_grad else 0
     for name, param in model.named_parameters():

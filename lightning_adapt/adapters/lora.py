@@ -20,14 +20,24 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from typing import Literal, Protocol, cast
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_adapt.adapters.delta import (
+    Foldable,
+    InitMethod,
+    init_lora_pair,
+    keep_adapter_precision,
+    lora_arg_problems,
+    lora_delta,
+    lora_layers,
+    lora_scaling,
+    merged_weight,
+)
 from lightning_adapt.adapters.dora import dora_delta
 from lightning_adapt.errors import ConfigError
 from lightning_adapt.layers import (
@@ -40,10 +50,14 @@ from lightning_adapt.layers import (
 )
 
 __all__ = [
+    "Foldable",
+    "InitMethod",
     "LoRALinear",
     "SharedInput",
     "add_lora_update",
+    "keep_adapter_precision",
     "lora_delta",
+    "lora_layers",
     "lora_modules",
     "lora_scaling",
     "merge_lora",
@@ -51,23 +65,12 @@ __all__ = [
     "validate_lora_args",
 ]
 
-InitMethod = Literal["kaiming", "gaussian"]
-_INITS: tuple[str, ...] = ("kaiming", "gaussian")
-
 
 def validate_lora_args(
     r: object, alpha: object, dropout: object, init: object = "kaiming", base_layer: nn.Module | None = None
 ) -> None:
     """Raise one :class:`~lightning_adapt.errors.ConfigError` listing every invalid LoRA argument (argument, value, allowed, fix)."""
-    problems: list[str] = []
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        problems.append(f"r={r!r}: the rank must be an int >= 1 (typical 8-64). Fix: r=8.")
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 0:
-        problems.append(f"alpha={alpha!r}: must be a number > 0 (commonly 2*r). Fix: alpha=16.")
-    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
-        problems.append(f"dropout={dropout!r}: must satisfy 0 <= dropout < 1. Fix: dropout=0.05, or 0.0 to disable it.")
-    if init not in _INITS:
-        problems.append(f"init={init!r}: must be one of {_INITS}; Fix: init='kaiming' (PEFT's default).")
+    problems = lora_arg_problems(r, alpha, dropout, init)
     if base_layer is not None and not is_linear_like(base_layer):
         allowed = [t.__name__ for t in linear_like_types()]
         problems.append(
@@ -76,41 +79,6 @@ def validate_lora_args(
         )
     if problems:
         raise ConfigError("Invalid LoRALinear arguments:\n  - " + "\n  - ".join(problems))
-
-
-def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
-    """``alpha / r``, or ``alpha / sqrt(r)`` with rank-stabilised LoRA."""
-    return float(alpha) / (math.sqrt(r) if use_rslora else r)
-
-
-def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``scaling · B @ A``: ``(out, r) @ (r, in)`` in fp32, on ``B``'s device."""
-    delta: torch.Tensor = lora_B.float() @ lora_A.float()
-    return scaling * delta
-
-
-def merged_weight(
-    weight: torch.Tensor,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    scaling: float,
-    magnitude: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The merged ``(out, in)`` fp32 weight, on ``weight``'s device; nothing is modified in place::
-
-        W' = W + ΔW                         ΔW = scaling · B @ A
-        W' = m · (W + ΔW) / ‖W + ΔW‖_row    DoRA (the norm is a constant for the gradient, as in PEFT)
-
-    The one merge used everywhere (:meth:`LoRALinear.merged_weight`, the in-memory and the streaming
-    export), so every path gives the same bits. Peak: ``W`` in fp32, ``ΔW`` and the result.
-    """
-    weight = weight.float()
-    merged = weight + lora_delta(lora_A, lora_B, scaling).to(weight.device)
-    if magnitude is None:
-        return merged
-    scale = magnitude.float().to(weight.device) / torch.linalg.vector_norm(merged.detach(), dim=1)
-    result: torch.Tensor = scale.view(-1, 1) * merged
-    return result
 
 
 class SharedInput(Protocol):
@@ -184,11 +152,7 @@ class LoRALinear(nn.Module):
         self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=torch.float32)
-        if init == "kaiming":
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        else:
-            nn.init.normal_(self.lora_A.weight, std=1 / r)
-        nn.init.zeros_(self.lora_B.weight)
+        init_lora_pair(self.lora_A.weight, self.lora_B.weight, init, r)
         self.lora_magnitude_vector: nn.Parameter | None = None
         if use_dora:
             with torch.no_grad():
@@ -203,16 +167,7 @@ class LoRALinear(nn.Module):
         self.shared_projection: SharedInput | None = None
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> LoRALinear:
-        # The base follows every conversion; the adapters refuse down-casts (module.to(bf16) by a
-        # bf16-true precision plugin) and only move device, as PEFT keeps adapters in fp32: bf16
-        # adapters lose small updates. Up-casts (double()) and non-dtype functions apply as usual.
-        def keep_precision(t: torch.Tensor) -> torch.Tensor:
-            if t.is_floating_point():
-                probe = fn(torch.zeros((), dtype=t.dtype, device=t.device))
-                if probe.is_floating_point() and probe.dtype.itemsize < t.dtype.itemsize:
-                    return t.to(device=probe.device)
-            return fn(t)
-
+        keep_precision = keep_adapter_precision(fn)
         if recurse:
             self.base_layer._apply(fn)
             for child in (self.lora_A, self.lora_B, self.lora_dropout):
@@ -332,6 +287,9 @@ class LoRALinear(nn.Module):
         update = self._dora_delta(x.to(self.lora_A.weight.dtype), result)
         return result + update.to(result.dtype)
 
+    def merged_module(self) -> nn.Module:  # merge_lora: the float base after merge(), or a new nn.Linear
+        return _plain_module(self)
+
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, dora={self.use_dora}"
 
@@ -346,10 +304,9 @@ def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
 
 def _compute_dtype(layer: LoRALinear) -> torch.dtype:
     base = layer.base_layer
-    dtype = getattr(base, "compute_dtype", None)
+    dtype, bias = getattr(base, "compute_dtype", None), getattr(base, "bias", None)
     if isinstance(dtype, torch.dtype):
         return dtype
-    bias = getattr(base, "bias", None)
     return bias.dtype if isinstance(bias, torch.Tensor) else layer.lora_A.weight.dtype
 
 
@@ -371,15 +328,11 @@ def _plain_module(layer: LoRALinear) -> nn.Module:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Replace every :class:`LoRALinear` in ``model`` (in place) by a plain module with the merged weight.
-
-    A float base keeps its type (``nn.Linear`` stays ``nn.Linear`` with its bias, ``Conv1D`` stays
-    ``Conv1D``); a quantized base becomes an ``nn.Linear`` of its compute dtype. The state-dict keys are
-    then those of the un-adapted model. Calling it again is a no-op. Returns ``model`` (or the plain
-    module when ``model`` itself is a :class:`LoRALinear`).
-    """
-    if isinstance(model, LoRALinear):
-        return _plain_module(model)
-    for name, layer in lora_modules(model):
-        model.set_submodule(name, _plain_module(layer))
+    """Replace every LoRA wrapper (:class:`Foldable`: :class:`LoRALinear`, :mod:`.kinds`) in ``model`` in place by its
+    base holding the merged weight (a float base keeps its type and bias, a quantized one becomes an ``nn.Linear`` of
+    its compute dtype; keys as un-adapted). Again: a no-op. Returns ``model`` (or the plain module of a wrapper)."""
+    if isinstance(model, Foldable):
+        return model.merged_module()
+    for name, layer in lora_layers(model):  # outermost: an attention's wrapper folds its out_proj's
+        model.set_submodule(name, cast(Foldable, layer).merged_module())
     return model

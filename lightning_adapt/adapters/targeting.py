@@ -4,7 +4,9 @@ Entries of ``target_modules`` / ``exclude_modules`` follow :mod:`lightning_adapt
 names, exact or as a ``.suffix``, or a full-match regex).
 
 ``None`` selects :data:`DEFAULT_TARGETS` (the query/value projections of common architectures) and
-``"all-linear"`` every linear-like layer except the output heads (:func:`output_head_names`).
+``"all-linear"`` every linear-like layer except the output heads (:func:`output_head_names`), plus every
+``nn.MultiheadAttention`` (its projections are linear; it is adapted as a whole, never its ``out_proj`` alone).
+Convolutions and embeddings are adapted when named (:data:`ADAPTABLE_KINDS`), as in PEFT.
 
 Example:
     >>> find_targets(model, ["q_proj", "v_proj"])  # doctest: +SKIP
@@ -22,9 +24,11 @@ from lightning_adapt.layers import OUTPUT_HEAD_NAMES, is_linear_like, named_modu
 from lightning_adapt.naming import check_entries, matches
 
 __all__ = [
+    "ADAPTABLE_KINDS",
     "DEFAULT_TARGETS",
     "OUTPUT_HEAD_NAMES",
     "TargetingError",
+    "adaptable_kind",
     "find_targets",
     "is_linear_like",
     "matches",
@@ -50,6 +54,39 @@ DEFAULT_TARGETS: tuple[str, ...] = (
 
 ALL_LINEAR = "all-linear"
 
+#: The layer kinds LoRA wraps besides the linear-like ones (looked up along the MRO; the wrappers:
+#: :mod:`lightning_adapt.adapters.kinds`, :mod:`lightning_adapt.adapters.attention`).
+ADAPTABLE_KINDS: dict[type, str] = {
+    nn.MultiheadAttention: "attention",
+    nn.Conv1d: "conv",
+    nn.Conv2d: "conv",
+    nn.Conv3d: "conv",
+    nn.Embedding: "embedding",
+}
+
+
+def adaptable_kind(module: nn.Module) -> str | None:
+    """``"linear"`` (linear-like), ``"attention"``, ``"conv"``, ``"embedding"``, or ``None`` (LoRA cannot wrap it)."""
+    if is_linear_like(module):
+        return "linear"
+    return next((ADAPTABLE_KINDS[cls] for cls in type(module).__mro__ if cls in ADAPTABLE_KINDS), None)
+
+
+def _inside_attention(modules: list[tuple[str, nn.Module]]) -> dict[str, str]:
+    """``{name: attention name}`` of the modules inside an ``nn.MultiheadAttention`` (its ``out_proj``)."""
+    attention = [n for n, m in modules if isinstance(m, nn.MultiheadAttention)]
+    return {n: a for n, _ in modules for a in attention if n.startswith(a + ".")}
+
+
+def _refuse_inside_attention(selected: list[str], inside: dict[str, str]) -> None:
+    bad = [n for n in selected if n in inside]
+    if bad:
+        raise TargetingError(
+            f"target_modules selects {bad[0]!r}, inside the nn.MultiheadAttention {inside[bad[0]]!r}, which reads its "
+            f"weight directly: a LoRA on it alone would never get a gradient. Fix: target {inside[bad[0]]!r} "
+            "instead (it adapts q/k/v and out_proj)."
+        )
+
 
 def _candidates(linear_names: list[str]) -> str:
     leaves = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
@@ -65,7 +102,7 @@ def find_targets(
     target_modules: str | Sequence[str] | None = None,
     exclude_modules: str | Sequence[str] = (),
 ) -> list[str]:
-    """Dotted names of the linear-like modules selected by ``target_modules`` minus ``exclude_modules``.
+    """Dotted names of the modules LoRA can wrap selected by ``target_modules`` minus ``exclude_modules``.
 
     Args:
         model: The model to search; it is not modified.
@@ -78,27 +115,30 @@ def find_targets(
 
     Raises:
         TargetingError: a listed entry matches nothing (the message lists candidate names), a matched
-            module is not linear-like, or the selection is empty.
+            module cannot be wrapped (or sits inside a ``MultiheadAttention``), or the selection is empty.
     """
     modules = named_modules_outside_adapters(model)
     all_names = [n for n, _ in modules]
-    linear = [n for n, m in modules if is_linear_like(m)]
+    inside = _inside_attention(modules)
+    kinds = {n: adaptable_kind(m) for n, m in modules if n not in inside}
+    linear = [n for n, kind in kinds.items() if kind == "linear"]
     if target_modules is None:
         selected = [n for n in linear if any(matches(n, t) for t in DEFAULT_TARGETS)]
     elif target_modules == ALL_LINEAR:
         heads = output_head_names(model)
-        selected = [n for n in linear if n not in heads]
+        selected = [n for n, kind in kinds.items() if kind in ("linear", "attention") and n not in heads]
     else:
         targets = _entries(target_modules)
         check_entries(targets, all_names, "target_modules", linear)
         selected = [n for n in all_names if any(matches(n, t) for t in targets)]
+        _refuse_inside_attention(selected, inside)
         chosen = set(selected)
-        bad = [(n, type(m).__name__) for n, m in modules if n in chosen and not is_linear_like(m)]
+        bad = [(n, type(m).__name__) for n, m in modules if n in chosen and kinds[n] is None]
         if bad:
             raise TargetingError(
                 f"target_modules={targets} selects modules LoRA cannot wrap: {bad}. "
-                f"Only linear-like layers can be adapted; target their children instead "
-                f"({_candidates(linear)})."
+                f"Only linear-like, Conv1d/2d/3d, Embedding and MultiheadAttention layers can be adapted; target "
+                f"their children instead ({_candidates(linear)})."
             )
     excludes = _entries(exclude_modules)
     if excludes:

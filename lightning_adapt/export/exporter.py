@@ -41,13 +41,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_adapt.adapters.lora import lora_modules
+from lightning_adapt.adapters.delta import lora_layers
 from lightning_adapt.atomic import atomic_directory, check_free_space, check_target
 from lightning_adapt.errors import ExportError
 from lightning_adapt.export.merged_state import check_tied_adapters, merged_entries
 from lightning_adapt.export.options import DTypeName, ExportOptions, MergeBase
 from lightning_adapt.export.original import optional_source, source_dir, source_for
-from lightning_adapt.export.peft_format import PEFT_PREFIX, export_root, write_adapter
+from lightning_adapt.export.peft_format import PEFT_PREFIX, export_root, no_peft_layout, write_adapter
 from lightning_adapt.export.report import ExportResult, MemoryMeter, MergeReport, merge_report
 from lightning_adapt.export.safetensors_io import (
     SMALLER_DTYPE_FIX,
@@ -150,7 +150,7 @@ def export_model(
     probe: Callable[[], torch.Tensor] | None = None,
     argument: str = "dirpath",
 ) -> ExportResult:
-    """Write ``<dirpath>/adapter`` (if ``module`` holds LoRA layers) and ``<dirpath>/merged``, atomically,
+    """Write ``<dirpath>/adapter`` (if ``module`` holds LoRA layers PEFT can load) and ``<dirpath>/merged``, atomically,
     merging in memory from ``module``'s own weights (see :func:`export_module_streamed` for the merge
     from the source files).
 
@@ -177,7 +177,9 @@ def export_model(
     name = source_dir(module, root, source_path)
     result = ExportResult(target)
     with MemoryMeter() as meter, atomic_directory(target, options.overwrite, argument) as tmp:
-        if lora_modules(root):
+        if lora_layers(root) and (why := no_peft_layout(root)):
+            print(f"export: no PEFT adapter written ({why}); merged/ holds the adapted weights.")
+        elif lora_layers(root):
             write_adapter(root, tmp / "adapter", to_save, str(name) if name else None)
             result.adapter = target / "adapter"
         result.dropped_tied = write_merged(

@@ -1,7 +1,8 @@
 """The merged model's state dict as lazily computed tensors. Pure torch (no Lightning).
 
 :func:`merged_entries` lists, under the un-adapted model's key names and in ``state_dict`` order, every
-persistent tensor of a module with each :class:`~lightning_adapt.adapters.lora.LoRALinear` folded in::
+persistent tensor of a module with each LoRA wrapper folded in (:class:`~lightning_adapt.adapters.lora.LoRALinear`,
+and the conv / embedding / attention wrappers, whose ``merged_parameters()`` name the base parameters they replace)::
 
     W' = W + ΔW                         ΔW = scaling · B @ A            (out, in), fp32
     W' = m · (W + ΔW) / ‖W + ΔW‖_row    DoRA, m = lora_magnitude_vector  (out,)
@@ -18,12 +19,15 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 from torch import nn
 
-from lightning_adapt.adapters.lora import LoRALinear, lora_modules
+from lightning_adapt.adapters.delta import lora_layers
+from lightning_adapt.adapters.kinds import WeightAdapter
+from lightning_adapt.adapters.lora import LoRALinear
 from lightning_adapt.errors import ExportError
 from lightning_adapt.export.safetensors_io import SourceWeights, TensorEntry
 from lightning_adapt.layers import base_weight, is_conv1d, is_quantized
@@ -81,12 +85,23 @@ class _Merger:
         # the writer streams bytes, so a tensor listed under two keys needs no copy
         self.entries.append(TensorEntry(key, tuple(tensor.shape), tensor.dtype, lambda: tensor.detach().cpu()))
 
-    def walk(self, module: nn.Module, prefix: str = "") -> None:
+    def merged_entry(self, key: str, param: torch.Tensor, load: Callable[[], torch.Tensor]) -> None:
+        self.seen.add(id(param))
+        self.entries.append(TensorEntry(key, tuple(param.shape), param.dtype, lambda: load().detach().cpu()))
+
+    def walk(
+        self, module: nn.Module, prefix: str = "", merged: dict[str, Callable[[], torch.Tensor]] | None = None
+    ) -> None:
         if isinstance(module, LoRALinear) or is_quantized(module):
             self.weight_entry(prefix, module)
             return
+        if isinstance(module, WeightAdapter):  # its base under the wrapper's name, the adapted parameters merged
+            self.walk(module.base_layer, prefix, None if module.merged else module.merged_parameters())
+            return
         for name, param in module._parameters.items():
-            if param is not None:
+            if param is not None and merged and name in merged:
+                self.merged_entry(prefix + name, param, merged[name])
+            elif param is not None:
                 self.tensor_entry(prefix + name, param)
         for name, buf in module._buffers.items():
             if buf is not None and name not in module._non_persistent_buffers_set:
@@ -121,9 +136,16 @@ def check_tied_adapters(root: nn.Module) -> None:
     ids: dict[int, int] = {}
     for _, param in root.named_parameters(remove_duplicate=False):
         ids[id(param)] = ids.get(id(param), 0) + 1
-    tied = [n for n, layer in lora_modules(root) if ids.get(id(getattr(layer.base_layer, "weight", None)), 0) > 1]
+    tied = [n for n, layer in lora_layers(root) if any(ids.get(id(t), 0) > 1 for t in _adapted(layer))]
     if tied:
         raise ExportError(
             f"target_modules adapts {tied}, whose weight is tied to another module: the merged weight would be "
             "re-tied (and lost) on load. Fix: exclude it from target_modules (add it to exclude_modules)."
         )
+
+
+def _adapted(layer: nn.Module) -> list[object]:
+    """The base tensors a LoRA wrapper changes when merged."""
+    if isinstance(layer, WeightAdapter):
+        return [getattr(layer.base_layer, name) for name in layer.merged_parameters()]
+    return [getattr(getattr(layer, "base_layer", None), "weight", None)]

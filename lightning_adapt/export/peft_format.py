@@ -4,10 +4,16 @@
 :func:`write_adapter` writes what ``peft.PeftModel.from_pretrained(base, dirpath)`` reads::
 
     adapter_config.json         LoraConfig fields (one r / alpha / dropout / rslora / dora for all layers)
-    adapter_model.safetensors   base_model.model.<layer>.lora_A.weight          (r, in)
-                                base_model.model.<layer>.lora_B.weight          (out, r)
+    adapter_model.safetensors   base_model.model.<layer>.lora_A.weight          (r, in)      convs: (r, in, *k)
+                                base_model.model.<layer>.lora_B.weight          (out, r)     convs: (out, r, 1..)
                                 base_model.model.<layer>.lora_magnitude_vector  (out,)   DoRA only
+                                base_model.model.<emb>.lora_embedding_A / _B    (r, num) / (dim, r)
+                                base_model.model.<mha>.lora_A.weight, <mha>.base_layer.out_proj.lora_A.weight, ...
                                 base_model.model.<module>.<param>               modules_to_save
+
+Every adapter parameter is written under its own name (the wrappers use PEFT's names). For an adapted
+``nn.MultiheadAttention`` PEFT computes something else (:func:`no_peft_layout`): the export then writes no
+adapter directory (one line says why) and the merged model still.
 
 Reading such a directory back: :func:`read_adapter`, :func:`resolve_adapter_settings`, :func:`load_adapter_weights`.
 
@@ -27,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lightning_adapt.adapters.delta import lora_layers
 from lightning_adapt.adapters.lora import lora_modules
 from lightning_adapt.errors import ConfigError, ExportError
 from lightning_adapt.layers import adapter_param_ids, is_conv1d
@@ -128,7 +135,7 @@ def adapter_config(root: nn.Module, modules_to_save: list[str], base_model_name_
     Raises:
         ExportError: the adapted layers differ in r, alpha, rslora, dora or dropout.
     """
-    layers = lora_modules(root)
+    layers: list[tuple[str, Any]] = lora_layers(root)
     settings = {(m.r, m.alpha, getattr(m.lora_dropout, "p", 0.0), m.use_rslora, m.use_dora) for _, m in layers}
     if len(settings) != 1:
         raise ExportError(f"the adapted layers use different (r, alpha, dropout, rslora, dora): {sorted(settings)}.")
@@ -139,19 +146,20 @@ def adapter_config(root: nn.Module, modules_to_save: list[str], base_model_name_
         modules_to_save,
         base_model_name_or_path,
         type(root).__name__,
-        any(is_conv1d(m.base_layer) for _, m in layers),
+        any(is_conv1d(m.base_layer) for _, m in lora_modules(root)),
     )
 
 
 def adapter_state(root: nn.Module, modules_to_save: list[str]) -> dict[str, torch.Tensor]:
-    """PEFT keys: ``base_model.model.<layer>.lora_A.weight`` / ``lora_B.weight`` / ``lora_magnitude_vector``
-    and ``base_model.model.<module>.<param>`` for ``modules_to_save``; CPU tensors, ``root`` untouched."""
-    state: dict[str, torch.Tensor] = {}
-    for name, layer in lora_modules(root):
-        for key, param in (("lora_A.weight", layer.lora_A.weight), ("lora_B.weight", layer.lora_B.weight)):
-            state[f"{PEFT_PREFIX}{name}.{key}"] = param.detach().cpu().contiguous()
-        if layer.lora_magnitude_vector is not None:
-            state[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach().cpu()
+    """PEFT keys: ``base_model.model.<adapter parameter>`` (``<layer>.lora_A.weight``, ``lora_magnitude_vector``,
+    ``lora_embedding_A``, ...) and ``base_model.model.<module>.<param>`` for ``modules_to_save``; CPU tensors,
+    ``root`` untouched."""
+    ids = adapter_param_ids(root)
+    state = {
+        f"{PEFT_PREFIX}{key}": param.detach().cpu().contiguous()
+        for key, param in root.named_parameters()
+        if id(param) in ids
+    }
     for name in modules_to_save:
         for key, value in root.get_submodule(name).state_dict().items():
             state[f"{PEFT_PREFIX}{name}.{key}"] = value.detach().cpu().clone()
@@ -163,6 +171,18 @@ def write_adapter_files(out: Path, config: dict[str, Any], state: dict[str, torc
     out.mkdir(parents=True)
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def no_peft_layout(root: nn.Module) -> str | None:
+    """Why PEFT could not reproduce ``root``'s adapters, else ``None``: an adapted ``nn.MultiheadAttention``
+    (PEFT 0.21 merges on forward but adds the ``out_proj`` update twice; separate q/k/v it cannot adapt at all)."""
+    attention = [n for n, m in lora_layers(root) if isinstance(getattr(m, "base_layer", None), nn.MultiheadAttention)]
+    if attention:
+        return (
+            f"{attention[0]!r} is an adapted nn.MultiheadAttention, whose PEFT layer (experimental) adds the "
+            "out_proj update twice and so would not reproduce these outputs"
+        )
+    return None
 
 
 def write_adapter(root: nn.Module, out: Path, modules_to_save: list[str], base_model_name_or_path: str | None) -> None:

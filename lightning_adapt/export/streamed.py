@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_adapt.adapters.lora import lora_modules
+from lightning_adapt.adapters.delta import lora_layers
+from lightning_adapt.adapters.lora import LoRALinear, lora_modules
 from lightning_adapt.atomic import atomic_directory, check_free_space, check_target
 from lightning_adapt.errors import ExportError
 from lightning_adapt.export.merged_state import check_tied_adapters
@@ -257,6 +258,8 @@ def streaming_unavailable(
         return "the module holds no Hugging Face model (its state dict keeps the module's own key names)"
     if not lora_modules(root):
         return "the model has no LoRA layers: nothing to merge"
+    if other := [n for n, layer in lora_layers(root) if not isinstance(layer, LoRALinear)]:
+        return f"{other[0]!r} is a conv/embedding/attention adapter, which only the in-memory merge folds"
     if options.merge_base == "dequantized" and quantized_layers(root):
         return "merge_base='dequantized' merges into the live 4-bit layers"
     path = source_dir(module, root, source_path)
