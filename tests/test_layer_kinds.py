@@ -252,22 +252,20 @@ def test_peft_attention_adds_the_out_proj_update_twice_so_no_peft_adapter_is_exp
     assert "no PEFT adapter written" in capsys.readouterr().out and (tmp_path / "export" / "merged").is_dir()
 
 
-def test_init_matches_peft_for_convs_and_embeddings() -> None:
+@pytest.mark.parametrize(("kind", "wrapper"), [("conv", LoRAConv), ("embedding", LoRAEmbedding)])
+def test_init_matches_peft(kind: str, wrapper: type[nn.Module]) -> None:
     peft = pytest.importorskip("peft")
-    for kind, wrapper in (("conv", LoRAConv), ("embedding", LoRAEmbedding)):
-        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=CASES[kind][1])
-        torch.manual_seed(5)
-        theirs = peft.get_peft_model(_plain(kind), config).base_model.model
-        torch.manual_seed(5)
-        ours = _plain(kind)
-        inject_lora(ours, LoRASpec(r=4, alpha=8, target_modules=CASES[kind][1]))
-        assert all(isinstance(layer, wrapper) for _, layer in lora_layers(ours))
-        own = {n.replace(".default", ""): p for n, p in theirs.named_parameters() if "lora_" in n}
-        for name, p in ours.named_parameters():
-            if "lora_" in name:
-                assert p.shape == own[name].shape, name
-                if kind == "conv" or "embedding_A" in name:  # B of an embedding is random normal (both)
-                    assert torch.equal(p, own[name]) or "lora_A" in name, name
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=CASES[kind][1])
+    torch.manual_seed(5)
+    theirs = peft.get_peft_model(_plain(kind), config).base_model.model
+    torch.manual_seed(5)
+    ours = _plain(kind)
+    inject_lora(ours, LoRASpec(r=4, alpha=8, target_modules=CASES[kind][1]))
+    assert lora_layers(ours) and all(isinstance(layer, wrapper) for _, layer in lora_layers(ours))
+    own = {n.replace(".default", ""): p for n, p in theirs.named_parameters() if "lora_" in n}
+    mine = {n: p for n, p in ours.named_parameters() if "lora_" in n}
+    assert mine.keys() == own.keys()
+    assert all(torch.equal(p, own[n]) for n, p in mine.items())
 
 
 def test_attention_with_separate_qkv_weights() -> None:
@@ -387,3 +385,47 @@ def test_trainer_fit_of_a_transformer_encoder_with_all_linear() -> None:
         if not p.requires_grad:
             original = name.replace(".base_layer.out_proj.base_layer.", ".out_proj.").replace(".base_layer.", ".")
             assert torch.equal(p, frozen[original]), name
+
+
+def test_a_hugging_face_model_with_an_adapted_embedding_exports_in_memory(tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    from toy import IDS, tiny_llama
+    from transformers import LlamaForCausalLM
+
+    from lightning_adapt.export.options import ExportOptions
+    from lightning_adapt.export.streamed import streaming_unavailable
+
+    model = tiny_llama(tie_word_embeddings=False)
+    plain = copy.deepcopy(model)
+    inject_lora(model, LoRASpec(r=4, alpha=8, target_modules=["embed_tokens", "q_proj"]))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in _adapter_params(model):
+            p.normal_(std=0.3)
+        expected = model(IDS).logits
+    assert "'model.embed_tokens' is a conv/embedding/attention adapter" in str(
+        streaming_unavailable(model, ExportOptions())
+    )
+    export_model(model, tmp_path / "out")
+    merged = LlamaForCausalLM.from_pretrained(str(tmp_path / "out" / "merged"))
+    theirs = peft.PeftModel.from_pretrained(plain, str(tmp_path / "out" / "adapter"))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(IDS).logits, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(theirs(IDS).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_bf16_cast_keeps_adapters_fp32_and_the_forward_close(kind: str) -> None:
+    _, model = _adapted(kind)
+    with torch.no_grad():
+        expected = _run(model, kind)
+    model.to(torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in _adapter_params(model))
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters() if not p.requires_grad)
+    inputs = _inputs(kind)
+    cast = tuple(t.bfloat16() for t in inputs) if isinstance(inputs, tuple) else inputs
+    cast = cast.bfloat16() if isinstance(cast, torch.Tensor) and cast.is_floating_point() else cast
+    with torch.no_grad():
+        out = model(cast)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=0.1, atol=0.1)

@@ -47,7 +47,10 @@ def check_adaptable(name: str, layer: nn.Module, use_dora: bool = False) -> None
     """Refuse, in one line naming ``name`` and the fix, a layer whose LoRA could not be exact or merged."""
     kind = type(layer).__name__
     if use_dora and not isinstance(layer, nn.Linear):
-        raise ConfigError(f"{name} ({kind}): DoRA is implemented for linear layers only. Fix: use_dora=False.")
+        raise ConfigError(
+            f"{name} ({kind}): DoRA is implemented for linear layers only. Fix: use_dora=False, or add it to "
+            "exclude_modules."
+        )
     if isinstance(layer, nn.Conv1d | nn.Conv2d | nn.Conv3d) and layer.groups != 1:
         raise ConfigError(
             f"{name} ({kind}, groups={layer.groups}): LoRA on grouped/depthwise convolutions is not supported. "
@@ -223,9 +226,10 @@ class LoRAEmbedding(WeightAdapter):
     ) -> None:
         super().__init__(base_layer, r, alpha, dropout, use_rslora)
         device, dims = base_layer.weight.device, (base_layer.num_embeddings, base_layer.embedding_dim)
-        self.lora_embedding_A = nn.Parameter(torch.zeros(r, dims[0], device=device, dtype=torch.float32))
-        self.lora_embedding_B = nn.Parameter(torch.empty(dims[1], r, device=device, dtype=torch.float32))
-        nn.init.normal_(self.lora_embedding_B)
+        # PEFT draws both at random (on the CPU) before its init: drawing the same keeps seeded runs equal to PEFT's
+        lora_a, lora_b = torch.randn(r, dims[0]), torch.randn(dims[1], r)
+        self.lora_embedding_A = nn.Parameter(nn.init.zeros_(lora_a).to(device))
+        self.lora_embedding_B = nn.Parameter(nn.init.normal_(lora_b).to(device))
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_embedding_A, self.lora_embedding_B
