@@ -9,10 +9,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 from toy import trainer
 
 from lightning_adapt.adapters.attention import LoRAMultiheadAttention
@@ -21,6 +23,7 @@ from lightning_adapt.adapters.delta import lora_layers
 from lightning_adapt.adapters.inject import LoRASpec, inject_lora
 from lightning_adapt.adapters.kinds import LoRAConv, LoRAEmbedding
 from lightning_adapt.adapters.lora import merge_lora
+from lightning_adapt.callbacks.lora import LoRAInjectionCallback
 from lightning_adapt.errors import ConfigError
 from lightning_adapt.export.exporter import export_model
 from lightning_adapt.export.peft_format import write_adapter
@@ -349,33 +352,35 @@ def test_lora_on_a_quantized_model_keeps_attention_convs_and_embeddings_full_pre
         torch.testing.assert_close(merged["enc"](x), model["enc"](x), rtol=1e-4, atol=1e-4)
 
 
-def test_trainer_fit_of_a_transformer_encoder_with_all_linear() -> None:
-    import lightning as L
-    from torch.utils.data import DataLoader, TensorDataset
+class EncoderModule(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = Encoder()
 
-    from lightning_adapt.callbacks.lora import LoRAInjectionCallback
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss: torch.Tensor = nn.functional.cross_entropy(self.net(x), y)
+        return loss
 
-    class EncoderModule(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            self.net = Encoder()
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=0.05)
 
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            x, y = batch
-            return nn.functional.cross_entropy(self.net(x), y)
 
-        def configure_optimizers(self) -> Any:
-            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=0.05)
-
+def _encoder_data() -> DataLoader[Any]:
     g = torch.Generator().manual_seed(1)
-    data = DataLoader(
-        TensorDataset(torch.randn(16, 6, 16, generator=g), torch.randint(0, 3, (16,), generator=g)), batch_size=4
-    )
+    x, y = torch.randn(16, 6, 16, generator=g), torch.randint(0, 3, (16,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=4)
+
+
+def _encoder_lora() -> LoRAInjectionCallback:
+    return LoRAInjectionCallback(r=4, alpha=8, dropout=0.0, target_modules="all-linear", modules_to_save=["net.head"])
+
+
+def test_trainer_fit_of_a_transformer_encoder_with_all_linear() -> None:
     module = EncoderModule()
     frozen = {n: p.clone() for n, p in module.named_parameters()}
-    callback = LoRAInjectionCallback(r=4, alpha=8, target_modules="all-linear", modules_to_save=["net.head"])
-    trainer(callbacks=[callback], max_steps=2).fit(module, data)
+    trainer(callbacks=[_encoder_lora()], max_steps=2).fit(module, _encoder_data())
     assert [type(m) for _, m in lora_layers(module)].count(LoRAMultiheadAttention) == 2
     trained = {n: p for n, p in module.named_parameters() if p.requires_grad}
     assert any("self_attn.lora_A" in n for n in trained) and any("out_proj.lora_B" in n for n in trained)
@@ -385,6 +390,25 @@ def test_trainer_fit_of_a_transformer_encoder_with_all_linear() -> None:
         if not p.requires_grad:
             original = name.replace(".base_layer.out_proj.base_layer.", ".out_proj.").replace(".base_layer.", ".")
             assert torch.equal(p, frozen[original]), name
+
+
+def _encoder_run(epochs: int, save: Path | None = None, ckpt_path: Path | None = None) -> EncoderModule:
+    module = EncoderModule()
+    t = trainer(callbacks=[_encoder_lora()], max_epochs=epochs, limit_train_batches=2)
+    t.fit(module, _encoder_data(), ckpt_path=ckpt_path)
+    if save is not None:
+        t.save_checkpoint(save)
+    return module
+
+
+def test_an_adapter_only_checkpoint_of_the_encoder_resumes_like_an_uninterrupted_fit(tmp_path: Path) -> None:
+    straight = _encoder_run(4)
+    _encoder_run(2, save=tmp_path / "half.ckpt")
+    state = torch.load(tmp_path / "half.ckpt", weights_only=False)["state_dict"]
+    assert FINGERPRINT_KEY in state and not any("in_proj_weight" in k or "base_layer.weight" in k for k in state)
+    resumed = _encoder_run(4, ckpt_path=tmp_path / "half.ckpt")
+    for (name, p), (_, q) in zip(straight.named_parameters(), resumed.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
 
 
 def test_a_hugging_face_model_with_an_adapted_embedding_exports_in_memory(tmp_path: Path) -> None:
@@ -429,3 +453,22 @@ def test_a_bf16_cast_keeps_adapters_fp32_and_the_forward_close(kind: str) -> Non
         out = model(cast)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected, rtol=0.1, atol=0.1)
+
+
+def test_nn_transformer_cross_attention_is_adapted_and_merges_exactly() -> None:
+    torch.manual_seed(0)
+    plain = nn.Transformer(16, 4, 1, 1, 32, dropout=0.0, batch_first=True)
+    model = copy.deepcopy(plain)
+    inject_lora(model, LoRASpec(r=2, alpha=4, target_modules="all-linear"))
+    attentions = [n for n, m in lora_layers(model) if isinstance(m, LoRAMultiheadAttention)]
+    assert attentions == ["encoder.layers.0.self_attn", "decoder.layers.0.self_attn", "decoder.layers.0.multihead_attn"]
+    src, tgt = torch.randn(2, 5, 16), torch.randn(2, 3, 16)
+    assert torch.equal(model(src, tgt), plain(src, tgt))
+    with torch.no_grad():
+        for p in _adapter_params(model):
+            p.normal_(std=0.3)
+    out = model(src, tgt)
+    out.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in _adapter_params(model))
+    with torch.no_grad():
+        torch.testing.assert_close(merge_lora(copy.deepcopy(model))(src, tgt), out, rtol=1e-5, atol=1e-5)
