@@ -472,3 +472,17 @@ def test_nn_transformer_cross_attention_is_adapted_and_merges_exactly() -> None:
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in _adapter_params(model))
     with torch.no_grad():
         torch.testing.assert_close(merge_lora(copy.deepcopy(model))(src, tgt), out, rtol=1e-5, atol=1e-5)
+
+
+def test_compile_blocks_finds_and_traces_the_new_kinds() -> None:
+    from lightning_adapt.adapters.compiled import compile_adapted
+
+    _, model = _adapted("mha")
+    expected = _run(model, "mha")
+    assert compile_adapted(model, backend="aot_eager") == ["encoder.layers.0", "encoder.layers.1"]
+    out = _run(model, "mha")
+    out.square().sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in _adapter_params(model))
+    _, cnn = _adapted("conv")
+    assert compile_adapted(cnn, backend="aot_eager") == ["c1", "c2", "c3"], "found by the protocol, not LoRALinear"

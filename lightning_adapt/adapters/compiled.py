@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-from lightning_adapt.adapters.lora import LoRALinear
+from lightning_adapt.layers import AdapterModule
 
 __all__ = ["CompileScope", "compile_adapted", "compile_units"]
 
@@ -26,7 +26,7 @@ CompileScope = Literal["blocks", "model"]
 
 
 def _holds_adapter(module: nn.Module) -> bool:
-    return any(isinstance(m, LoRALinear) for m in module.modules())
+    return any(isinstance(m, AdapterModule) for m in module.modules())  # every LoRA kind
 
 
 def compile_units(model: nn.Module, scope: CompileScope = "blocks") -> list[tuple[str, nn.Module]]:
