@@ -486,3 +486,39 @@ def test_compile_blocks_finds_and_traces_the_new_kinds() -> None:
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in _adapter_params(model))
     _, cnn = _adapted("conv")
     assert compile_adapted(cnn, backend="aot_eager") == ["c1", "c2", "c3"], "found by the protocol, not LoRALinear"
+
+
+@pytest.mark.parametrize("source", ["checkpoint", "peft"])
+def test_the_streamed_export_merges_an_embedding_adapter(source: str, tmp_path: Path) -> None:
+    """`lightning-adapt export --ckpt_path` (no model built) folds lora_embedding_A/B into the embedding."""
+    from toy import IDS, tiny_llama
+    from transformers import LlamaForCausalLM
+
+    from lightning_adapt.export.adapter_sources import adapters_from_checkpoint, adapters_from_peft
+    from lightning_adapt.export.safetensors_io import read_index
+    from lightning_adapt.export.streamed import export_streamed
+    from lightning_adapt.export.streaming import LoRASettings, model_keys
+
+    tiny_llama(tie_word_embeddings=False, hidden_size=100, num_attention_heads=2).save_pretrained(
+        tmp_path / "base"
+    )  # square embedding
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "base", local_files_only=True)
+    inject_lora(model, LoRASpec(r=4, alpha=8, target_modules=["embed_tokens", "q_proj"]))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in _adapter_params(model):
+            p.normal_(std=0.3)
+        expected = model(IDS).logits
+    keys = model_keys(read_index(tmp_path / "base"))
+    if source == "peft":
+        write_adapter(model, tmp_path / "adapter", [], None)
+        adapters = adapters_from_peft(tmp_path / "adapter", keys)
+    else:
+        state = {f"model.{k}": v for k, v in model.state_dict().items() if "lora_" in k}
+        adapters = adapters_from_checkpoint(state, keys, LoRASettings(4, 8.0))
+    assert adapters.layers["model.embed_tokens"].conv1d, "an embedding is stored (in, out)"
+    export_streamed(tmp_path / "base", tmp_path / "out", adapters, keys=keys)
+    merged = LlamaForCausalLM.from_pretrained(tmp_path / "out" / "merged", local_files_only=True)
+    assert not any("lora" in k for k in merged.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(IDS).logits, expected, rtol=1e-5, atol=1e-5)

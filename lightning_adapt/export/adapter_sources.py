@@ -38,6 +38,8 @@ ADAPTER_SUFFIXES = {
     ".lora_B.weight": "B",
     ".lora_magnitude_vector": "m",
     ".lora_magnitude_vector.weight": "m",
+    ".lora_embedding_A": "EA",  # an embedding: W (num, dim) += scaling · (B @ A)ᵀ, i.e. stored (in, out) as Conv1D
+    ".lora_embedding_B": "EB",
 }
 
 Keys = Mapping[str, StoredTensor]
@@ -89,7 +91,10 @@ def _layer_adapters(
     parts: dict[str, dict[str, torch.Tensor]], keys: Keys, settings: LoRASettings, fan_in_fan_out: bool, argument: str
 ) -> dict[str, LayerAdapter]:
     """A checked :class:`LayerAdapter` per layer; every problem is listed in one error."""
-    conv1d = _orient(parts, keys, fan_in_fan_out)
+    embeddings = {name for name, p in parts.items() if "EA" in p or "EB" in p}
+    parts = {name: {k.removeprefix("E"): v for k, v in p.items()} for name, p in parts.items()}
+    conv1d = _orient({n: p for n, p in parts.items() if n not in embeddings}, keys, fan_in_fan_out)
+    conv1d |= dict.fromkeys(embeddings, True)
     problems, layers = [], {}
     for name, p in parts.items():
         if "A" not in p or "B" not in p or ("m" in p) != settings.use_dora:
