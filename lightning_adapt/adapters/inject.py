@@ -120,12 +120,14 @@ def keep_off_fused_paths(model: nn.Module) -> None:
     pre-hook (torch's documented reason to take the general path) and its encoder ``use_nested_tensor = False``.
     """
     for module in model.modules():
-        holds = any(isinstance(m, Foldable) for m in module.modules())
-        hooked = _no_fused_fast_path in module._forward_pre_hooks.values()
-        if isinstance(module, nn.TransformerEncoderLayer) and holds and not hooked:
-            module.register_forward_pre_hook(_no_fused_fast_path)
-        if isinstance(module, nn.TransformerEncoder) and holds:
+        if not isinstance(module, nn.TransformerEncoderLayer | nn.TransformerEncoder):
+            continue
+        if not any(isinstance(m, Foldable) for m in module.modules()):
+            continue
+        if isinstance(module, nn.TransformerEncoder):
             module.use_nested_tensor = False
+        elif _no_fused_fast_path not in module._forward_pre_hooks.values():
+            module.register_forward_pre_hook(_no_fused_fast_path)
 
 
 def _check_same_spec(model: nn.Module, spec: LoRASpec, existing: list[str]) -> None:
