@@ -522,3 +522,19 @@ def test_the_streamed_export_merges_an_embedding_adapter(source: str, tmp_path: 
     assert not any("lora" in k for k in merged.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(merged(IDS).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_streamed_export_refuses_a_conv_adapter_by_name(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from lightning_adapt.errors import ExportError
+    from lightning_adapt.export.adapter_sources import adapters_from_checkpoint
+    from lightning_adapt.export.safetensors_io import read_index
+    from lightning_adapt.export.streaming import LoRASettings
+
+    plain, model = _adapted("conv")
+    (tmp_path / "base").mkdir()
+    save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(tmp_path / "base" / "model.safetensors"))
+    state = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    with pytest.raises(ExportError, match=r"'c1' holds a convolution adapter, .* Fix: export the trained module in"):
+        adapters_from_checkpoint(state, read_index(tmp_path / "base"), LoRASettings(4, 8.0))

@@ -96,6 +96,11 @@ def _layer_adapters(
     conv1d = _orient({n: p for n, p in parts.items() if n not in embeddings}, keys, fan_in_fan_out)
     conv1d |= dict.fromkeys(embeddings, True)
     problems, layers = [], {}
+    if convs := [name for name, p in parts.items() if "A" in p and p["A"].dim() != 2]:
+        raise ExportError(
+            f"{argument}: {convs[0]!r} holds a convolution adapter, which the streamed export does not merge. Fix: "
+            "export the trained module in memory (lightning_adapt.export.exporter.export_model), which folds it."
+        )
     for name, p in parts.items():
         if "A" not in p or "B" not in p or ("m" in p) != settings.use_dora:
             problems.append(f"{name} holds {sorted(p)} with use_dora={settings.use_dora}")
