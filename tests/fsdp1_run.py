@@ -14,9 +14,9 @@ frozen flat parameters (the base, 4-bit codes included).
 from __future__ import annotations
 
 import argparse
-import os
-import socket
+import gc
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -80,9 +80,9 @@ def frozen_local_bytes(model: FSDP) -> int:
     return total
 
 
-def run(rank: int, world: int, port: int, out: Path, dtype: torch.dtype) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def train_rank(rank: int, world: int, dtype: torch.dtype) -> dict[str, Any]:
+    """Build, wrap and train this rank's model; its record. The FSDP objects die with this frame (their hook
+    cycles in :func:`run`'s collection), so nothing of the model outlives the process group."""
     model = build(dtype)
     precision = MixedPrecision(param_dtype=dtype, reduce_dtype=dtype, buffer_dtype=dtype)
     wrapped = FSDP(
@@ -92,8 +92,21 @@ def run(rank: int, world: int, port: int, out: Path, dtype: torch.dtype) -> None
     record = {**train(wrapped, batches(world, rank)), "frozen_bytes": frozen_local_bytes(wrapped)}
     with FSDP.summon_full_params(wrapped):
         record["adapters"] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    torch.save(record, out / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    return record
+
+
+def run(rank: int, world: int, rendezvous: str, out: Path, dtype: torch.dtype) -> None:
+    """One rank. The rendezvous is a file (no TCP port picked ahead and no TCPStore server on rank 0 that the
+    other rank needs until its end), and teardown is ordered on every path while the interpreter is fully
+    alive: the ranks meet at a barrier (none closes its gloo connections while another still uses them), the
+    model's reference cycles are collected, then the process group is destroyed before the process exits."""
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        torch.save(train_rank(rank, world, dtype), out / f"rank{rank}.pt")
+        dist.barrier()
+    finally:
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def main() -> None:
@@ -103,10 +116,9 @@ def main() -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    with socket.socket() as s:  # a free port: a fresh rendezvous per run
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(run, args=(args.devices, port, args.out, DTYPES[args.dtype]), nprocs=args.devices)
+    with tempfile.TemporaryDirectory() as tmp:  # a fresh rendezvous file per run
+        rendezvous = str(Path(tmp) / "rendezvous")
+        mp.spawn(run, args=(args.devices, rendezvous, args.out, DTYPES[args.dtype]), nprocs=args.devices, join=True)
 
 
 if __name__ == "__main__":
