@@ -10,9 +10,11 @@ with ``weights_only=True``, so nothing in it runs) and a file without a ``state_
 from __future__ import annotations
 
 import importlib.util
+import logging
 import pickle
 import re
 import shutil
+import warnings
 import zipfile
 from collections.abc import Collection, Iterable
 from pathlib import Path
@@ -27,6 +29,7 @@ __all__ = [
     "mesh_sizes",
     "missing_roots",
     "parser_error",
+    "quiet_libraries",
     "read_checkpoint",
     "remove_created",
 ]
@@ -98,6 +101,43 @@ def last_checkpoint(folders: Iterable[Path]) -> Path:
         "Fix: pass a checkpoint file (<log dir>/checkpoints/*.ckpt), or leave --ckpt_path out to start afresh; "
         "a run saves last.ckpt with trainer.callbacks ModelCheckpoint save_last: true (the shipped recipes do)."
     )
+
+
+#: What other libraries print on every run and the CLI hides, by logger (``None``: a warning) and message start:
+#: Lightning's advertising, bitsandbytes' optional CPU kernel (its "Set trust_remote_code=True" advice is wrong
+#: here: nothing loads remote code), a deprecation inside Lightning, and LightningCLI's note that ``args`` and
+#: ``sys.argv`` are both given (``compare`` parses each recipe's options in-process on purpose).
+NOISE: tuple[tuple[str | None, str], ...] = (
+    *(
+        (name, "💡 Tip: For seamless cloud")
+        for name in (
+            "lightning.pytorch.utilities.rank_zero",
+            "lightning.fabric.utilities.rank_zero",
+            "lightning_utilities.core.rank_zero",
+        )
+    ),
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
+    (None, "`isinstance(treespec, LeafSpec)` is deprecated"),
+    (None, "LightningCLI's args parameter is intended to run from within Python"),
+)
+
+
+class _Hide(logging.Filter):
+    def __init__(self, start: str) -> None:
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.start)
+
+
+def quiet_libraries() -> None:
+    """Hide :data:`NOISE` (and only it: each by its logger or warning text) for the rest of this CLI process."""
+    for logger, start in NOISE:
+        if logger is None:
+            warnings.filterwarnings("ignore", message=re.escape(start))
+        elif not any(isinstance(f, _Hide) and f.start == start for f in logging.getLogger(logger).filters):
+            logging.getLogger(logger).addFilter(_Hide(start))
 
 
 def missing_roots(paths: Iterable[str | Path | None]) -> list[Path]:

@@ -34,6 +34,7 @@ from lightning_adapt.checks import (
     mesh_sizes,
     missing_roots,
     parser_error,
+    quiet_libraries,
     read_checkpoint,
     remove_created,
 )
@@ -316,6 +317,7 @@ class _ParseOnly(AdaptCLI):
 def check_fit_arguments(args: list[str], where: str) -> None:
     """Parse ``fit``'s ``args`` (no subcommand) as the CLI would, without building a model, data or trainer;
     raises :class:`ConfigError` with the parser's one line, prefixed by ``where`` (what the user passed)."""
+    quiet_libraries()  # compare parses each recipe's options here (LightningCLI warns: args and sys.argv given)
     try:
         _ParseOnly(args=args, run=False)
     except (argparse.ArgumentError, ConfigError) as err:
@@ -359,6 +361,7 @@ def _output_dirs(trainer: Trainer) -> list[str | None]:
 def main(argv: list[str] | None = None) -> None:
     """The Lightning subcommands of ``lightning-adapt`` (the console script is :func:`lightning_adapt.entry.main`,
     which also runs ``estimate``, ``inspect`` and ``compare``)."""
+    quiet_libraries()
     try:
         AdaptCLI(args=argv)  # None: LightningCLI reads sys.argv itself
     except ValueError as err:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning.pytorch  # noqa: F401  (its log handler binds sys.stderr on import: not one test's capsys stream)
 import pytest
 import yaml
 
@@ -199,3 +200,24 @@ def test_adapter_checkpoint_validates_and_predicts_through_the_cli(
     )
     assert resumed.trainer.global_step == 2 * steps > 0
     assert resumed.trainer.ckpt_path == str(next(tmp_path.rglob("version_0/checkpoints/last.ckpt")))
+
+
+def test_the_cli_hides_the_libraries_noise_and_nothing_else(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import warnings
+
+    from lightning_adapt.checks import NOISE, quiet_libraries
+
+    with warnings.catch_warnings(record=True) as caught:
+        quiet_libraries()
+        quiet_libraries()  # idempotent: one filter each
+        for logger, start in NOISE:
+            if logger is None:
+                warnings.warn(f"{start} (as the library says it)", UserWarning, stacklevel=1)
+            else:
+                logging.getLogger(logger).warning("%s: as the library says it", start)
+        warnings.warn("lightning-adapt: a warning of the project's own", UserWarning, stacklevel=1)
+        logging.getLogger("bitsandbytes.backends.cpu.ops").warning("another bitsandbytes message")
+    assert [str(w.message) for w in caught] == ["lightning-adapt: a warning of the project's own"]
+    assert [r.getMessage() for r in caplog.records] == ["another bitsandbytes message"]
+    assert len(logging.getLogger("bitsandbytes.backends.cpu.ops").filters) == 1

@@ -267,3 +267,16 @@ def test_command_line_split_and_failure_lines(tmp_path: Path) -> None:
     assert failure(log, -9) == "out of memory (exit -9)"  # killed by the kernel's OOM killer
     log.write_text("Traceback\nValueError: a bug\n  during teardown\n")
     assert failure(log, 1) == "exit 1: ValueError: a bug"
+
+
+def test_runs_print_none_of_the_libraries_noise(compared: dict[str, Any]) -> None:
+    """Each compared fit is a real `python -m lightning_adapt.cli fit` (its whole output in run.log): Lightning's
+    litlogger/litmodels tips, bitsandbytes' trust_remote_code advice and the _pytree deprecation are hidden."""
+    from lightning_adapt.checks import NOISE
+
+    logs = {name: (compared["out"] / name / "run.log").read_text() for name in ("full", "lora", "qlora")}
+    assert all("lightning-adapt: LoRA r=8" in logs[name] for name in ("lora", "qlora")), "the project still speaks"
+    for name, text in logs.items():
+        for _, start in NOISE:
+            assert start not in text, (name, start)
+        assert "trust_remote_code" not in text and "litlogger" not in text and "litmodels" not in text, name
