@@ -266,11 +266,25 @@ def default_skip_names(model: nn.Module) -> set[str]:
     Heads are those of :func:`lightning_adapt.layers.output_head_names` (Hugging Face's
     ``get_output_embeddings()``, weights tied to an embedding, and leaf names such as ``lm_head``,
     ``classifier``, ``score``). A Linear whose weight is also registered by another module is always
-    skipped: quantizing it would silently untie it.
+    skipped: quantizing it would silently untie it. So are the layers a Hugging Face model asks to keep in fp32
+    (``_keep_in_fp32_modules``: T5's ``wo``, whose forward casts its input to that weight's dtype).
     """
     heads = output_head_names(model)
     linear = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
-    return (heads & linear) | _tied_linear_names(model)
+    return (heads & linear) | _tied_linear_names(model) | (_keep_in_fp32(model) & linear)
+
+
+def _keep_in_fp32(model: nn.Module) -> set[str]:
+    """Modules under a Hugging Face model's ``_keep_in_fp32_modules`` (leaf-name or dotted-suffix entries)."""
+    found: set[str] = set()
+    for prefix, module in model.named_modules():
+        entries = list(getattr(module, "_keep_in_fp32_modules", None) or [])
+        entries += list(getattr(module, "_keep_in_fp32_modules_strict", None) or [])
+        if entries:
+            dotted = prefix + "." if prefix else ""
+            names = [dotted + n for n, _ in module.named_modules() if n]
+            found |= {name for name in names if under(name[len(dotted) :], entries)}
+    return found
 
 
 def candidate_names(model: nn.Module) -> list[str]:

@@ -176,6 +176,17 @@ class LoRALinear(nn.Module):
         return self
 
     @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight: modules that read ``layer.weight`` directly (T5 checks its dtype) keep working,
+        as with PEFT's layers. It is the frozen base, not the adapted weight (see :meth:`merged_weight`)."""
+        return cast(torch.Tensor, self.base_layer.weight)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias (or ``None``)."""
+        return cast("torch.Tensor | None", getattr(self.base_layer, "bias", None))
+
+    @property
     def in_features(self) -> int:
         return layer_dims(self.base_layer)[0]
 
