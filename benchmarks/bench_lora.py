@@ -106,16 +106,6 @@ def ours_lora(s: Settings) -> tuple[nn.Module, dict[str, float]]:
     return model, {}
 
 
-def ours_unfused(s: Settings) -> tuple[nn.Module, dict[str, float]]:
-    """``ours`` without fused projections: every layer computes its own ``A x``."""
-    from lightning_adapt.adapters.inject import LoRASpec, inject_lora
-
-    model = build_llama(s)
-    spec = LoRASpec(r=s.r, alpha=s.alpha, dropout=0.0, target_modules=peft_targets(s))
-    inject_lora(model, spec, fuse_projections=False)
-    return model, {}
-
-
 def _compiled(s: Settings, scope: str) -> tuple[nn.Module, dict[str, float]]:
     """``ours`` compiled in place (``compile_adapted``); compiled here, by one untimed forward and backward on the
     benchmark's batch with no optimizer step, so that neither the compile time nor its memory is a step's."""
@@ -194,7 +184,6 @@ def peft_dora(s: Settings) -> tuple[nn.Module, dict[str, float]]:
 Builder = Callable[[Settings], tuple[nn.Module, dict[str, float]]]
 #: run when named in --only: fusion off, compiled blocks (``lora: compile: blocks``), the compiled whole model
 OPTIONAL: dict[str, Builder] = {
-    "ours-unfused": ours_unfused,
     "ours-compiled": ours_compiled,
     "ours-compiled-model": ours_compiled_model,
     "floor": floor,
@@ -464,8 +453,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         ("ours", "full", 0.7),
         ("peft", "full", None),
         ("ours-dora", "peft-dora", 0.8),
-        ("ours", "ours-unfused", None),
-        ("ours-unfused", "peft", None),
         ("ours-compiled", "ours", 0.85),
         ("ours-compiled-model", "ours", 0.85),
         ("ours-compiled", "peft", None),
@@ -477,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if "ours" in results and "peft" in results:
         same = abs(results["ours"].info["first_loss"] - results["peft"].info["first_loss"]) < 1e-4
         print(f"first-step loss ours == peft (fresh adapter is the identity): {same}")
-    for name in ("ours-unfused", "ours-compiled", "ours-compiled-model"):
+    for name in ("ours-compiled", "ours-compiled-model"):
         if name in results and "ours" in results:
             info, ours = results[name].info, results["ours"].info
             compiled = f"; compiled in {info['compile_s']:.0f} s (setup, untimed)" if "compile_s" in info else ""

@@ -1,5 +1,5 @@
 """torch.compile of adapted models (lightning_adapt.adapters.compiled): no graph break of the LoRA layer's
-own (float, 4-bit and 8-bit bases, fused groups), and compiled outputs and gradients equal eager ones.
+own (float, 4-bit and 8-bit bases), and compiled outputs and gradients equal eager ones.
 
 Gradients are compared through ``backend="aot_eager"``: Dynamo and AOTAutograd build the very forward and
 backward graphs that Inductor receives, but Inductor's C++ code generation costs 40-90 s per graph on
@@ -19,7 +19,6 @@ from torch import nn
 from toy import Block, ToyModule, adapt_randomly, loader, trainer
 
 from lightning_adapt.adapters.compiled import compile_adapted, compile_units
-from lightning_adapt.adapters.fused import fuse_lora_projections
 from lightning_adapt.adapters.lora import LoRALinear
 from lightning_adapt.callbacks import lora as callbacks_lora
 from lightning_adapt.callbacks.lora import LoRAInjectionCallback
@@ -42,11 +41,10 @@ def test_the_lora_layer_has_no_graph_break(base: str) -> None:
     assert explained.graph_count == 1
 
 
-def test_a_fused_group_traces_as_one_graph() -> None:
+def test_an_adapted_block_traces_as_one_graph() -> None:
     block = Block(16)
     for name in ("q_proj", "k_proj", "v_proj"):
         setattr(block, name, LoRALinear(getattr(block, name), r=4, alpha=8.0))
-    assert fuse_lora_projections(block, [("q_proj", "k_proj", "v_proj")])
     dynamo.reset()
     explained = dynamo.explain(block)(torch.randn(2, 16))
     assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
@@ -81,7 +79,6 @@ def test_units_are_the_adapted_blocks() -> None:
 
 def test_compiled_blocks_match_eager() -> None:
     eager = adapt_randomly(ToyModule(width=16).net, ["q_proj", "k_proj", "v_proj"])  # type: ignore[arg-type]
-    fuse_lora_projections(eager)
     compiled = copy.deepcopy(eager)
     dynamo.reset()
     assert compile_adapted(compiled, backend="aot_eager") == ["layers.0", "layers.1"]

@@ -17,7 +17,6 @@ from torch import nn
 
 from lightning_adapt.adapters.attention import LoRAMultiheadAttention
 from lightning_adapt.adapters.delta import Foldable, lora_layers
-from lightning_adapt.adapters.fused import DEFAULT_GROUPS, FusedDropout, fuse_lora_projections
 from lightning_adapt.adapters.kinds import LoRAConv, LoRAEmbedding, check_adaptable
 from lightning_adapt.adapters.lora import InitMethod, LoRALinear
 from lightning_adapt.adapters.targeting import adaptable_kind, find_targets, replace_module
@@ -66,9 +65,7 @@ def wrap_layer(name: str, layer: nn.Module, spec: LoRASpec) -> nn.Module:
     return _WRAP[kind](layer, spec)
 
 
-def inject_lora(
-    model: nn.Module, spec: LoRASpec, fuse_projections: bool = True, fused_dropout: FusedDropout = "per_layer"
-) -> list[str]:
+def inject_lora(model: nn.Module, spec: LoRASpec) -> list[str]:
     """Wrap the targeted layers of ``model`` in their LoRA wrapper (:func:`wrap_layer`) and freeze everything else.
 
     Idempotent for one spec: on a model already adapted with ``spec`` nothing is wrapped again (the adapted
@@ -78,11 +75,6 @@ def inject_lora(
     Args:
         model: The model to adapt in place.
         spec: What to adapt and how.
-        fuse_projections: Compute the ``A`` projections of sibling layers that read the same input (q/k/v,
-            gate/up) as one matmul (:func:`~lightning_adapt.adapters.fused.fuse_lora_projections`); same
-            weights, keys and results (within one matmul's rounding). ``False`` undoes an earlier fusion.
-        fused_dropout: With active dropout, ``"per_layer"`` runs fused layers unfused (their own masks, exact);
-            ``"shared"`` draws one mask per group.
 
     Returns:
         The dotted names of the adapted layers.
@@ -103,7 +95,6 @@ def inject_lora(
         model.__dict__[_SPEC_ATTR] = spec
     freeze_base(model, spec.modules_to_save)
     keep_off_fused_paths(model)
-    fuse_lora_projections(model, DEFAULT_GROUPS if fuse_projections else (), fused_dropout)
     return existing
 
 

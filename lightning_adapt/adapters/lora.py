@@ -21,7 +21,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol, cast
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +53,6 @@ __all__ = [
     "Foldable",
     "InitMethod",
     "LoRALinear",
-    "SharedInput",
     "add_lora_update",
     "keep_adapter_precision",
     "lora_delta",
@@ -79,14 +78,6 @@ def validate_lora_args(
         )
     if problems:
         raise ConfigError("Invalid LoRALinear arguments:\n  - " + "\n  - ".join(problems))
-
-
-class SharedInput(Protocol):
-    """What a fused group offers its layers (:class:`lightning_adapt.adapters.fused.SharedProjection`)."""
-
-    def project(self, layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
-        """``layer``'s ``A · dropout(x)``, exactly as :meth:`LoRALinear.lora_input` computes it alone."""
-        ...
 
 
 def add_lora_update(
@@ -163,8 +154,6 @@ class LoRALinear(nn.Module):
             self.lora_magnitude_vector = nn.Parameter(magnitude)
         # Row norm of W + ΔW captured at merge time: the only way to undo a DoRA merge exactly.
         self._merged_norm: torch.Tensor | None = None
-        # Set by fused.fuse_lora_projections: computes A·x together with the siblings that read the same x.
-        self.shared_projection: SharedInput | None = None
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> LoRALinear:
         keep_precision = keep_adapter_precision(fn)
@@ -275,14 +264,7 @@ class LoRALinear(nn.Module):
         return dora_delta(x, base_out, self.base_layer, weight, *adapter, dropout)
 
     def lora_input(self, x: torch.Tensor) -> torch.Tensor:
-        """``A · dropout(x)``: shape ``(..., r)``, in the adapters' dtype; one slice of a shared matmul when
-        this layer is fused with its siblings (:mod:`lightning_adapt.adapters.fused`)."""
-        if self.shared_projection is not None:
-            return self.shared_projection.project(self, x)
-        return self.own_projection(x)
-
-    def own_projection(self, x: torch.Tensor) -> torch.Tensor:
-        """``A · dropout(x)`` computed by this layer alone (the unfused path)."""
+        """``A · dropout(x)``: shape ``(..., r)``, in the adapters' dtype."""
         projected: torch.Tensor = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))
         return projected
 

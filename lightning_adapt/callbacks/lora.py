@@ -14,7 +14,6 @@ from typing_extensions import override
 
 from lightning_adapt.adapters.checkpoint import install_adapter_only_state
 from lightning_adapt.adapters.compiled import compile_adapted
-from lightning_adapt.adapters.fused import FusedDropout
 from lightning_adapt.adapters.inject import LoRASpec, inject_lora, trainable_table
 from lightning_adapt.adapters.lora import validate_lora_args
 from lightning_adapt.callbacks._transform import INJECT_LORA, ModelTransformCallback
@@ -46,7 +45,7 @@ def _read_adapter(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         ) from None
 
 
-_MODES: dict[str, tuple[str, ...]] = {"fused_dropout": ("per_layer", "shared"), "compile": ("off", "blocks", "model")}
+_MODES: dict[str, tuple[str, ...]] = {"compile": ("off", "blocks", "model")}
 
 
 def _check_modes(**values: object) -> None:
@@ -88,8 +87,6 @@ class LoRAInjectionCallback(ModelTransformCallback):
         use_dora: bool | None = None,
         adapter_only_checkpoint: bool = True,
         adapter_path: str | None = None,
-        fuse_projections: bool = True,
-        fused_dropout: FusedDropout = "per_layer",
         compile: Literal["off", "blocks", "model"] = "off",
     ) -> None:
         """
@@ -112,11 +109,6 @@ class LoRAInjectionCallback(ModelTransformCallback):
             adapter_path: start from this PEFT-format LoRA adapter directory (``adapter_config.json`` +
                 ``adapter_model.safetensors``, e.g. from ``PeftModel.save_pretrained`` or ``MergeOnSaveCallback``):
                 its weights are loaded once, right after injection, to continue training or evaluate it.
-            fuse_projections: compute the ``A`` projections of layers that read the same input (q/k/v,
-                gate/up) as one matmul; same weights, checkpoints and export, results equal within one
-                matmul's rounding. With active dropout see ``fused_dropout``.
-            fused_dropout: ``per_layer`` (exact): while dropout is active, fused layers run unfused with
-                their own masks; ``shared``: one mask per fused group (faster; q/k/v drop the same features).
             compile: ``torch.compile`` the adapted model after injection (lazily, at the first step), in
                 place, so module names and checkpoints are unchanged. ``blocks``: each transformer block that
                 holds adapters (compiled once, reused by every identical block: seconds, not minutes);
@@ -132,7 +124,7 @@ class LoRAInjectionCallback(ModelTransformCallback):
         explicit |= {"use_rslora": use_rslora, "use_dora": use_dora, "modules_to_save": modules_to_save}
         settings = resolve_adapter_settings(explicit, adapter_config, _ARGUMENT)
         validate_lora_args(r=settings["r"], alpha=settings["alpha"], dropout=dropout, init=init)
-        _check_modes(fused_dropout=fused_dropout, compile=compile)
+        _check_modes(compile=compile)
         self._spec = LoRASpec(
             r=settings["r"],
             alpha=settings["alpha"],
@@ -146,8 +138,6 @@ class LoRAInjectionCallback(ModelTransformCallback):
         )
         self.adapter_path = adapter_path
         self.adapter_only_checkpoint = adapter_only_checkpoint
-        self.fuse_projections = fuse_projections
-        self.fused_dropout: FusedDropout = fused_dropout
         self.compile_scope = compile
         self.adapted: list[str] = []
 
@@ -163,7 +153,7 @@ class LoRAInjectionCallback(ModelTransformCallback):
     def apply(self, module: nn.Module) -> list[str]:
         """Inject adapters into ``module`` (idempotent); returns the adapted layer names."""
         heads = _trainable_new_heads(module)
-        self.adapted = inject_lora(module, self.spec, self.fuse_projections, self.fused_dropout)
+        self.adapted = inject_lora(module, self.spec)
         frozen = [name for name in heads if not any(p.requires_grad for p in module.get_submodule(name).parameters())]
         if frozen:
             rank_zero_warn(
