@@ -4,7 +4,7 @@ Callbacks (add them to any ``Trainer``, or use the recipe keys of the ``lightnin
 
 * :class:`QuantizeBaseCallback` (``quantize:``): NF4 / FP4 / int8 frozen base through bitsandbytes.
 * :class:`LoRAInjectionCallback` (``lora:``): LoRA / rsLoRA / DoRA adapters on the chosen layers.
-* :class:`PagedOptimizerCallback` (``paged_optimizer:``): bitsandbytes (paged, 8-bit) optimizers.
+* :class:`PagedOptimizerPlugin` (``paged_optimizer:``): bitsandbytes (paged, 8-bit) optimizers.
 * :class:`MergeOnSaveCallback` (``merge:``): the PEFT-format adapter and the merged model as safetensors.
 * :class:`MemoryReportCallback` (``memory_report:``): measured memory beside the estimator's prediction.
 * :class:`PredictionWriter` (``predictions:``): ``predict``'s outputs as JSON Lines plus a short table.
@@ -26,8 +26,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from lightning_adapt import _compat
-
 if TYPE_CHECKING:
     from lightning_adapt.adapters.lora import LoRALinear, merge_lora
     from lightning_adapt.callbacks.atomic_checkpoint import AtomicCheckpointIO
@@ -36,12 +34,10 @@ if TYPE_CHECKING:
     from lightning_adapt.callbacks.memory_report import MemoryReportCallback
     from lightning_adapt.callbacks.merge import MergeOnSaveCallback
     from lightning_adapt.callbacks.nonfinite_guard import NonFiniteGuardCallback
-    from lightning_adapt.callbacks.paged_optimizer import PagedOptimizerCallback, PagedOptimizerPlugin
+    from lightning_adapt.callbacks.paged_optimizer import PagedOptimizerPlugin
     from lightning_adapt.callbacks.predictions import PredictionWriter
     from lightning_adapt.callbacks.quantize import QuantizeBaseCallback
     from lightning_adapt.errors import ConfigError
-
-_compat.install()
 
 __version__ = "0.1.0"
 
@@ -56,7 +52,6 @@ _EXPORTS: dict[str, str] = {
     "MemoryReportCallback": "lightning_adapt.callbacks.memory_report",
     "MergeOnSaveCallback": "lightning_adapt.callbacks.merge",
     "NonFiniteGuardCallback": "lightning_adapt.callbacks.nonfinite_guard",
-    "PagedOptimizerCallback": "lightning_adapt.callbacks.paged_optimizer",
     "PagedOptimizerPlugin": "lightning_adapt.callbacks.paged_optimizer",
     "PredictionWriter": "lightning_adapt.callbacks.predictions",
     "QuantizeBaseCallback": "lightning_adapt.callbacks.quantize",
@@ -72,7 +67,6 @@ __all__ = [
     "MemoryReportCallback",
     "MergeOnSaveCallback",
     "NonFiniteGuardCallback",
-    "PagedOptimizerCallback",
     "PagedOptimizerPlugin",
     "PredictionWriter",
     "QuantizeBaseCallback",

@@ -24,7 +24,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_adapt.adapters.checkpoint import FINGERPRINT_KEY, LEGACY_FINGERPRINT_KEY
+from lightning_adapt.adapters.checkpoint import FINGERPRINT_KEY
 from lightning_adapt.callbacks._transform import build_model, transform_specs
 from lightning_adapt.callbacks.atomic_checkpoint import install_atomic_checkpoint_io
 from lightning_adapt.callbacks.merge import MergeOnSaveCallback, checkpoint_streaming_unavailable
@@ -47,7 +47,7 @@ from lightning_adapt.export.original import request_spill
 RECIPE_KEYS: dict[str, str] = {
     "quantize": "lightning_adapt.callbacks.quantize.QuantizeBaseCallback",
     "lora": "lightning_adapt.callbacks.lora.LoRAInjectionCallback",
-    "paged_optimizer": "lightning_adapt.callbacks.paged_optimizer.PagedOptimizerCallback",
+    "paged_optimizer": "lightning_adapt.callbacks.paged_optimizer.PagedOptimizerPlugin",
     "memory_report": "lightning_adapt.callbacks.memory_report.MemoryReportCallback",
     "merge": "lightning_adapt.callbacks.merge.MergeOnSaveCallback",
     "shard": "lightning_adapt.callbacks.shard.FullyShardCallback",
@@ -241,7 +241,7 @@ class AdaptCLI(LightningCLI):
             return
         checkpoint = read_checkpoint(ckpt_path)
         adapter_keys = [key for key in ("lora", "quantize") if self.config[subcommand].get(key) is not None]
-        if not adapter_keys and {FINGERPRINT_KEY, LEGACY_FINGERPRINT_KEY} & set(checkpoint["state_dict"]):
+        if not adapter_keys and FINGERPRINT_KEY in checkpoint["state_dict"]:
             raise CheckpointError(
                 f"--ckpt_path={ckpt_path!r} is adapter-only (trained with lora: or quantize:; it holds no base "
                 "weights), but --config has neither key. Fix: pass the recipe it was trained with."

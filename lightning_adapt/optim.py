@@ -1,7 +1,7 @@
 """Optimizer-side math of QLoRA: the bitsandbytes optimizer registry, param-group rebuilding, state size.
 
 Everything here is plain torch (and a lazy bitsandbytes import); no Lightning. The
-:class:`~lightning_adapt.callbacks.paged_optimizer.PagedOptimizerCallback` callback only translates
+:class:`~lightning_adapt.callbacks.paged_optimizer.PagedOptimizerPlugin` callback only translates
 Lightning hooks into calls of these functions.
 
 Example:

@@ -31,7 +31,7 @@ from torch.utils.data import TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from toy import ToyModule
 
-from lightning_adapt import LoRAInjectionCallback, PagedOptimizerCallback, QuantizeBaseCallback
+from lightning_adapt import LoRAInjectionCallback, PagedOptimizerPlugin, QuantizeBaseCallback
 from lightning_adapt.data import ResumableDataLoader
 
 MAX_STEPS, EVERY = 14, 3
@@ -108,7 +108,7 @@ def run(method: str, root: Path, kill_at: int | None, resume: bool, kill_in_save
     callbacks: list[L.Callback] = [] if method == "lora" else [QuantizeBaseCallback(compute_dtype="fp32")]
     callbacks += [
         LoRAInjectionCallback(r=4, alpha=8, dropout=0.1, modules_to_save=["classifier"]),
-        PagedOptimizerCallback("PagedAdamW8bit", min_8bit_size=256),
+        PagedOptimizerPlugin("PagedAdamW8bit", min_8bit_size=256),
         Record(root / "losses.txt"),
         ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=EVERY, save_last=True),
     ]

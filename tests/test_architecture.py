@@ -33,7 +33,6 @@ LAYERS: dict[str, int] = {
     "data": 5,
     "chat": 5,
     "cli": 6,
-    "_compat": 6,
     "compare": 7,  # runs fits (cli) and parses their options with cli's parser
     "__init__": 7,
     "entry": 8,  # the console script: dispatches to cli, compare and memory
@@ -130,7 +129,6 @@ def test_imports_run_downwards_only() -> None:
     upward = [
         f"{src} (layer {_layer(src)}) -> {dst} (layer {_layer(dst)})"
         for src, targets in graph().items()
-        if not src.endswith("_compat")
         for dst in targets
         if _layer(dst) > _layer(src)
     ]
@@ -171,25 +169,3 @@ def _code_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
     if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
         total -= (first.end_lineno or first.lineno) - first.lineno + 1
     return total
-
-
-def test_every_old_public_path_still_imports() -> None:
-    import importlib
-    import warnings
-
-    from lightning_adapt import _compat
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        for old, homes in _compat.MOVED.items():
-            module = importlib.import_module(old)
-            assert module.__name__ == old and importlib.import_module(homes[0]) is not None
-        lora = importlib.import_module("lightning_adapt.lora")
-        from lightning_adapt.adapters.lora import LoRALinear
-        from lightning_adapt.layers import AdapterModule
-
-        assert lora.LoRALinear is LoRALinear and lora.AdapterModule is AdapterModule
-        plugin = importlib.import_module("lightning_adapt.plugins.paged_optimizer").PagedOptimizerPlugin
-        from lightning_adapt import PagedOptimizerCallback
-
-        assert plugin is PagedOptimizerCallback

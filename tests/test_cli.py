@@ -117,22 +117,6 @@ def test_a_bug_keeps_its_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         main(["fit", "--config", "recipes/sentiment/lora.yaml", *_tiny_budget(tmp_path)])
 
 
-def test_recipes_with_the_first_release_class_paths_still_load(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    recipe = yaml.safe_load((ROOT / "recipes/sentiment/qlora.yaml").read_text())
-    recipe["paged_optimizer"]["class_path"] = "lightning_adapt.plugins.paged_optimizer.PagedOptimizerPlugin"
-    recipe["lora"]["class_path"] = "lightning_adapt.LoRAInjectionCallback"
-    old = tmp_path / "old.yaml"
-    old.write_text(yaml.safe_dump(recipe))
-    monkeypatch.chdir(ROOT)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(old), "--print_config"])
-    assert exit_info.value.code in (0, None)
-    printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["paged_optimizer"]["init_args"]["optimizer"] == recipe["paged_optimizer"]["init_args"]["optimizer"]
-
-
 def test_help_documents_recipe_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(

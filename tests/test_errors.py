@@ -68,7 +68,7 @@ def _recipes(shared: Path, llama: Path) -> None:
     qlora = {
         **lora,
         "quantize": {"class_path": "lightning_adapt.QuantizeBaseCallback", "init_args": {"compute_dtype": "fp32"}},
-        "paged_optimizer": {"class_path": "lightning_adapt.PagedOptimizerCallback"},
+        "paged_optimizer": {"class_path": "lightning_adapt.PagedOptimizerPlugin"},
     }
     chat = {
         **lora,

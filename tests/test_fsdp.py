@@ -223,23 +223,6 @@ def test_blocks_are_detected_or_named() -> None:
         FullyShardCallback(layer_classes=[])
 
 
-def test_checkpoints_with_the_dotted_fingerprint_key_still_load() -> None:
-    from lightning_adapt.adapters.checkpoint import LEGACY_FINGERPRINT_KEY, install_adapter_only_state
-    from lightning_adapt.adapters.inject import LoRASpec, inject_lora
-    from lightning_adapt.errors import BaseMismatchError
-
-    torch.manual_seed(0)
-    net = Net(width=8)
-    inject_lora(net, LoRASpec(r=2, alpha=4, target_modules=["q_proj"]))
-    install_adapter_only_state(net)
-    state = net.state_dict()
-    state[LEGACY_FINGERPRINT_KEY] = state.pop(FINGERPRINT_KEY)  # as written before the key lost its dot
-    net.load_state_dict(dict(state), strict=True)
-    state[LEGACY_FINGERPRINT_KEY] = state[LEGACY_FINGERPRINT_KEY] + torch.tensor([0.0, 1.0], dtype=torch.float64)
-    with pytest.raises(BaseMismatchError, match="frozen values differ"):
-        net.load_state_dict(state, strict=True)
-
-
 LLM_SCRIPT = Path(__file__).resolve().parent / "fsdp_llm_run.py"
 
 

@@ -58,7 +58,9 @@ class MyModule(L.LightningModule):
 class MyData(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader[Any]:
         g = torch.Generator().manual_seed(1)
-        return DataLoader(TensorDataset(torch.randn(16, 8, 64, generator=g), torch.randint(0, 3, (16,), generator=g)), 8)
+        return DataLoader(
+            TensorDataset(torch.randn(16, 8, 64, generator=g), torch.randint(0, 3, (16,), generator=g)), 8
+        )
 
 
 def _run_readme_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, qlora: bool) -> dict[str, Any]:
@@ -66,7 +68,7 @@ def _run_readme_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, qlora: bo
     block = re.search(r"<!-- first-example:.*?-->\n```python\n(.*?)```", README.read_text(), re.S)
     assert block, "the README keeps its first example between its markers"
     code = block.group(1)
-    assert "QuantizeBaseCallback(mode=\"nf4\")" in code
+    assert 'QuantizeBaseCallback(mode="nf4")' in code
     if not qlora:
         code = "\n".join(line for line in code.splitlines() if "drop this line for LoRA" not in line)
     monkeypatch.chdir(tmp_path)

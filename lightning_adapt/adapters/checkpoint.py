@@ -32,7 +32,6 @@ from lightning_adapt.layers import adapter_param_ids, frozen_state_keys
 
 __all__ = [
     "FINGERPRINT_KEY",
-    "LEGACY_FINGERPRINT_KEY",
     "BaseMismatchError",
     "frozen_keys",
     "full_state_dict",
@@ -41,7 +40,6 @@ __all__ = [
 
 # No dot: torch.distributed.checkpoint (FSDP2 saves) resolves every dotted key to a module attribute.
 FINGERPRINT_KEY = "lightning_adapt_base_fingerprint"
-LEGACY_FINGERPRINT_KEY = "lightning_adapt.base_fingerprint"  # still read: checkpoints written before FSDP2 support
 _STATE_ATTR = "_lightning_adapt_adapter_state"
 
 
@@ -105,8 +103,7 @@ class _AdapterState:
             state.pop(prefix + key, None)
 
     def on_load_pre(self, module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
-        legacy = state.pop(prefix + LEGACY_FINGERPRINT_KEY, None)
-        saved = state.pop(prefix + FINGERPRINT_KEY, legacy)
+        saved = state.pop(prefix + FINGERPRINT_KEY, None)
         if saved is None and self.enabled:
             _refuse_foreign(module, state, prefix)
         if saved is None or not self.enabled:

@@ -10,7 +10,7 @@ from lightning_adapt.callbacks.lora import LoRAInjectionCallback
 from lightning_adapt.callbacks.memory_report import MemoryReportCallback
 from lightning_adapt.callbacks.merge import MergeOnSaveCallback
 from lightning_adapt.callbacks.nonfinite_guard import NonFiniteGuardCallback
-from lightning_adapt.callbacks.paged_optimizer import PagedOptimizerCallback, PagedOptimizerPlugin
+from lightning_adapt.callbacks.paged_optimizer import PagedOptimizerPlugin
 from lightning_adapt.callbacks.predictions import PredictionWriter
 from lightning_adapt.callbacks.quantize import QuantizeBaseCallback
 
@@ -21,7 +21,6 @@ __all__ = [
     "MemoryReportCallback",
     "MergeOnSaveCallback",
     "NonFiniteGuardCallback",
-    "PagedOptimizerCallback",
     "PagedOptimizerPlugin",
     "PredictionWriter",
     "QuantizeBaseCallback",

@@ -19,7 +19,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_adapt.adapters.checkpoint import FINGERPRINT_KEY, LEGACY_FINGERPRINT_KEY
+from lightning_adapt.adapters.checkpoint import FINGERPRINT_KEY
 from lightning_adapt.adapters.inject import LoRASpec
 from lightning_adapt.callbacks._merge_eval import evaluate_merges
 from lightning_adapt.callbacks._sharded_export import gather_trainable, run_on_rank_zero
@@ -284,7 +284,7 @@ def checkpoint_streaming_unavailable(
     path = checkpoint_source(module)
     if not is_hf_safetensors_dir(path):
         return f"the model's source {str(path) if path else None!r} is not a Hugging Face directory of safetensors"
-    if FINGERPRINT_KEY not in state_dict and LEGACY_FINGERPRINT_KEY not in state_dict:
+    if FINGERPRINT_KEY not in state_dict:
         return "the checkpoint is not adapter-only (adapter_only_checkpoint: false): its trained tensors cannot be told from the base"
     return None
 

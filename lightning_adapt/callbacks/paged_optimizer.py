@@ -37,7 +37,7 @@ def _is_deepspeed(strategy: object) -> bool:
     return any(cls.__name__ == "DeepSpeedStrategy" for cls in type(strategy).__mro__)
 
 
-class PagedOptimizerCallback(Callback):
+class PagedOptimizerPlugin(Callback):
     """Replace the optimizer built by ``configure_optimizers`` with a ``bitsandbytes.optim`` one.
 
     At ``on_fit_start`` (after Lightning built the user's optimizer and before it restores optimizer
@@ -54,7 +54,7 @@ class PagedOptimizerCallback(Callback):
     its optimizer and is refused; so is more than one optimizer.
 
     Example:
-        >>> trainer = pl.Trainer(callbacks=[PagedOptimizerCallback("PagedAdamW8bit", lr=2e-4)])
+        >>> trainer = pl.Trainer(callbacks=[PagedOptimizerPlugin("PagedAdamW8bit", lr=2e-4)])
 
     Args:
         optimizer: The ``bitsandbytes.optim`` class name. ``Paged*`` page their state, ``*8bit``
@@ -90,7 +90,7 @@ class PagedOptimizerCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and _is_deepspeed(trainer.strategy):
             raise ConfigError(
-                "PagedOptimizerCallback cannot be used with DeepSpeed: DeepSpeed builds and owns its "
+                "PagedOptimizerPlugin cannot be used with DeepSpeed: DeepSpeed builds and owns its "
                 "optimizer. Remove the `paged_optimizer` setting or use another strategy (ddp, fsdp)."
             )
 
@@ -99,7 +99,7 @@ class PagedOptimizerCallback(Callback):
         old = trainer.strategy.optimizers
         if len(old) > 1:
             raise ConfigError(
-                f"PagedOptimizerCallback replaces a single optimizer, but configure_optimizers returned "
+                f"PagedOptimizerPlugin replaces a single optimizer, but configure_optimizers returned "
                 f"{len(old)}. Return one optimizer (with param groups) or remove the plugin."
             )
         groups = rebuild_param_groups(old[0].param_groups if old else [], pl_module.parameters(), self.overrides)
@@ -160,12 +160,7 @@ def _validate(
     if min_8bit_size < 1:
         problems.append(f"min_8bit_size={min_8bit_size} must be >= 1")
     if problems:
-        raise ConfigError("Invalid PagedOptimizerCallback settings:\n  - " + "\n  - ".join(problems))
+        raise ConfigError("Invalid PagedOptimizerPlugin settings:\n  - " + "\n  - ".join(problems))
 
 
-__all__ = ["PagedOptimizerCallback", "PagedOptimizerFallbackWarning", "PagedOptimizerPlugin"]
-
-
-#: The first release's name (a Callback, not a Trainer plugin: pass it in ``callbacks=[...]``); recipes that
-#: name ``lightning_adapt.PagedOptimizerPlugin`` keep working.
-PagedOptimizerPlugin = PagedOptimizerCallback
+__all__ = ["PagedOptimizerFallbackWarning", "PagedOptimizerPlugin"]

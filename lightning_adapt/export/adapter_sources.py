@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from lightning_adapt.adapters.checkpoint import FINGERPRINT_KEY, LEGACY_FINGERPRINT_KEY
+from lightning_adapt.adapters.checkpoint import FINGERPRINT_KEY
 from lightning_adapt.errors import ExportError
 from lightning_adapt.export.peft_format import PEFT_PREFIX, read_adapter, resolve_adapter_settings
 from lightning_adapt.export.safetensors_io import StoredTensor
@@ -162,9 +162,7 @@ def adapters_from_checkpoint(
     replace = {
         key[len(prefix) :].replace(".base_layer.", "."): value
         for key, value in other.items()
-        if key not in (FINGERPRINT_KEY, LEGACY_FINGERPRINT_KEY)
-        and key.startswith(prefix)
-        and isinstance(value, torch.Tensor)
+        if key != FINGERPRINT_KEY and key.startswith(prefix) and isinstance(value, torch.Tensor)
     }
     layers = _layer_adapters(parts, keys, settings, fan_in_fan_out, argument)
     return Adapters(layers, replace, _tied_drop(keys, tied_keys, parts, argument), settings, list(modules_to_save))
