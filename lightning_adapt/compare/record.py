@@ -183,9 +183,8 @@ class CompareRecorder(L.Callback):
         method, lora = _method(transform_specs(trainer))
         device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
         cuda = device.type == "cuda"
-        peak = stage.get("peak", (None, None))[0]
-        if peak is None:
-            peak = int(torch.cuda.max_memory_allocated(device)) if cuda else peak_rss_bytes()
+        # the process's own peak (the report's CPU peak counts from the model's build; this table's from the imports)
+        peak = int(torch.cuda.max_memory_allocated(device)) if cuda else peak_rss_bytes()
         return {
             "method": method,
             "lora": lora,
