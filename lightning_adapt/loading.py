@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import math
 import re
-import struct
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -29,7 +27,7 @@ from torch import nn
 
 from lightning_adapt.errors import LoadError
 from lightning_adapt.export.original import remember_originals
-from lightning_adapt.export.safetensors_io import DTYPE_OF_NAME, StoredTensor, read_tensor
+from lightning_adapt.export.safetensors_io import INDEX_FILE, SINGLE_FILE, StoredTensor, read_header, weight_files
 from lightning_adapt.layers import quant_storage_bytes, quantized_layers
 from lightning_adapt.naming import check_entries, under
 from lightning_adapt.quantize import QuantConfig, QuantPlan, default_compute_dtype, quantize_linear
@@ -37,7 +35,6 @@ from lightning_adapt.resources import current_rss_bytes, peak_rss_bytes
 
 #: Stale keys of buffers that models now compute in ``__init__`` (Hugging Face ignores them too).
 _IGNORABLE = (r"rotary_emb\.inv_freq$", r"(^|\.)position_ids$")
-_SINGLE, _INDEX = "model.safetensors", "model.safetensors.index.json"
 _PLAN_KEY = "_lightning_adapt_quant_plan"
 
 
@@ -122,49 +119,30 @@ def _few(names: Sequence[str], shown: int = 5) -> str:
     return ", ".join(map(repr, names[:shown])) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
-def _read_header(file: Path, expected: Sequence[str]) -> dict[str, StoredTensor]:
-    """The entries of ``file``; ``expected`` (the keys it should hold) is for the error message."""
-    entries = {}
-    try:
-        size = file.stat().st_size
-        with open(file, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > size - 8:
-                raise ValueError(f"header length {length} exceeds the file size {size}")
-            header: dict[str, dict[str, Any]] = json.loads(f.read(length))
-        for key, meta in ((k, v) for k, v in header.items() if k != "__metadata__"):
-            dtype, shape, (begin, end) = DTYPE_OF_NAME[meta["dtype"]], tuple(meta["shape"]), meta["data_offsets"]
-            if end - begin != math.prod(shape) * dtype.itemsize or begin < 0 or 8 + length + end > size:
-                raise ValueError(f"tensor {key!r}: bytes [{begin}, {end}) do not hold {dtype} {list(shape)}")
-            entries[key] = StoredTensor(file, key, dtype, shape, 8 + length + begin, end - begin)
-    except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise LoadError(
-            f"{file}: missing or not a valid safetensors file ({err}); it should hold {_few(expected)}. "
-            "Fix: download it again."
-        ) from err
-    return entries
-
-
 def _index(path: Path, hint: Sequence[str], argument: str) -> dict[str, StoredTensor]:
-    """Every tensor of the checkpoint at ``path`` by file key, from the headers alone."""
-    files: dict[Path, list[str]] = {}
-    if path.is_file() or (path / _SINGLE).is_file():
-        files[path if path.is_file() else path / _SINGLE] = list(hint)
-    elif (path / _INDEX).is_file():
-        for key, name in json.loads((path / _INDEX).read_text())["weight_map"].items():
-            files.setdefault(path / name, []).append(key)
-    else:
+    """Every tensor of the checkpoint at ``path`` by file key, from the headers alone; ``hint`` (the model's
+    names) is what a single file should hold, for the error message."""
+    files = weight_files(path)
+    if not files:
         raise LoadError(
-            f"{argument}={str(path)!r}: no {_SINGLE} or {_INDEX} there (pickled .bin/.pt weights are never "
+            f"{argument}={str(path)!r}: no {SINGLE_FILE} or {INDEX_FILE} there (pickled .bin/.pt weights are never "
             "loaded: unpickling can run code). Fix: point it at a directory with safetensors weights (convert a "
             ".bin with `save_pretrained(..., safe_serialization=True)`)."
         )
-    return {k: v for file, keys in files.items() for k, v in _read_header(file, keys).items()}
+
+    def unreadable(file: Path, reason: Exception) -> LoadError:
+        expected = files[file] or list(hint)
+        return LoadError(
+            f"{file}: missing or not a valid safetensors file ({reason}); it should hold {_few(expected)}. "
+            "Fix: download it again."
+        )
+
+    return {k: v for file in files for k, v in read_header(file, unreadable).items()}
 
 
 def _read(stored: StoredTensor) -> torch.Tensor:
     """One tensor as stored, read into fresh CPU memory (the file is not mapped)."""
-    return read_tensor(stored.file, stored.key, stored.dtype, stored.shape, stored.start, stored.nbytes, LoadError)
+    return stored.read(LoadError)
 
 
 @dataclass

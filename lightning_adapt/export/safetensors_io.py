@@ -33,7 +33,7 @@ import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
 
@@ -47,9 +47,11 @@ __all__ = [
     "StoredTensor",
     "TensorEntry",
     "parse_size",
+    "read_header",
     "read_index",
     "read_tensor",
     "safetensors_files",
+    "weight_files",
     "write_safetensors",
     "written_bytes",
 ]
@@ -231,9 +233,9 @@ class StoredTensor:
     start: int  # absolute byte offset of the data
     nbytes: int
 
-    def read(self) -> torch.Tensor:
-        """The tensor as stored, in new memory (see :func:`read_tensor`)."""
-        return read_tensor(self.file, self.key, self.dtype, self.shape, self.start, self.nbytes, ExportError)
+    def read(self, error: type[Exception] = ExportError) -> torch.Tensor:
+        """The tensor as stored, in new memory (see :func:`read_tensor`); a short file raises ``error``."""
+        return read_tensor(self.file, self.key, self.dtype, self.shape, self.start, self.nbytes, error)
 
 
 def read_tensor(
@@ -253,38 +255,59 @@ def read_tensor(
     return buffer.view(dtype).reshape(shape)
 
 
-def _read_header(file: Path) -> list[StoredTensor]:
+def _unreadable(file: Path, reason: Exception) -> Exception:
+    return ExportError(f"{file}: not a readable safetensors file ({reason}). Fix: download it again.")
+
+
+def read_header(file: Path, error: Callable[[Path, Exception], Exception] = _unreadable) -> dict[str, StoredTensor]:
+    """Every tensor of ``file`` by key, in header order, from its header alone: each one's bytes checked to lie
+    inside the file and to hold its dtype and shape. Any problem raises ``error(file, reason)`` (the caller
+    words it: what the file should have held)."""
+    entries = {}
     try:
         size = file.stat().st_size
         with open(file, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length)) if length <= size - 8 else None
-        if not isinstance(header, dict):
-            raise ValueError(f"header length {length} vs file size {size}")
-        stored = [
-            StoredTensor(file, k, DTYPE_OF_NAME[v["dtype"]], tuple(v["shape"]), 8 + length + v["data_offsets"][0],
-                         v["data_offsets"][1] - v["data_offsets"][0])
-            for k, v in header.items() if k != "__metadata__"
-        ]  # fmt: skip
-    except (OSError, struct.error, ValueError, KeyError, TypeError, IndexError) as err:
-        raise ExportError(f"{file}: not a readable safetensors file ({err}). Fix: download it again.") from err
-    return sorted(stored, key=lambda t: t.start)
+            if length > size - 8:
+                raise ValueError(f"header length {length} exceeds the file size {size}")
+            header: dict[str, dict[str, Any]] = json.loads(f.read(length))
+        for key, meta in ((k, v) for k, v in header.items() if k != "__metadata__"):
+            dtype, shape, (begin, end) = DTYPE_OF_NAME[meta["dtype"]], tuple(meta["shape"]), meta["data_offsets"]
+            if end - begin != math.prod(shape) * dtype.itemsize or begin < 0 or 8 + length + end > size:
+                raise ValueError(f"tensor {key!r}: bytes [{begin}, {end}) do not hold {dtype} {list(shape)}")
+            entries[key] = StoredTensor(file, key, dtype, shape, 8 + length + begin, end - begin)
+    except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError, IndexError) as err:
+        raise error(file, err) from err
+    return entries
+
+
+def weight_files(path: str | Path) -> dict[Path, list[str]]:
+    """The weight files of a checkpoint: the file ``path`` itself, else ``model.safetensors`` in the directory,
+    else the shards of its ``model.safetensors.index.json`` (in name order) with the keys the index puts in
+    each (``[]`` for a single file); ``{}`` when there is none."""
+    path = Path(path)
+    if path.is_file() or (path / SINGLE_FILE).is_file():
+        return {path if path.is_file() else path / SINGLE_FILE: []}
+    files: dict[Path, list[str]] = {}
+    if (path / INDEX_FILE).is_file():
+        for key, name in json.loads((path / INDEX_FILE).read_text())["weight_map"].items():
+            files.setdefault(path / name, []).append(key)
+    return dict(sorted(files.items()))
 
 
 def safetensors_files(path: str | Path) -> list[Path]:
-    """The weight files of a checkpoint directory (``model.safetensors``, else the index's shards, in name
-    order); ``[]`` when it holds neither."""
-    path = Path(path)
-    if (path / INDEX_FILE).is_file():
-        weight_map: dict[str, str] = json.loads((path / INDEX_FILE).read_text())["weight_map"]
-        return [path / name for name in sorted(set(weight_map.values()))]
-    return [path / SINGLE_FILE] if (path / SINGLE_FILE).is_file() else []
+    """The weight files of a checkpoint directory (:func:`weight_files`); ``[]`` when it holds none."""
+    return list(weight_files(path)) if Path(path).is_dir() else []
 
 
 def read_index(path: str | Path) -> dict[str, StoredTensor]:
     """Every tensor of the checkpoint directory ``path`` by key, in file order (files by name, then byte
     offset), from the headers alone."""
-    return {t.key: t for file in safetensors_files(path) for t in _read_header(file)}
+    return {t.key: t for file in safetensors_files(path) for t in _by_offset(read_header(file))}
+
+
+def _by_offset(tensors: dict[str, StoredTensor]) -> list[StoredTensor]:
+    return sorted(tensors.values(), key=lambda t: t.start)
 
 
 class SourceWeights:
@@ -306,7 +329,9 @@ class SourceWeights:
         self.prefix = base_model_prefix
         if tensors is not None or files is not None:  # given tensors (keys as the model's), or given files
             self.tensors = (
-                dict(tensors) if tensors is not None else {t.key: t for f in files or [] for t in _read_header(f)}
+                dict(tensors)
+                if tensors is not None
+                else {t.key: t for f in files or [] for t in _by_offset(read_header(f))}
             )
             return
         if not safetensors_files(self.path):
