@@ -145,7 +145,7 @@ class MemoryReportCallback(L.Callback):
         self.reports[stage] = report = _pair(measured, predicted)
         if stage in self.show:
             text = _format(stage, report, self.estimate, self.no_estimate_reason, self._peak(pl_module)[1])
-            rank_zero_info(text + _load_line(pl_module) if stage == self.show[0] else text)
+            rank_zero_info(text)
         if self.log_metrics and trainer.loggers and trainer.is_global_zero:
             metrics = {
                 f"{self.prefix}/{stage}/{component.replace(' ', '_')}_{kind}": float(value)
@@ -166,10 +166,7 @@ class MemoryReportCallback(L.Callback):
         return max(0, peak_rss_bytes() - baseline), _RSS
 
 
-_RSS = (
-    "the process's peak RSS above its size before the model was built (activations, the autograd graph, data "
-    "and the framework's buffers included)"
-)
+_RSS = "peak RSS above the process before the model was built (activations, data and buffers included)"
 
 
 # --------------------------------------------------------------------------- measuring
@@ -255,20 +252,6 @@ def _pair(measured: dict[str, int | None], predicted: dict[str, int | None]) -> 
     return {k: (measured.get(k), predicted.get(k)) for k in keys if shown(k)}
 
 
-def _load_line(module: nn.Module) -> str:
-    """How the weights were loaded, for a module that streamed them (``lightning_adapt.loading``)."""
-    load = getattr(module, "load_report", None)
-    if load is None:
-        return ""
-    peak = load.load_peak_bytes
-    return (
-        f"\nload: peak {format_bytes(peak)} above the resident memory before the model was built, for "
-        f"{format_bytes(load.weight_bytes)} of final weights ({peak / max(load.weight_bytes, 1):.2f}x; largest "
-        f"tensor in fp32 {format_bytes(load.largest_tensor_fp32_bytes)}); {load.quantized_layers} layers quantized "
-        f"while loading, {load.seconds:.1f}s"
-    )
-
-
 def _cell(component: str, value: int | None) -> str:
     if value is None:
         return "-"
@@ -290,5 +273,5 @@ def _format(stage: str, report: _Report, est: Estimate | None, reason: str | Non
         comparable = measured is not None and predicted
         ratio = f"{measured / predicted:.3f}" if comparable else "-"  # type: ignore[operator]
         lines.append(f"| {component} | {_cell(component, measured)} | {_cell(component, predicted)} | {ratio} |")
-    lines.append(f"measured peak: {peak}; estimated peak: weights + gradients + optimizer state + activations")
+    lines.append(f"measured peak: {peak}; estimated: weights + gradients + optimizer state + activations")
     return "\n".join(lines)
