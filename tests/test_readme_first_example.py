@@ -130,3 +130,26 @@ def test_an_export_that_cannot_merge_into_the_originals_fails_before_the_first_s
         trainer.fit(module, datamodule=MyData())
     assert module.steps == 0
     assert not (tmp_path / "export").exists()
+
+
+def test_no_room_for_the_originals_fails_before_the_first_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+    from collections import namedtuple
+
+    from lightning_adapt import LoRAInjectionCallback, MergeOnSaveCallback, QuantizeBaseCallback
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    callbacks = [
+        QuantizeBaseCallback(mode="nf4", compute_dtype="float32"),
+        LoRAInjectionCallback(r=4, target_modules=["q_proj", "v_proj"]),
+        MergeOnSaveCallback(dirpath=str(tmp_path / "export")),
+    ]
+    trainer = L.Trainer(
+        max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=callbacks,
+        default_root_dir=tmp_path,
+    )  # fmt: skip
+    module = MyModule()
+    with pytest.raises(ExportError, match=r"original_weights=.*needs about .*merge_base='dequantized'"):
+        trainer.fit(module, datamodule=MyData())
+    assert module.steps == 0 and not (tmp_path / "original_weights.safetensors").exists()

@@ -24,6 +24,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from lightning_adapt.atomic import check_free_space
 from lightning_adapt.errors import ExportError
 from lightning_adapt.export.safetensors_io import SourceWeights, StoredTensor, TensorEntry, stream_safetensors
 from lightning_adapt.layers import quantized_layers
@@ -78,6 +79,8 @@ def spill_originals(module: nn.Module, layer_names: list[str], directory: Path) 
         return 0
     entries = [TensorEntry(key, tuple(w.shape), w.dtype, functools.partial(_host, w)) for key, w in missing.items()]
     path = Path(directory) / SPILL_FILE
+    needed = sum(w.numel() * w.element_size() for w in missing.values())
+    check_free_space(path, needed, "the run's original_weights", ", or merge_base='dequantized' (then no copy is kept)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
