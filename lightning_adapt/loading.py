@@ -27,7 +27,14 @@ from torch import nn
 
 from lightning_adapt.errors import LoadError
 from lightning_adapt.export.original import remember_originals
-from lightning_adapt.export.safetensors_io import INDEX_FILE, SINGLE_FILE, StoredTensor, read_header, weight_files
+from lightning_adapt.export.safetensors_io import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    StoredTensor,
+    base_prefix_rule,
+    read_header,
+    weight_files,
+)
 from lightning_adapt.layers import quant_storage_bytes, quantized_layers
 from lightning_adapt.naming import check_entries, under
 from lightning_adapt.quantize import QuantConfig, QuantPlan, default_compute_dtype, quantize_linear
@@ -173,13 +180,8 @@ def _slots(root: nn.Module, prefix: str) -> list[_Slot]:
 def _key_map(root: nn.Module, names: list[str], prefix: str, keys: set[str]) -> tuple[dict[str, str], str]:
     """Module name → file key, and the base prefix outside of which file keys are another head's (or ``""``)."""
     rel = {n: n[len(prefix) + 1 :] if prefix else n for n in names}
-    dot = str(getattr(root, "base_model_prefix", "") or "") + "."
-    file_has, model_has = any(k.startswith(dot) for k in keys), any(r.startswith(dot) for r in rel.values())
-    if dot != "." and model_has and not file_has:
-        return {n: r.removeprefix(dot) for n, r in rel.items()}, ""
-    if dot != "." and file_has and not model_has:
-        return {n: dot + r for n, r in rel.items()}, dot
-    return rel, ""
+    strip, add = base_prefix_rule(str(getattr(root, "base_model_prefix", "") or ""), rel.values(), keys)
+    return {n: add + r.removeprefix(strip) for n, r in rel.items()}, add
 
 
 def _match(

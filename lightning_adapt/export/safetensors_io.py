@@ -46,6 +46,7 @@ __all__ = [
     "SourceWeights",
     "StoredTensor",
     "TensorEntry",
+    "base_prefix_rule",
     "parse_size",
     "read_header",
     "read_index",
@@ -310,6 +311,18 @@ def _by_offset(tensors: dict[str, StoredTensor]) -> list[StoredTensor]:
     return sorted(tensors.values(), key=lambda t: t.start)
 
 
+def base_prefix_rule(base_model_prefix: str, names: Iterable[str], keys: Iterable[str]) -> tuple[str, str]:
+    """Hugging Face's ``base_model_prefix`` rule (``from_pretrained``'s): how a model's tensor ``names`` meet a
+    checkpoint's ``keys``. Returns ``(strip, add)``: the model's ``name`` is the key ``add + name.removeprefix(strip)``.
+
+    ``("bert.", "")`` when only the names carry the prefix (a model with a head, a bare base checkpoint);
+    ``("", "bert.")`` when only the keys do (a bare base model, a checkpoint with a head); else ``("", "")``.
+    """
+    dot = base_model_prefix + "." if base_model_prefix else ""
+    names_have, keys_have = (bool(dot) and any(k.startswith(dot) for k in ks) for ks in (names, keys))
+    return (dot, "") if names_have and not keys_have else ("", dot) if keys_have and not names_have else ("", "")
+
+
 class SourceWeights:
     """Reads single tensors from a safetensors checkpoint directory (``model.safetensors`` or an index).
 
@@ -344,9 +357,8 @@ class SourceWeights:
 
     def resolve(self, key: str) -> str | None:
         """The checkpoint key holding the model's ``key``, or ``None``."""
-        p = self.prefix + "." if self.prefix else ""
-        alternatives = [key, key[len(p) :] if p and key.startswith(p) else p + key]
-        return next((k for k in alternatives if k in self.tensors), None)
+        strip, add = base_prefix_rule(self.prefix, [key], self.tensors)
+        return next((k for k in (key, add + key.removeprefix(strip)) if k in self.tensors), None)
 
     def shape(self, key: str) -> tuple[int, ...] | None:
         """The stored shape of the model's ``key`` (read from the header only), or ``None``."""

@@ -35,7 +35,7 @@ from torch import nn
 
 from lightning_adapt.adapters.lora import lora_modules, lora_scaling, merged_weight
 from lightning_adapt.errors import ExportError
-from lightning_adapt.export.safetensors_io import StoredTensor, TensorEntry, write_safetensors
+from lightning_adapt.export.safetensors_io import StoredTensor, TensorEntry, base_prefix_rule, write_safetensors
 from lightning_adapt.layers import adapter_param_ids, is_conv1d, is_quantized, layer_dims
 
 __all__ = [
@@ -133,9 +133,8 @@ def model_keys(index: Mapping[str, StoredTensor], base_model_prefix: str = "") -
     """The checkpoint's tensors under the model's names: a bare base checkpoint (no key under
     ``base_model_prefix``, e.g. BERT's ``encoder...`` for ``bert.encoder...``) gets the prefix added,
     as ``from_pretrained`` does when it loads a base model into a model with a head."""
-    p = base_model_prefix + "." if base_model_prefix else ""
-    bare = bool(p) and not any(key.startswith(p) for key in index)
-    return {(p + key if bare else key): stored for key, stored in index.items()}
+    strip, _ = base_prefix_rule(base_model_prefix, [base_model_prefix + "."], index)  # a model with a head
+    return {strip + key: stored for key, stored in index.items()}
 
 
 # --------------------------------------------------------------------------- a live model
