@@ -49,7 +49,9 @@ def _describe(candidates: Sequence[str]) -> str:
     return f"leaf names [{shown}]; e.g. full names {list(candidates[:3])}"
 
 
-def check_entries(entries: Sequence[str], names: Sequence[str], argument: str, candidates: Sequence[str]) -> None:
+def check_entries(
+    entries: Sequence[str], names: Sequence[str], argument: str, candidates: Sequence[str], what: str = "module"
+) -> None:
     """Raise one :class:`TargetingError` for the entries of ``argument`` that are not valid or select no name.
 
     Args:
@@ -57,6 +59,7 @@ def check_entries(entries: Sequence[str], names: Sequence[str], argument: str, c
         names: every module name an entry may select.
         argument: the configuration argument, named in the message (e.g. ``"lora.target_modules"``).
         candidates: the names worth suggesting (e.g. the linear layers), shown in the message.
+        what: what the names are (``"module"``, ``"parameter"``), for the message.
     """
     for entry in entries:
         try:
@@ -69,7 +72,7 @@ def check_entries(entries: Sequence[str], names: Sequence[str], argument: str, c
     unmatched = [entry for entry in entries if not any(matches(name, entry) for name in names)]
     if unmatched:
         raise TargetingError(
-            f"{argument}={list(entries)!r}: {unmatched!r} match no module in the model. Candidates: "
+            f"{argument}={list(entries)!r}: {unmatched!r} match no {what} in the model. Candidates: "
             f"{_describe(candidates)}. Fix: use a whole dotted name (exact or '.suffix') or a full-match regex."
         )
 

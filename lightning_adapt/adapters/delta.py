@@ -24,6 +24,7 @@ __all__ = [
     "lora_layers",
     "lora_scaling",
     "merged_weight",
+    "parameter_problem",
 ]
 
 InitMethod = Literal["kaiming", "gaussian"]
@@ -78,6 +79,15 @@ def merged_weight(
     scale = magnitude.float().to(weight.device) / torch.linalg.vector_norm(merged.detach(), dim=1)
     result: torch.Tensor = scale.view(-1, 1) * merged
     return result
+
+
+def parameter_problem(name: str, param: object) -> str | None:
+    """Why the parameter ``name`` cannot be adapted (one line with the fix), else ``None``."""
+    if not isinstance(param, nn.Parameter) or not param.is_floating_point():
+        return f"{name} is not a floating nn.Parameter (a quantized weight?); target its module or leave it out"
+    if param.dim() not in (2, 3):
+        return f"{name} has shape {tuple(param.shape)}: only 2-D (out, in) and 3-D (experts, out, in) are adapted"
+    return None
 
 
 def init_lora_pair(lora_A: torch.Tensor, lora_B: torch.Tensor, init: InitMethod, r: int) -> None:

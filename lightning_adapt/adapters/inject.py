@@ -19,7 +19,8 @@ from lightning_adapt.adapters.attention import LoRAMultiheadAttention
 from lightning_adapt.adapters.delta import Foldable, lora_layers
 from lightning_adapt.adapters.kinds import LoRAConv, LoRAEmbedding, check_adaptable
 from lightning_adapt.adapters.lora import InitMethod, LoRALinear
-from lightning_adapt.adapters.targeting import adaptable_kind, find_targets, replace_module
+from lightning_adapt.adapters.parameters import LoRAParameters
+from lightning_adapt.adapters.targeting import adaptable_kind, find_parameters, find_targets, replace_module
 from lightning_adapt.errors import ConfigError
 from lightning_adapt.layers import AdapterModule
 from lightning_adapt.naming import select
@@ -29,7 +30,11 @@ _SPEC_ATTR = "_lightning_adapt_lora_spec"
 
 @dataclass(frozen=True)
 class LoRASpec:
-    """What to adapt and how; the arguments of :class:`~lightning_adapt.adapters.lora.LoRALinear` plus targeting."""
+    """What to adapt and how; the arguments of :class:`~lightning_adapt.adapters.lora.LoRALinear` plus targeting.
+
+    ``target_parameters`` names parameters read outside a Linear's forward (fused MoE experts), adapted by
+    :class:`~lightning_adapt.adapters.parameters.LoRAParameters`; with it, ``target_modules=[]`` adapts no module.
+    """
 
     r: int = 8
     alpha: float = 16.0
@@ -40,6 +45,7 @@ class LoRASpec:
     init: InitMethod = "kaiming"
     use_rslora: bool = False
     use_dora: bool = False
+    target_parameters: Sequence[str] = ()
 
 
 #: The LoRA wrapper of each layer kind (:func:`~lightning_adapt.adapters.targeting.adaptable_kind`).
@@ -86,16 +92,31 @@ def inject_lora(model: nn.Module, spec: LoRASpec) -> list[str]:
     if existing:
         _check_same_spec(model, spec, existing)
     else:
-        targets = find_targets(model, spec.target_modules, spec.exclude_modules)
+        targets = _module_targets(model, spec)
+        owners = find_parameters(model, spec.target_parameters, targets)
         for name in targets:  # every layer checked before any is changed
             check_adaptable(name, model.get_submodule(name), spec.use_dora)
+        if owners and spec.use_dora:
+            raise ConfigError("target_parameters: DoRA is implemented for linear layers only. Fix: use_dora=False.")
         for name in targets:
             replace_module(model, name, wrap_layer(name, model.get_submodule(name), spec))
-            existing.append(name)
+        for name, params in owners.items():
+            s = spec
+            wrapper = LoRAParameters(model.get_submodule(name), params, s.r, s.alpha, s.dropout, s.init, s.use_rslora)
+            replace_module(model, name, wrapper)
+        existing += targets + list(owners)
         model.__dict__[_SPEC_ATTR] = spec
     freeze_base(model, spec.modules_to_save)
     keep_off_fused_paths(model)
     return existing
+
+
+def _module_targets(model: nn.Module, spec: LoRASpec) -> list[str]:
+    """:func:`find_targets`, or none for ``target_modules=[]`` beside ``target_parameters`` (parameters only)."""
+    explicit_none = spec.target_modules is not None and not isinstance(spec.target_modules, str)
+    if explicit_none and not list(spec.target_modules or ()) and spec.target_parameters:
+        return []
+    return find_targets(model, spec.target_modules, spec.exclude_modules)
 
 
 def _no_fused_fast_path(module: nn.Module, args: Any) -> None:
@@ -141,7 +162,7 @@ def _check_same_spec(model: nn.Module, spec: LoRASpec, existing: list[str]) -> N
 
 def _comparable(spec: LoRASpec) -> dict[str, object]:
     fields = asdict(spec)
-    for key in ("target_modules", "exclude_modules", "modules_to_save"):
+    for key in ("target_modules", "exclude_modules", "modules_to_save", "target_parameters"):
         value = fields[key]
         fields[key] = value if value is None or isinstance(value, str) else tuple(value)
     return fields

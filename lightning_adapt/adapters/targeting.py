@@ -19,9 +19,16 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from lightning_adapt.adapters.delta import parameter_problem
 from lightning_adapt.errors import TargetingError
-from lightning_adapt.layers import OUTPUT_HEAD_NAMES, is_linear_like, named_modules_outside_adapters, output_head_names
-from lightning_adapt.naming import check_entries, matches
+from lightning_adapt.layers import (
+    OUTPUT_HEAD_NAMES,
+    AdapterModule,
+    is_linear_like,
+    named_modules_outside_adapters,
+    output_head_names,
+)
+from lightning_adapt.naming import check_entries, matches, under
 
 __all__ = [
     "ADAPTABLE_KINDS",
@@ -29,6 +36,7 @@ __all__ = [
     "OUTPUT_HEAD_NAMES",
     "TargetingError",
     "adaptable_kind",
+    "find_parameters",
     "find_targets",
     "is_linear_like",
     "matches",
@@ -148,6 +156,50 @@ def find_targets(
         raise TargetingError(
             f"target_modules={target_modules!r} (minus exclude_modules={excludes}) selects no "
             f"linear-like module. Candidates: {_candidates(linear)}. Pass target_modules explicitly."
+        )
+    return selected
+
+
+def find_parameters(
+    model: nn.Module, target_parameters: str | Sequence[str], module_targets: Sequence[str] = ()
+) -> dict[str, list[str]]:
+    """``{owner module name: [its parameter names]}`` of the parameters ``target_parameters`` selects.
+
+    Entries follow :mod:`lightning_adapt.naming` on dotted parameter names (``"experts.gate_up_proj"`` selects
+    ``model.layers.0.mlp.experts.gate_up_proj`` in every layer); parameters inside existing adapters are not seen.
+
+    Args:
+        model: The model to search; it is not modified.
+        target_parameters: One entry or a list of entries; empty selects nothing.
+        module_targets: The module names ``target_modules`` selected: their parameters cannot be targeted too.
+
+    Raises:
+        TargetingError: an entry matches no parameter (the message lists the 2-D/3-D parameters of modules LoRA
+            cannot wrap, e.g. fused experts), or selected parameters that cannot be adapted (each named, with why).
+    """
+    entries = _entries(target_parameters)
+    if not entries:
+        return {}
+    owners = [(n, m) for n, m in named_modules_outside_adapters(model) if not isinstance(m, AdapterModule)]
+    params = [(f"{n}.{p}", n, p, t) for n, m in owners for p, t in m._parameters.items() if t is not None]
+    names = [full for full, *_ in params]
+    kinds = {n: adaptable_kind(m) for n, m in owners}
+    direct = [full for full, n, _, t in params if t.dim() in (2, 3) and kinds[n] is None]
+    check_entries(entries, names, "target_parameters", direct or names, what="parameter")
+    selected: dict[str, list[str]] = {}
+    problems: list[str] = []
+    for full, owner, leaf, tensor in params:
+        if not any(matches(full, entry) for entry in entries):
+            continue
+        if under(owner, module_targets):
+            problems.append(f"{full}: its module is adapted by target_modules; leave one of the two out")
+        elif why := parameter_problem(full, tensor):
+            problems.append(why)
+        else:
+            selected.setdefault(owner, []).append(leaf)
+    if problems:
+        raise TargetingError(
+            f"target_parameters={entries} selects parameters LoRA cannot adapt: " + "; ".join(problems)
         )
     return selected
 

@@ -88,6 +88,7 @@ class LoRAInjectionCallback(ModelTransformCallback):
         adapter_only_checkpoint: bool = True,
         adapter_path: str | None = None,
         compile: Literal["off", "blocks", "model"] = "off",
+        target_parameters: list[str] | None = None,
     ) -> None:
         """
         Args:
@@ -114,6 +115,12 @@ class LoRAInjectionCallback(ModelTransformCallback):
                 holds adapters (compiled once, reused by every identical block: seconds, not minutes);
                 ``model``: the whole model's forward, loss included (more fusion, much longer compile);
                 ``off``: eager.
+            target_parameters: parameters read outside a Linear's forward to adapt as ``W + (alpha/r)·B A``
+                (same naming rules as ``target_modules``), e.g. the fused MoE experts of transformers 5:
+                ``[experts.gate_up_proj, experts.down_proj]``; a 3-D ``(experts, out, in)`` parameter gets one
+                rank-``r`` pair per expert. Dropout does not apply to them, and with ``quantize:`` they stay in
+                full precision (bitsandbytes quantizes 2-D linear layers only). With it, ``target_modules: []``
+                adapts parameters only.
         """
         super().__init__()
         adapter_config: dict[str, Any] | None = None
@@ -135,6 +142,7 @@ class LoRAInjectionCallback(ModelTransformCallback):
             init=init,
             use_rslora=settings["use_rslora"],
             use_dora=settings["use_dora"],
+            target_parameters=tuple(target_parameters or ()),
         )
         self.adapter_path = adapter_path
         self.adapter_only_checkpoint = adapter_only_checkpoint

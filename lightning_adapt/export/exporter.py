@@ -48,6 +48,7 @@ from lightning_adapt.export.merged_state import check_tied_adapters, merged_entr
 from lightning_adapt.export.options import DTypeName, ExportOptions, MergeBase
 from lightning_adapt.export.original import optional_source, source_dir, source_for
 from lightning_adapt.export.peft_format import PEFT_PREFIX, export_root, no_peft_layout, write_adapter
+from lightning_adapt.export.peft_parameters import no_parameter_layout, to_peft_parameters
 from lightning_adapt.export.report import ExportResult, MemoryMeter, MergeReport, merge_report
 from lightning_adapt.export.safetensors_io import (
     SMALLER_DTYPE_FIX,
@@ -177,10 +178,11 @@ def export_model(
     name = source_dir(module, root, source_path)
     result = ExportResult(target)
     with MemoryMeter() as meter, atomic_directory(target, options.overwrite, argument) as tmp:
-        if lora_layers(root) and (why := no_peft_layout(root)):
+        if lora_layers(root) and (why := no_peft_layout(root) or no_parameter_layout(root)):
             print(f"export: no PEFT adapter written ({why}); merged/ holds the adapted weights.")
         elif lora_layers(root):
             write_adapter(root, tmp / "adapter", to_save, str(name) if name else None)
+            to_peft_parameters(root, tmp / "adapter", PEFT_PREFIX)
             result.adapter = target / "adapter"
         result.dropped_tied = write_merged(
             root, tmp / "merged", options, source, hf, tokenizer if hf else None, target=target, argument=argument
