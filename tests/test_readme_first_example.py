@@ -105,6 +105,18 @@ def test_the_first_example_fits_and_exports_the_trained_merge(
         )
 
 
+def _qlora_trainer(tmp_path: Path) -> L.Trainer:
+    from lightning_adapt import LoRAInjectionCallback, MergeOnSaveCallback, QuantizeBaseCallback
+
+    callbacks = [
+        QuantizeBaseCallback(mode="nf4", compute_dtype="float32"),
+        LoRAInjectionCallback(r=4, target_modules=["q_proj", "v_proj"]),
+        MergeOnSaveCallback(dirpath=str(tmp_path / "export")),
+    ]
+    options: dict[str, Any] = {"accelerator": "cpu", "logger": False, "enable_progress_bar": False}
+    return L.Trainer(max_steps=3, callbacks=callbacks, default_root_dir=tmp_path, **options)
+
+
 class PreQuantized(MyModule):
     """A module whose layers its own code quantized: no full-precision weights remain anywhere."""
 
@@ -114,17 +126,7 @@ class PreQuantized(MyModule):
 
 
 def test_an_export_that_cannot_merge_into_the_originals_fails_before_the_first_step(tmp_path: Path) -> None:
-    from lightning_adapt import LoRAInjectionCallback, MergeOnSaveCallback, QuantizeBaseCallback
-
-    callbacks = [
-        QuantizeBaseCallback(mode="nf4", compute_dtype="float32"),
-        LoRAInjectionCallback(r=4, target_modules=["q_proj", "v_proj"]),
-        MergeOnSaveCallback(dirpath=str(tmp_path / "export")),
-    ]
-    trainer = L.Trainer(
-        max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=callbacks,
-        default_root_dir=tmp_path,
-    )  # fmt: skip
+    trainer = _qlora_trainer(tmp_path)
     module = PreQuantized()
     with pytest.raises(ExportError, match=r"merge_base='original'.*merge_base='dequantized'"):
         trainer.fit(module, datamodule=MyData())
@@ -136,19 +138,9 @@ def test_no_room_for_the_originals_fails_before_the_first_step(tmp_path: Path, m
     import shutil
     from collections import namedtuple
 
-    from lightning_adapt import LoRAInjectionCallback, MergeOnSaveCallback, QuantizeBaseCallback
-
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
-    callbacks = [
-        QuantizeBaseCallback(mode="nf4", compute_dtype="float32"),
-        LoRAInjectionCallback(r=4, target_modules=["q_proj", "v_proj"]),
-        MergeOnSaveCallback(dirpath=str(tmp_path / "export")),
-    ]
-    trainer = L.Trainer(
-        max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=callbacks,
-        default_root_dir=tmp_path,
-    )  # fmt: skip
+    trainer = _qlora_trainer(tmp_path)
     module = MyModule()
     with pytest.raises(ExportError, match=r"original_weights=.*needs about .*merge_base='dequantized'"):
         trainer.fit(module, datamodule=MyData())
