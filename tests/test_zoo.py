@@ -16,8 +16,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from lightning_adapt.adapters.delta import lora_layers
 from lightning_adapt.adapters.inject import LoRASpec, inject_lora
 from lightning_adapt.adapters.lora import lora_modules, merge_lora
+from lightning_adapt.adapters.parameters import LoRAParameters
 from lightning_adapt.export.exporter import ExportOptions, export_model
 from lightning_adapt.export.original import spill_originals
 from lightning_adapt.export.streamed import export_module_streamed, streaming_unavailable
@@ -88,6 +90,11 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], str]] = {
     "whisper": (_hf("WhisperForConditionalGeneration", "WhisperConfig", **_WHISPER), "audio"),
     "clip": (_hf("CLIPModel", "CLIPConfig", **_CLIP), "text+pixels"),
 }
+#: parameters read outside a Linear's forward, adapted besides `all-linear` (transformers 5's fused 3-D experts)
+TARGET_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "qwen2-moe": ("experts.gate_up_proj", "experts.down_proj"),
+    "mixtral": ("experts.gate_up_proj", "experts.down_proj"),
+}
 #: where the export cannot stream from the saved files, and why: transformers 5 converts some checkpoints on load
 #: (fused MoE experts saved per expert, ViT's and CLIP's renamed modules), so the live model's keys are not the
 #: file's. The export then merges in memory (still checked here, and reloaded).
@@ -128,10 +135,14 @@ def _base(name: str, directory: Path) -> nn.Module:
     return type(model).from_pretrained(directory, local_files_only=True).eval()
 
 
-def _adapt(model: nn.Module, method: str) -> None:
+def _spec(name: str) -> LoRASpec:
+    return LoRASpec(r=4, alpha=8.0, target_modules="all-linear", target_parameters=TARGET_PARAMETERS.get(name, ()))
+
+
+def _adapt(model: nn.Module, method: str, name: str) -> None:
     if method == "qlora":
         quantize_model(model, QuantConfig(mode="nf4", compute_dtype=torch.float32))
-    inject_lora(model, LoRASpec(r=4, alpha=8.0, target_modules="all-linear"))
+    inject_lora(model, _spec(name))
 
 
 def _train_two_steps(model: nn.Module, kind: str) -> list[str]:
@@ -158,7 +169,7 @@ def test_the_zoo_trains_merges_exports_and_reloads(name: str, method: str, tmp_p
         quantize_model(model, plan.config)
     with torch.no_grad():
         before = _output(model, probe)
-    inject_lora(model, LoRASpec(r=4, alpha=8.0, target_modules="all-linear"))
+    inject_lora(model, _spec(name))
     with torch.no_grad():
         assert torch.equal(_output(model, probe), before), "a fresh adapter changes nothing"
     assert _train_two_steps(model, kind) == [], "every adapter tensor receives a gradient"
@@ -291,7 +302,7 @@ def _torch_row(name: str) -> str:
         inject_lora(model, LoRASpec(r=4, alpha=8.0, target_modules=targets))
         counts.append((len(list(adapter_param_ids(model))) // 2, len(quantized_layers(model))))
     (lora, _), (_, quantized) = counts
-    return f"| {name} | `{type(model).__name__}` | {lora} | {quantized} | ✓ | ✓ | in memory (no source files) |"
+    return f"| {name} | `{type(model).__name__}` | {lora} | – | {quantized} | ✓ | ✓ | in memory (no source files) |"
 
 
 def _row(name: str) -> str:
@@ -299,18 +310,21 @@ def _row(name: str) -> str:
     for method in ("lora", "qlora"):
         torch.manual_seed(0)
         model = ZOO[name][0]()
-        _adapt(model, method)
+        _adapt(model, method, name)
         counts.append((len(lora_modules(model)), len(quantized_layers(model))))
     cls = type(model).__name__
     (lora, _), (_, quantized) = counts
     export = f"in memory: {NOT_STREAMED[name]}" if name in NOT_STREAMED else "streamed, = in memory"
-    return f"| {name} | `{cls}` | {lora} | {quantized} | ✓ | ✓ | {export} |"
+    adapted = [p for _, m in lora_layers(model) if isinstance(m, LoRAParameters) for p in m.parameter_names]
+    params = f"{len(adapted)} ({', '.join(sorted(set(adapted)))})" if adapted else "–"
+    return f"| {name} | `{cls}` | {lora} | {params} | {quantized} | ✓ | ✓ | {export} |"
 
 
 def render() -> str:
     lines = [
-        "| architecture | class | LoRA layers (`all-linear`) | QLoRA: 4-bit layers | LoRA | QLoRA | export |",
-        "|---|---|---:|---:|---|---|---|",
+        "| architecture | class | LoRA layers (`all-linear`) | `target_parameters` | QLoRA: 4-bit layers | LoRA | QLoRA "
+        "| export |",
+        "|---|---|---:|---|---:|---|---|---|",
     ]
     rows = [*(_row(name) for name in ZOO), *(_torch_row(name) for name in TORCH_ZOO)]
     return "\n".join([*lines, *rows]) + "\n"
