@@ -21,12 +21,13 @@ from pathlib import Path
 import torch
 
 from lightning_adapt import atomic
+from lightning_adapt.adapters.inject import LoRASpec
 from lightning_adapt.errors import ConfigError
 from lightning_adapt.export.adapter_sources import adapters_from_checkpoint
 from lightning_adapt.export.exporter import ExportOptions
 from lightning_adapt.export.safetensors_io import StoredTensor, read_index
 from lightning_adapt.export.streamed import export_streamed
-from lightning_adapt.export.streaming import LoRASettings, model_keys
+from lightning_adapt.export.streaming import model_keys
 
 
 def adapter_state(hidden: int, layers: int, seed: int) -> dict[str, torch.Tensor]:
@@ -84,7 +85,7 @@ def main() -> None:
     if "--die-at-commit" in sys.argv:
         _die_at_commit(sys.argv[sys.argv.index("--die-at-commit") + 1])
     keys = model_keys(read_index(base))
-    adapters = adapters_from_checkpoint(adapter_state(64, 4, seed), keys, LoRASettings(8, 16.0))
+    adapters = adapters_from_checkpoint(adapter_state(64, 4, seed), keys, LoRASpec(8, 16.0))
     if "--ready" in flag:
         flag["--ready"].touch()
     try:  # bf16: every tensor is read and cast (else most are copied file to file)

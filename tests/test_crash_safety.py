@@ -23,10 +23,11 @@ from export_kill_run import adapter_state
 from test_export_streaming import _llama_dir, _tensors
 
 from lightning_adapt import atomic
+from lightning_adapt.adapters.inject import LoRASpec
 from lightning_adapt.errors import ExportError
 from lightning_adapt.export.safetensors_io import read_index
 from lightning_adapt.export.streamed import export_streamed
-from lightning_adapt.export.streaming import LoRASettings, model_keys
+from lightning_adapt.export.streaming import model_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = Path(__file__).resolve().parent / "export_kill_run.py"
@@ -62,7 +63,7 @@ def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
 
     complete = {}
     for seed in (1, 2):
-        adapters = adapters_from_checkpoint(adapter_state(64, 4, seed), keys, LoRASettings(8, 16.0))
+        adapters = adapters_from_checkpoint(adapter_state(64, 4, seed), keys, LoRASpec(8, 16.0))
         export_streamed(root / "base", root / f"ref{seed}", adapters, ExportOptions("original", "bf16"), keys=keys)
         complete[seed] = _tensors(root / f"ref{seed}" / "merged")
     return {"base": root / "base", "complete": complete}

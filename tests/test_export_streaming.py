@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 from toy import IDS, tiny_bert, tiny_gpt2, tiny_llama
 
+from lightning_adapt.adapters.inject import LoRASpec
 from lightning_adapt.adapters.lora import lora_modules
 from lightning_adapt.callbacks.lora import LoRAInjectionCallback
 from lightning_adapt.callbacks.merge import MergeOnSaveCallback, checkpoint_streaming_unavailable
@@ -27,7 +28,7 @@ from lightning_adapt.export.adapter_sources import adapters_from_checkpoint, ada
 from lightning_adapt.export.exporter import ExportOptions, export_model
 from lightning_adapt.export.safetensors_io import StoredTensor, TensorEntry, parse_size, read_index, write_safetensors
 from lightning_adapt.export.streamed import export_module_streamed, export_streamed, streaming_unavailable
-from lightning_adapt.export.streaming import LoRASettings, model_keys
+from lightning_adapt.export.streaming import model_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,7 +168,7 @@ def test_a_peft_directory_streams_into_the_base(tmp_path: Path) -> None:
     peft_model.save_pretrained(str(tmp_path / "adapter"))
     keys = model_keys(read_index(tmp_path / "base"))
     adapters = adapters_from_peft(tmp_path / "adapter", keys)
-    assert adapters.settings == LoRASettings(4, 8.0, 0.0, False, True)
+    assert adapters.settings == LoRASpec(4, 8.0, 0.0, use_rslora=False, use_dora=True)
     export_streamed(tmp_path / "base", tmp_path / "out", adapters, keys=keys)
     reference = PeftModel.from_pretrained(load(), tmp_path / "adapter").eval()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out/merged", local_files_only=True).eval()
@@ -180,16 +181,14 @@ def test_mismatched_adapters_fail_before_writing(tmp_path: Path) -> None:
     state = holder.state_dict()
     keys = model_keys(read_index(tmp_path / "base"))
     with pytest.raises(ExportError, match=r"--ckpt_path='x': the adapter shapes do not fit.*r=8.*Fix:"):
-        adapters_from_checkpoint(state, keys, LoRASettings(8, 16.0), argument="--ckpt_path='x'")
+        adapters_from_checkpoint(state, keys, LoRASpec(8, 16.0), argument="--ckpt_path='x'")
     with pytest.raises(ExportError, match=r"use_dora=True"):
-        adapters_from_checkpoint(state, keys, LoRASettings(4, 8.0, use_dora=True))
+        adapters_from_checkpoint(state, keys, LoRASpec(4, 8.0, use_dora=True))
     other = {k.replace("layers.0", "layers.9"): v for k, v in state.items()}
     with pytest.raises(ExportError, match=r"adapted layers .*layers.9.* have no weight in the base checkpoint"):
-        adapters_from_checkpoint(other, keys, LoRASettings(4, 8.0))
+        adapters_from_checkpoint(other, keys, LoRASpec(4, 8.0))
     with pytest.raises(ExportError, match=r"tied to another module"):
-        adapters_from_checkpoint(
-            state, keys, LoRASettings(4, 8.0), tied_keys=["model.layers.0.self_attn.q_proj.weight"]
-        )
+        adapters_from_checkpoint(state, keys, LoRASpec(4, 8.0), tied_keys=["model.layers.0.self_attn.q_proj.weight"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
 
 
@@ -244,7 +243,7 @@ def test_at_most_one_base_tensor_is_alive_at_a_time(tmp_path: Path, monkeypatch:
     """Every tensor read from the base is released before the next is read (weak references prove it)."""
     _llama_dir(tmp_path / "base", hidden=64, layers=4, vocab=256)
     keys = model_keys(read_index(tmp_path / "base"))
-    adapters = adapters_from_checkpoint(_adapter_state(64, 4), keys, LoRASettings(8, 16.0))
+    adapters = adapters_from_checkpoint(_adapter_state(64, 4), keys, LoRASpec(8, 16.0))
     refs: list[weakref.ref[torch.Tensor]] = []
     alive_at_read: list[int] = []
     read = StoredTensor.read
@@ -278,7 +277,7 @@ def test_stored_tensors_are_copied_file_to_file_or_through_a_buffer(
 ) -> None:
     _llama_dir(tmp_path / "base", hidden=64, layers=2, vocab=256)
     keys = model_keys(read_index(tmp_path / "base"))
-    adapters = adapters_from_checkpoint(_adapter_state(64, 2), keys, LoRASettings(8, 16.0))
+    adapters = adapters_from_checkpoint(_adapter_state(64, 2), keys, LoRASpec(8, 16.0))
     export_streamed(tmp_path / "base", tmp_path / "kernel", adapters, keys=keys)
     monkeypatch.delattr(os, "copy_file_range")  # not Linux: copied 8 MB at a time through one buffer
     export_streamed(tmp_path / "base", tmp_path / "buffer", adapters, keys=keys)
@@ -299,10 +298,11 @@ def test_peak_memory_is_a_few_tensors_not_the_model(tmp_path: Path) -> None:
         from lightning_adapt.export.options import ExportOptions
         from lightning_adapt.export.safetensors_io import read_index
         from lightning_adapt.export.streamed import export_streamed
-        from lightning_adapt.export.streaming import LoRASettings, model_keys
+        from lightning_adapt.adapters.inject import LoRASpec
+        from lightning_adapt.export.streaming import model_keys
         keys = model_keys(read_index({str(tmp_path / "base")!r}))
         state = torch.load({str(tmp_path / "adapter.pt")!r})["state_dict"]
-        adapters = adapters_from_checkpoint(state, keys, LoRASettings(8, 16.0))
+        adapters = adapters_from_checkpoint(state, keys, LoRASpec(8, 16.0))
         bf16 = ExportOptions(dtype="bf16")  # every tensor is read and cast (else most are copied file to file)
         memory = export_streamed({str(tmp_path / "base")!r}, {str(tmp_path / "out")!r}, adapters, bf16, keys=keys).memory
         print("PEAK", memory.peak_above_bytes, memory.largest_fp32_bytes, memory.model_bytes)

@@ -497,7 +497,7 @@ def test_the_streamed_export_merges_an_embedding_adapter(source: str, tmp_path: 
     from lightning_adapt.export.adapter_sources import adapters_from_checkpoint, adapters_from_peft
     from lightning_adapt.export.safetensors_io import read_index
     from lightning_adapt.export.streamed import export_streamed
-    from lightning_adapt.export.streaming import LoRASettings, model_keys
+    from lightning_adapt.export.streaming import model_keys
 
     tiny_llama(tie_word_embeddings=False, hidden_size=100, num_attention_heads=2).save_pretrained(
         tmp_path / "base"
@@ -515,7 +515,7 @@ def test_the_streamed_export_merges_an_embedding_adapter(source: str, tmp_path: 
         adapters = adapters_from_peft(tmp_path / "adapter", keys)
     else:
         state = {f"model.{k}": v for k, v in model.state_dict().items() if "lora_" in k}
-        adapters = adapters_from_checkpoint(state, keys, LoRASettings(4, 8.0))
+        adapters = adapters_from_checkpoint(state, keys, LoRASpec(4, 8.0))
     assert adapters.layers["model.embed_tokens"].conv1d, "an embedding is stored (in, out)"
     export_streamed(tmp_path / "base", tmp_path / "out", adapters, keys=keys)
     merged = LlamaForCausalLM.from_pretrained(tmp_path / "out" / "merged", local_files_only=True)
@@ -530,11 +530,10 @@ def test_the_streamed_export_refuses_a_conv_adapter_by_name(tmp_path: Path) -> N
     from lightning_adapt.errors import ExportError
     from lightning_adapt.export.adapter_sources import adapters_from_checkpoint
     from lightning_adapt.export.safetensors_io import read_index
-    from lightning_adapt.export.streaming import LoRASettings
 
     plain, model = _adapted("conv")
     (tmp_path / "base").mkdir()
     save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(tmp_path / "base" / "model.safetensors"))
     state = {k: v for k, v in model.state_dict().items() if "lora_" in k}
     with pytest.raises(ExportError, match=r"'c1' holds a convolution adapter, .* Fix: export the trained module in"):
-        adapters_from_checkpoint(state, read_index(tmp_path / "base"), LoRASettings(4, 8.0))
+        adapters_from_checkpoint(state, read_index(tmp_path / "base"), LoRASpec(4, 8.0))

@@ -18,34 +18,15 @@ from torch import nn
 from lightning_adapt.adapters.attention import LoRAMultiheadAttention
 from lightning_adapt.adapters.delta import Foldable, lora_layers
 from lightning_adapt.adapters.kinds import LoRAConv, LoRAEmbedding, check_adaptable
-from lightning_adapt.adapters.lora import InitMethod, LoRALinear
+from lightning_adapt.adapters.lora import LoRALinear
 from lightning_adapt.adapters.parameters import LoRAParameters
+from lightning_adapt.adapters.spec import LoRASpec as LoRASpec  # its home; imported from here too
 from lightning_adapt.adapters.targeting import adaptable_kind, find_parameters, find_targets, replace_module
 from lightning_adapt.errors import ConfigError
 from lightning_adapt.layers import AdapterModule
 from lightning_adapt.naming import select
 
 _SPEC_ATTR = "_lightning_adapt_lora_spec"
-
-
-@dataclass(frozen=True)
-class LoRASpec:
-    """What to adapt and how; the arguments of :class:`~lightning_adapt.adapters.lora.LoRALinear` plus targeting.
-
-    ``target_parameters`` names parameters read outside a Linear's forward (fused MoE experts), adapted by
-    :class:`~lightning_adapt.adapters.parameters.LoRAParameters`; with it, ``target_modules=[]`` adapts no module.
-    """
-
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: str | Sequence[str] | None = None
-    exclude_modules: Sequence[str] = ()
-    modules_to_save: Sequence[str] = ()
-    init: InitMethod = "kaiming"
-    use_rslora: bool = False
-    use_dora: bool = False
-    target_parameters: Sequence[str] = ()
 
 
 #: The LoRA wrapper of each layer kind (:func:`~lightning_adapt.adapters.targeting.adaptable_kind`).

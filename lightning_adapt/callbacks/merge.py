@@ -49,7 +49,7 @@ from lightning_adapt.export.streamed import (
     streaming_unavailable,
     uses_conv1d,
 )
-from lightning_adapt.export.streaming import LoRASettings, model_keys
+from lightning_adapt.export.streaming import model_keys
 from lightning_adapt.quantize import QuantPlan
 
 
@@ -208,7 +208,7 @@ class MergeOnSaveCallback(L.Callback):
         prefix = base_model_prefix_of(config) or str(getattr(built, "base_model_prefix", "") or "")
         keys = model_keys(read_index(path), prefix)
         adapters = adapters_from_checkpoint(
-            state_dict, keys, LoRASettings(lora.r, float(lora.alpha), float(lora.dropout), lora.use_rslora, lora.use_dora),
+            state_dict, keys, lora,
             modules_to_save=lora.modules_to_save, argument=ckpt_argument, fan_in_fan_out=uses_conv1d(config),
             tied_keys=["lm_head.weight"] if getattr(config, "tie_word_embeddings", False) else [],
         )  # fmt: skip

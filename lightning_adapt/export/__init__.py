@@ -17,12 +17,11 @@ from lightning_adapt.export.exporter import *  # noqa: F403 - the exporter is th
 from lightning_adapt.export.exporter import __all__ as _exporter_all
 from lightning_adapt.export.peft_format import load_adapter_weights, read_adapter, resolve_adapter_settings
 from lightning_adapt.export.streamed import ModelFiles, export_module_streamed, export_streamed, streaming_unavailable
-from lightning_adapt.export.streaming import Adapters, LoRASettings, adapters_from_module, model_keys
+from lightning_adapt.export.streaming import Adapters, adapters_from_module, model_keys
 
 __all__ = [
     *_exporter_all,
     "Adapters",
-    "LoRASettings",
     "ModelFiles",
     "adapters_from_checkpoint",
     "adapters_from_module",

@@ -21,10 +21,12 @@ from typing import Any
 import torch
 
 from lightning_adapt.adapters.checkpoint import FINGERPRINT_KEY
+from lightning_adapt.adapters.lora import lora_scaling
+from lightning_adapt.adapters.spec import LoRASpec
 from lightning_adapt.errors import ExportError
 from lightning_adapt.export.peft_format import PEFT_PREFIX, read_adapter, resolve_adapter_settings
 from lightning_adapt.export.safetensors_io import StoredTensor
-from lightning_adapt.export.streaming import Adapters, LayerAdapter, LoRASettings
+from lightning_adapt.export.streaming import Adapters, LayerAdapter
 
 __all__ = [
     "ADAPTER_SUFFIXES",
@@ -88,7 +90,7 @@ def _orient(parts: dict[str, dict[str, torch.Tensor]], keys: Keys, fan_in_fan_ou
 
 
 def _layer_adapters(
-    parts: dict[str, dict[str, torch.Tensor]], keys: Keys, settings: LoRASettings, fan_in_fan_out: bool, argument: str
+    parts: dict[str, dict[str, torch.Tensor]], keys: Keys, settings: LoRASpec, fan_in_fan_out: bool, argument: str
 ) -> dict[str, LayerAdapter]:
     """A checked :class:`LayerAdapter` per layer; every problem is listed in one error."""
     embeddings = {name for name, p in parts.items() if "EA" in p or "EB" in p}
@@ -96,6 +98,7 @@ def _layer_adapters(
     conv1d = _orient({n: p for n, p in parts.items() if n not in embeddings}, keys, fan_in_fan_out)
     conv1d |= dict.fromkeys(embeddings, True)
     problems, layers = [], {}
+    scaling = lora_scaling(settings.r, settings.alpha, settings.use_rslora)
     if convs := [name for name, p in parts.items() if "A" in p and p["A"].dim() != 2]:
         raise ExportError(
             f"{argument}: {convs[0]!r} holds a convolution adapter, which the streamed export does not merge. Fix: "
@@ -105,7 +108,7 @@ def _layer_adapters(
         if "A" not in p or "B" not in p or ("m" in p) != settings.use_dora:
             problems.append(f"{name} holds {sorted(p)} with use_dora={settings.use_dora}")
             continue
-        layer = LayerAdapter(p["A"], p["B"], settings.scaling, p.get("m"), conv1d[name])
+        layer = LayerAdapter(p["A"], p["B"], scaling, p.get("m"), conv1d[name])
         stored = keys[name + ".weight"].shape
         if p["A"].shape[0] != settings.r or p["B"].shape[1] != settings.r or stored != layer.stored_shape():
             a, b = tuple(p["A"].shape), tuple(p["B"].shape)
@@ -135,7 +138,7 @@ def _tied_drop(keys: Keys, tied_keys: Iterable[str], layers: Iterable[str], argu
 def adapters_from_checkpoint(
     state: Mapping[str, Any],
     keys: Keys,
-    settings: LoRASettings,
+    settings: LoRASpec,
     *,
     modules_to_save: Iterable[str] = (),
     tied_keys: Iterable[str] = (),
@@ -174,9 +177,9 @@ def adapters_from_peft(
     """The adapters of a PEFT LoRA directory (``adapter_config.json`` + ``adapter_model.safetensors``)."""
     config, weights = read_adapter(path, argument)
     resolved = resolve_adapter_settings({}, config, argument)
-    settings = LoRASettings(
+    settings = LoRASpec(
         int(resolved["r"]), float(resolved["alpha"]), float(config.get("lora_dropout") or 0.0),
-        bool(resolved["use_rslora"]), bool(resolved["use_dora"]),
+        use_rslora=bool(resolved["use_rslora"]), use_dora=bool(resolved["use_dora"]),
     )  # fmt: skip
     state = {key.removeprefix(PEFT_PREFIX): value for key, value in weights.items()}
     return adapters_from_checkpoint(

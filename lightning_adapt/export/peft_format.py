@@ -35,6 +35,7 @@ from torch import nn
 
 from lightning_adapt.adapters.delta import lora_layers
 from lightning_adapt.adapters.lora import lora_modules
+from lightning_adapt.adapters.spec import LoRASpec
 from lightning_adapt.errors import ConfigError, ExportError
 from lightning_adapt.layers import adapter_param_ids, is_conv1d
 
@@ -99,7 +100,7 @@ def _peft_targets(module_names: list[str], names: list[str]) -> list[str]:
 
 
 def peft_config(
-    settings: tuple[int, float, float, bool, bool],
+    settings: LoRASpec,
     layer_names: list[str],
     module_names: list[str],
     modules_to_save: list[str],
@@ -107,21 +108,21 @@ def peft_config(
     architecture: str,
     fan_in_fan_out: bool,
 ) -> dict[str, Any]:
-    """PEFT ``LoraConfig`` fields for adapters with ``settings = (r, alpha, dropout, rslora, dora)`` on
+    """PEFT ``LoraConfig`` fields for adapters with ``settings`` (its r, alpha, dropout, rslora, dora) on
     ``layer_names`` of a model whose modules are ``module_names`` and whose class is ``architecture``."""
-    r, alpha, dropout, rslora, dora = settings
+    alpha = settings.alpha
     task = next((t for suffix, t in _TASK_TYPES.items() if architecture.endswith(suffix)), None)
     return {
         "peft_type": "LORA",
         "task_type": task,
         "base_model_name_or_path": base_model_name_or_path,
-        "r": r,
+        "r": settings.r,
         "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
-        "lora_dropout": dropout,
+        "lora_dropout": float(settings.dropout),
         "target_modules": _peft_targets(module_names, layer_names),
         "modules_to_save": modules_to_save or None,
-        "use_rslora": rslora,
-        "use_dora": dora,
+        "use_rslora": settings.use_rslora,
+        "use_dora": settings.use_dora,
         "fan_in_fan_out": fan_in_fan_out,
         "bias": "none",
         "init_lora_weights": True,
@@ -139,8 +140,9 @@ def adapter_config(root: nn.Module, modules_to_save: list[str], base_model_name_
     settings = {(m.r, m.alpha, getattr(m.lora_dropout, "p", 0.0), m.use_rslora, m.use_dora) for _, m in layers}
     if len(settings) != 1:
         raise ExportError(f"the adapted layers use different (r, alpha, dropout, rslora, dora): {sorted(settings)}.")
+    r, alpha, dropout, use_rslora, use_dora = settings.pop()
     return peft_config(
-        settings.pop(),
+        LoRASpec(r, alpha, dropout, use_rslora=use_rslora, use_dora=use_dora),
         [n for n, _ in layers],
         [n for n, _ in root.named_modules()],
         modules_to_save,
@@ -193,14 +195,14 @@ def write_adapter(root: nn.Module, out: Path, modules_to_save: list[str], base_m
 
 # --------------------------------------------------------------------------- starting from a PEFT adapter
 
-#: Our LoRA setting -> its name in PEFT's adapter_config.json, and the default when neither sets it.
-ADAPTER_SETTINGS: dict[str, tuple[str, object]] = {
-    "r": ("r", 8),
-    "alpha": ("lora_alpha", 16.0),
-    "target_modules": ("target_modules", None),
-    "use_rslora": ("use_rslora", False),
-    "use_dora": ("use_dora", False),
-    "modules_to_save": ("modules_to_save", None),
+#: Our LoRA setting -> its name in PEFT's adapter_config.json (when neither sets it: :class:`LoRASpec`'s default).
+ADAPTER_SETTINGS = {
+    "r": "r",
+    "alpha": "lora_alpha",
+    "target_modules": "target_modules",
+    "use_rslora": "use_rslora",
+    "use_dora": "use_dora",
+    "modules_to_save": "modules_to_save",
 }
 
 
@@ -218,7 +220,8 @@ def resolve_adapter_settings(
     user gave that disagrees with the adapter is an error (all listed at once)."""
     resolved: dict[str, Any] = {}
     problems = []
-    for ours, (theirs, default) in ADAPTER_SETTINGS.items():
+    for ours, theirs in ADAPTER_SETTINGS.items():
+        default = getattr(LoRASpec(), ours)
         value, from_adapter = explicit.get(ours), (adapter_config or {}).get(theirs)
         if adapter_config is not None and value is not None and not _same(value, from_adapter):
             problems.append(f"{ours}={value!r} but the adapter has {theirs}={from_adapter!r}")

@@ -221,8 +221,7 @@ def peft_writer(
             if key.startswith(name + "."):
                 state[PEFT_PREFIX + key] = value.detach().cpu().clone()
     config = peft_config(
-        (settings.r, settings.alpha, settings.dropout, settings.use_rslora, settings.use_dora),
-        list(adapters.layers), module_names, to_save, base_model_name_or_path, architecture,
+        settings, list(adapters.layers), module_names, to_save, base_model_name_or_path, architecture,
         any(layer.conv1d for layer in adapters.layers.values()),
     )  # fmt: skip
     return lambda out: write_adapter_files(out, config, state)

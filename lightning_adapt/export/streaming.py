@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_adapt.adapters.lora import lora_modules, lora_scaling, merged_weight
+from lightning_adapt.adapters.lora import lora_modules, merged_weight
+from lightning_adapt.adapters.spec import LoRASpec
 from lightning_adapt.errors import ExportError
 from lightning_adapt.export.safetensors_io import StoredTensor, TensorEntry, base_prefix_rule, write_safetensors
 from lightning_adapt.layers import adapter_param_ids, is_conv1d, is_quantized, layer_dims
@@ -42,7 +43,6 @@ __all__ = [
     "Adapters",
     "LayerAdapter",
     "LiveTensors",
-    "LoRASettings",
     "OnMerge",
     "StreamStats",
     "adapters_from_module",
@@ -51,21 +51,6 @@ __all__ = [
     "module_mismatch",
     "stream_merge",
 ]
-
-
-@dataclass(frozen=True)
-class LoRASettings:
-    """The settings every adapted layer shares (PEFT's ``LoraConfig`` fields)."""
-
-    r: int
-    alpha: float
-    dropout: float = 0.0
-    use_rslora: bool = False
-    use_dora: bool = False
-
-    @property
-    def scaling(self) -> float:
-        return lora_scaling(self.r, self.alpha, self.use_rslora)
 
 
 @dataclass(frozen=True)
@@ -99,7 +84,7 @@ class Adapters:
         replace: tensor key -> trained value, written instead of the stored tensor (or after the stored ones
             when the checkpoint has no such key).
         drop: keys of the checkpoint not to write (a tied ``lm_head.weight``).
-        settings: the shared LoRA settings (for the PEFT adapter directory).
+        settings: the LoRA settings every layer shares (r, alpha, dropout, rslora, dora: the PEFT adapter's).
         modules_to_save: the fully trained modules saved with the adapter.
         dtypes: a stored tensor's default output dtype when not its stored one (a live model's own dtype).
     """
@@ -107,7 +92,7 @@ class Adapters:
     layers: dict[str, LayerAdapter]
     replace: dict[str, torch.Tensor] = field(default_factory=dict)
     drop: set[str] = field(default_factory=set)
-    settings: LoRASettings | None = None
+    settings: LoRASpec | None = None
     modules_to_save: list[str] = field(default_factory=list)
     dtypes: dict[str, torch.dtype] = field(default_factory=dict)
 

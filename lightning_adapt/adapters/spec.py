@@ -1,0 +1,32 @@
+"""``LoRASpec``: the one description of a LoRA setup, read by injection, checkpoints and export (PEFT's
+``LoraConfig`` fields come from it), and the one place its defaults live. Imports nothing heavier than the
+adapters' shared definitions, so the export formats can use it without the injection machinery."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from lightning_adapt.adapters.delta import InitMethod
+
+__all__ = ["LoRASpec"]
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    """What to adapt and how; the arguments of :class:`~lightning_adapt.adapters.lora.LoRALinear` plus targeting.
+
+    ``target_parameters`` names parameters read outside a Linear's forward (fused MoE experts), adapted by
+    :class:`~lightning_adapt.adapters.parameters.LoRAParameters`; with it, ``target_modules=[]`` adapts no module.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: str | Sequence[str] | None = None
+    exclude_modules: Sequence[str] = ()
+    modules_to_save: Sequence[str] = ()
+    init: InitMethod = "kaiming"
+    use_rslora: bool = False
+    use_dora: bool = False
+    target_parameters: Sequence[str] = ()
