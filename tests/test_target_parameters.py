@@ -25,7 +25,7 @@ from lightning_adapt.adapters.parameters import LoRAParameters
 from lightning_adapt.callbacks.lora import LoRAInjectionCallback
 from lightning_adapt.errors import TargetingError
 from lightning_adapt.export.exporter import ExportOptions, export_model
-from lightning_adapt.export.streamed import streaming_unavailable
+from lightning_adapt.export.stream_export import streaming_unavailable
 from lightning_adapt.layers import adapter_param_ids
 
 V = 128
@@ -182,6 +182,37 @@ def test_a_2d_parameter_is_w_plus_scaled_ba() -> None:
     torch.testing.assert_close(model[0](x), expected)
     model(x).sum().backward()
     assert a.grad is not None and b.grad is not None and a.grad.abs().sum() > 0
+    torch.testing.assert_close(merge_lora(copy.deepcopy(model))(x), model(x), atol=1e-6, rtol=0)
+
+
+class TransposedExperts(nn.Module):
+    """Experts stored (E, in, out), as transformers flags with ``is_transposed``: expert e computes ``x @ W[e]``."""
+
+    is_transposed = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 5, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("ei,eio->eo", x, self.weight)
+
+
+def test_a_transposed_3d_parameter_adapts_each_expert_as_in_out() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(TransposedExperts())
+    inject_lora(model, LoRASpec(r=2, alpha=2.0, target_modules=[], target_parameters=["weight"]))
+    wrapper = model[0]
+    assert isinstance(wrapper, LoRAParameters)
+    a, b = wrapper.lora_A["weight"], wrapper.lora_B["weight"]
+    assert a.shape == (6, 5) and b.shape == (4, 6), "A (r·E, in), B (out, r·E)"
+    with torch.no_grad():
+        b.normal_()
+    x = torch.randn(3, 5)
+    expected = torch.stack(
+        [x[e] @ (wrapper.base_layer.weight[e] + (b[:, e::3] @ a[2 * e : 2 * e + 2]).T) for e in range(3)]
+    )
+    torch.testing.assert_close(model(x), expected)
     torch.testing.assert_close(merge_lora(copy.deepcopy(model))(x), model(x), atol=1e-6, rtol=0)
 
 

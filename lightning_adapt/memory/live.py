@@ -138,6 +138,8 @@ def _targets(spec: LoRASpec, shape: ModelShape) -> tuple[str, ...]:
     names = list(linear_shapes(shape))
     if spec.exclude_modules:
         raise ValueError(f"exclude_modules={list(spec.exclude_modules)} has no estimator equivalent")
+    if spec.target_parameters:  # the estimator's shapes hold linears only, not fused expert parameters
+        raise ValueError(f"target_parameters={list(spec.target_parameters)} has no estimator equivalent")
     if spec.target_modules == ALL_LINEAR:
         return (ALL_LINEAR,)
     if spec.target_modules is None:
