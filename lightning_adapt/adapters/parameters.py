@@ -89,14 +89,19 @@ class LoRAParameters(WeightAdapter):
             return 1, shape[0], shape[1]
         return (shape[0], shape[2], shape[1]) if self._transposed(name) else (shape[0], shape[1], shape[2])
 
+    def _factors(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A``, ``B`` in ``dtype``: 2-D ``(r, in)``, ``(out, r)``; 3-D per expert ``(E, r, in)``, ``(E, out, r)``."""
+        lora_a, lora_b = self.lora_A[name].to(dtype), self.lora_B[name].to(dtype)
+        if self._base(name).dim() == 2:
+            return lora_a, lora_b
+        experts, out, _ = self._dims(name)
+        return lora_a.reshape(experts, self.r, -1), lora_b.reshape(out, self.r, experts).permute(2, 0, 1)
+
     def delta(self, name: str) -> torch.Tensor:
         """``ΔW`` of the parameter ``name`` in its stored shape, fp32, differentiable in ``A`` and ``B``."""
-        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-        experts, out, _ = self._dims(name)
-        if self._base(name).dim() == 2:
-            return lora_delta(lora_a, lora_b, self.scaling)
-        a = lora_a.float().reshape(experts, self.r, -1)  # (E, r, in)
-        b = lora_b.float().reshape(out, self.r, experts).permute(2, 0, 1)  # (E, out, r)
+        a, b = self._factors(name, torch.float32)
+        if a.dim() == 2:
+            return lora_delta(a, b, self.scaling)
         delta = self.scaling * torch.bmm(b, a)  # (E, out, in)
         return delta.transpose(1, 2) if self._transposed(name) else delta
 
@@ -108,9 +113,20 @@ class LoRAParameters(WeightAdapter):
         return weight.float() + self.delta(name).to(weight.device)
 
     def effective(self, name: str) -> torch.Tensor:
-        """What the owner reads as ``name``: the adapted parameter in its own dtype (the parameter once merged)."""
+        """What the owner reads as ``name``: ``W + ΔW`` in ``W``'s dtype (the parameter itself once merged).
+
+        One fused ``addmm`` / ``baddbmm`` into a tensor of ``W``'s size and dtype: no fp32 copy of an expert stack
+        (for a bf16 base, ``A`` and ``B`` enter in bf16, as autocast would); ``B = 0`` gives ``W`` exactly.
+        """
         weight = self._base(name)
-        return weight if self.merged else self.merged_parameter(name).to(weight.dtype)
+        if self.merged:
+            return weight
+        a, b = self._factors(name, weight.dtype)
+        if weight.dim() == 2:
+            return torch.addmm(weight, b, a, alpha=self.scaling)
+        if self._transposed(name):  # W[e] (in, out) + (B_e A_e)ᵀ
+            return torch.baddbmm(weight, a.transpose(1, 2), b.transpose(1, 2), alpha=self.scaling)
+        return torch.baddbmm(weight, b, a, alpha=self.scaling)
 
     def merged_weight(self, base: torch.Tensor | None = None) -> torch.Tensor:
         raise TypeError(f"LoRAParameters adapts {self.parameter_names}: use merged_parameter(name).")
