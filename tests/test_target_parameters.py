@@ -264,15 +264,37 @@ class CausalLM(L.LightningModule):
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
 
 
-def test_a_lightning_fit_through_the_callback(tmp_path: Path) -> None:
+def _fit(tmp_path: Path, ckpt_path: str | None = None) -> tuple[CausalLM, L.Trainer, LoRAInjectionCallback]:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_adapt.callbacks.merge import MergeOnSaveCallback
+
     module = CausalLM(lambda: _base("qwen2-moe", tmp_path / "base"))
-    frozen = module.model.model.layers[0].mlp.experts.down_proj.detach().clone()
-    callback = LoRAInjectionCallback(
+    lora = LoRAInjectionCallback(
         r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"], target_parameters=EXPERTS
     )
+    callbacks = [lora, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)]
+    if ckpt_path is None:
+        callbacks.append(MergeOnSaveCallback(dirpath=str(tmp_path / "export")))
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randint(3, V, (4, 8))), batch_size=2)
-    trainer(tmp_path, max_steps=2, callbacks=[callback]).fit(module, data)
+    fit = trainer(tmp_path, max_steps=2, callbacks=callbacks, enable_checkpointing=True)
+    fit.fit(module, data, ckpt_path=ckpt_path)
+    return module, fit, lora
+
+
+def test_a_lightning_fit_checkpoint_resume_and_export_through_the_callbacks(tmp_path: Path) -> None:
+    module, _, callback = _fit(tmp_path)
     experts = module.model.model.layers[0].mlp.experts
     assert isinstance(experts, LoRAParameters) and "model.model.layers.0.mlp.experts" in callback.adapted
     assert experts.lora_B["down_proj"].abs().sum() > 0, "the experts' adapters trained"
-    assert torch.equal(experts.base_layer.down_proj, frozen)
+    plain = _base("qwen2-moe", tmp_path / "base")
+    assert torch.equal(experts.base_layer.down_proj, plain.model.layers[0].mlp.experts.down_proj), "base unchanged"
+    live = _logits(module.model.eval(), _ids())
+    checkpoint = torch.load(tmp_path / "ckpt/last.ckpt", weights_only=True)["state_dict"]
+    assert "model.model.layers.0.mlp.experts.lora_A.gate_up_proj" in checkpoint
+    assert not any(k.endswith("experts.base_layer.gate_up_proj") for k in checkpoint), "adapter-only"
+    resumed, _, _ = _fit(tmp_path, str(tmp_path / "ckpt/last.ckpt"))
+    assert torch.equal(_logits(resumed.model.eval(), _ids()), live), "the adapters came back from the checkpoint"
+    merged = type(plain).from_pretrained(tmp_path / "export/merged", local_files_only=True).eval()
+    torch.testing.assert_close(_logits(merged, _ids()), live, atol=1e-5, rtol=0)
+    assert (tmp_path / "export/adapter/adapter_config.json").is_file()
