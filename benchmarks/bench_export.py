@@ -1,6 +1,6 @@
 """Export benchmark: merging a LoRA adapter into a ≥1B-parameter base, streamed (ours) vs PEFT's in-memory merge.
 
-Claim checked: the streamed merge (:func:`lightning_adapt.export.streamed.export_streamed`) never holds the
+Claim checked: the streamed merge (:func:`lightning_adapt.export.stream_export.export_streamed`) never holds the
 model, so its peak memory is bounded by a few copies of the largest tensor, not by the model, at no cost in
 time. The base is a TinyLlama-shaped ``LlamaForCausalLM`` (hidden 2048, 22 layers, GQA 32/4 heads,
 intermediate 5632, vocab 32000, untied: 1.10B parameters, 2.2 GB in bf16) with random weights, written tensor
@@ -78,8 +78,8 @@ def _generate(args: argparse.Namespace, base: Path, adapter: Path) -> int:
 def _ours(base: Path, adapter: Path, out: Path) -> dict[str, Any]:
     from lightning_adapt.export.adapter_sources import adapters_from_peft
     from lightning_adapt.export.safetensors_io import read_index
-    from lightning_adapt.export.streamed import export_streamed
-    from lightning_adapt.export.streaming import model_keys
+    from lightning_adapt.export.stream_export import export_streamed
+    from lightning_adapt.export.stream_merge import model_keys
 
     keys = model_keys(read_index(base))
     result = export_streamed(base, out, adapters_from_peft(adapter, keys), keys=keys)
@@ -105,7 +105,7 @@ def _worker(args: argparse.Namespace) -> None:
     import torch
     import transformers  # noqa: F401
 
-    import lightning_adapt.export.streamed  # noqa: F401
+    import lightning_adapt.export.stream_export  # noqa: F401
     from lightning_adapt.resources import current_rss_bytes, peak_rss_bytes
 
     torch.set_num_threads(args.threads)

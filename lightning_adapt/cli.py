@@ -27,7 +27,7 @@ from typing_extensions import override
 from lightning_adapt.adapters.checkpoint import FINGERPRINT_KEY
 from lightning_adapt.callbacks._transform import build_model, transform_specs
 from lightning_adapt.callbacks.atomic_checkpoint import install_atomic_checkpoint_io
-from lightning_adapt.callbacks.merge import MergeOnSaveCallback, checkpoint_streaming_unavailable
+from lightning_adapt.callbacks.merge import MergeOnSaveCallback
 from lightning_adapt.checks import (
     check_strategy,
     last_checkpoint,
@@ -41,6 +41,7 @@ from lightning_adapt.checks import (
 from lightning_adapt.errors import CheckpointError, ConfigError, ExportError
 from lightning_adapt.export.exporter import check_target
 from lightning_adapt.export.original import request_spill
+from lightning_adapt.export.stream_export import checkpoint_streaming_unavailable
 
 #: Top-level recipe keys and the callback class each one configures (``class_path``/``init_args``);
 #: a key left out of the config adds nothing.

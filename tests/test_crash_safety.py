@@ -26,8 +26,8 @@ from lightning_adapt import atomic
 from lightning_adapt.adapters.inject import LoRASpec
 from lightning_adapt.errors import ExportError
 from lightning_adapt.export.safetensors_io import read_index
-from lightning_adapt.export.streamed import export_streamed
-from lightning_adapt.export.streaming import model_keys
+from lightning_adapt.export.stream_export import export_streamed
+from lightning_adapt.export.stream_merge import model_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = Path(__file__).resolve().parent / "export_kill_run.py"

@@ -417,7 +417,7 @@ def test_a_hugging_face_model_with_an_adapted_embedding_exports_in_memory(tmp_pa
     from transformers import LlamaForCausalLM
 
     from lightning_adapt.export.options import ExportOptions
-    from lightning_adapt.export.streamed import streaming_unavailable
+    from lightning_adapt.export.stream_export import streaming_unavailable
 
     model = tiny_llama(tie_word_embeddings=False)
     plain = copy.deepcopy(model)
@@ -496,8 +496,8 @@ def test_the_streamed_export_merges_an_embedding_adapter(source: str, tmp_path: 
 
     from lightning_adapt.export.adapter_sources import adapters_from_checkpoint, adapters_from_peft
     from lightning_adapt.export.safetensors_io import read_index
-    from lightning_adapt.export.streamed import export_streamed
-    from lightning_adapt.export.streaming import model_keys
+    from lightning_adapt.export.stream_export import export_streamed
+    from lightning_adapt.export.stream_merge import model_keys
 
     tiny_llama(tie_word_embeddings=False, hidden_size=100, num_attention_heads=2).save_pretrained(
         tmp_path / "base"

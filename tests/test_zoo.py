@@ -22,7 +22,7 @@ from lightning_adapt.adapters.lora import lora_modules, merge_lora
 from lightning_adapt.adapters.parameters import LoRAParameters
 from lightning_adapt.export.exporter import ExportOptions, export_model
 from lightning_adapt.export.original import spill_originals
-from lightning_adapt.export.streamed import export_module_streamed, streaming_unavailable
+from lightning_adapt.export.stream_export import export_module_streamed, streaming_unavailable
 from lightning_adapt.layers import adapter_param_ids, quantized_layers
 from lightning_adapt.quantize import QuantConfig, QuantPlan, quantize_model
 

@@ -1,7 +1,7 @@
 """``MergeOnSaveCallback``: write the PEFT-format adapter and the merged model at the end of fit.
 
 The merged model streams from the base model's safetensors files, tensor by tensor, whenever it can
-(:mod:`lightning_adapt.export.streamed`); otherwise it is merged in memory, and the printed summary says why.
+(:mod:`lightning_adapt.export.stream_export`); otherwise it is merged in memory, and the printed summary says why.
 ``lightning-adapt export`` comes through :meth:`MergeOnSaveCallback.export_checkpoint` (no model built) or,
 when that cannot work, through :meth:`MergeOnSaveCallback.export` on the rebuilt model. With a quantized base
 and validation data, the trained model and both merges are then validated (``evaluate``, :mod:`._merge_eval`).
@@ -39,17 +39,18 @@ from lightning_adapt.export.original import optional_source, request_spill
 from lightning_adapt.export.peft_format import export_root
 from lightning_adapt.export.report import RequantizedGap
 from lightning_adapt.export.safetensors_io import read_index
-from lightning_adapt.export.streamed import (
+from lightning_adapt.export.stream_export import (
     ModelFiles,
     base_model_prefix_of,
+    checkpoint_source,
+    checkpoint_streaming_unavailable,
     export_module_streamed,
     export_streamed,
-    is_hf_safetensors_dir,
     peft_writer,
     streaming_unavailable,
     uses_conv1d,
 )
-from lightning_adapt.export.streaming import model_keys
+from lightning_adapt.export.stream_merge import model_keys
 from lightning_adapt.quantize import QuantPlan
 
 
@@ -149,7 +150,7 @@ class MergeOnSaveCallback(L.Callback):
     ) -> ExportResult | None:  # fmt: skip
         """Export now (global rank zero only); later exports in the same run replace the earlier one.
 
-        Streams from the model's source files when :func:`~lightning_adapt.export.streamed.streaming_unavailable`
+        Streams from the model's source files when :func:`~lightning_adapt.export.stream_export.streaming_unavailable`
         allows it, else merges in memory. ``modules_to_save`` come from the run's LoRA settings, the tokenizer
         from the module or the datamodule, the probe of the merge report from ``probe_batch`` (default: the
         first training batch). ``evaluate``: measure the merges (:meth:`evaluate_merges`); ``None``: the
@@ -263,30 +264,6 @@ class MergeOnSaveCallback(L.Callback):
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.export(trainer, pl_module)
-
-
-def checkpoint_source(module: Any) -> Path | None:
-    """The Hugging Face directory ``module`` loads its weights from: its ``source_path``, else its
-    ``model_name_or_path`` hyperparameter when that is a directory; ``None`` when neither."""
-    path = getattr(module, "source_path", None) or (getattr(module, "hparams", None) or {}).get("model_name_or_path")
-    return Path(path) if path and Path(path).is_dir() else None
-
-
-def checkpoint_streaming_unavailable(
-    module: Any, state_dict: dict[str, Any], specs: list[object], merge_base: str
-) -> str | None:
-    """Why ``lightning-adapt export`` must rebuild the model and merge in memory; ``None`` when the checkpoint
-    can be merged into the module's source files as they stream by."""
-    if not any(isinstance(spec, LoRASpec) for spec in specs):
-        return "the recipe has no lora: (full fine-tuning): there is no adapter to merge into the source files"
-    if merge_base == "dequantized" and any(isinstance(spec, QuantPlan) for spec in specs):
-        return "merge_base='dequantized' merges into the live 4-bit layers"
-    path = checkpoint_source(module)
-    if not is_hf_safetensors_dir(path):
-        return f"the model's source {str(path) if path else None!r} is not a Hugging Face directory of safetensors"
-    if FINGERPRINT_KEY not in state_dict:
-        return "the checkpoint is not adapter-only (adapter_only_checkpoint: false): its trained tensors cannot be told from the base"
-    return None
 
 
 def _check_sharded_export(module: Any, specs: list[object], merge_base: str) -> None:

@@ -1,9 +1,9 @@
 """Export: the PEFT-format adapter and the merged model, written as safetensors. Pure torch + safetensors.
 
 * :mod:`.exporter`: :func:`export_model` (the in-memory merge), :func:`make_probe`, re-exports (the entry point);
-* :mod:`.streamed`: :func:`export_module_streamed` / :func:`export_streamed`, the merge streamed from the
-  base model's safetensors files, tensor by tensor, with no model built;
-* :mod:`.streaming`: the per-tensor merge loop and the :class:`Adapters` it folds in (from a live model);
+* :mod:`.stream_export`: the streamed export's entry points, :func:`export_module_streamed` / :func:`export_streamed`
+  (the merge streamed from the base model's safetensors files, with no model built), and when they apply;
+* :mod:`.stream_merge`: its engine, the per-tensor merge loop and the :class:`Adapters` it folds in (from a live model);
 * :mod:`.adapter_sources`: the same adapters read from an adapter-only Lightning checkpoint or a PEFT directory;
 * :mod:`.options`, :mod:`.original`, :mod:`.report`: export options; the original weights a model was loaded
   from; the QLoRA merge report, the memory report and :class:`ExportResult`;
@@ -16,8 +16,13 @@ from lightning_adapt.export.adapter_sources import adapters_from_checkpoint, ada
 from lightning_adapt.export.exporter import *  # noqa: F403 - the exporter is this package's public face
 from lightning_adapt.export.exporter import __all__ as _exporter_all
 from lightning_adapt.export.peft_format import load_adapter_weights, read_adapter, resolve_adapter_settings
-from lightning_adapt.export.streamed import ModelFiles, export_module_streamed, export_streamed, streaming_unavailable
-from lightning_adapt.export.streaming import Adapters, adapters_from_module, model_keys
+from lightning_adapt.export.stream_export import (
+    ModelFiles,
+    export_module_streamed,
+    export_streamed,
+    streaming_unavailable,
+)
+from lightning_adapt.export.stream_merge import Adapters, adapters_from_module, model_keys
 
 __all__ = [
     *_exporter_all,

@@ -1,7 +1,7 @@
 """Where the adapters of a streaming merge come from: a live model, a Lightning checkpoint, a PEFT directory.
 
-(A live model's adapters: :func:`~lightning_adapt.export.streaming.adapters_from_module`.) Each builder returns :class:`~lightning_adapt.export.streaming.Adapters` keyed by the merged model's names
-(the checkpoint's, see :func:`~lightning_adapt.export.streaming.model_keys`), checked against the base
+(A live model's adapters: :func:`~lightning_adapt.export.stream_merge.adapters_from_module`.) Each builder returns :class:`~lightning_adapt.export.stream_merge.Adapters` keyed by the merged model's names
+(the checkpoint's, see :func:`~lightning_adapt.export.stream_merge.model_keys`), checked against the base
 checkpoint's headers (names and shapes) before anything is written:
 
 * :func:`adapters_from_checkpoint`: an adapter-only Lightning ``state_dict`` (``model.<layer>.lora_A.weight``
@@ -26,7 +26,7 @@ from lightning_adapt.adapters.spec import LoRASpec
 from lightning_adapt.errors import ExportError
 from lightning_adapt.export.peft_format import PEFT_PREFIX, read_adapter, resolve_adapter_settings
 from lightning_adapt.export.safetensors_io import StoredTensor
-from lightning_adapt.export.streaming import Adapters, LayerAdapter
+from lightning_adapt.export.stream_merge import Adapters, LayerAdapter
 
 __all__ = [
     "ADAPTER_SUFFIXES",

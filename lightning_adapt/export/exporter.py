@@ -13,9 +13,9 @@ written as trained.
   that holds no Hugging Face model ``merged/`` is a safetensors state dict with the module's original key
   names that loads ``strict=True`` into the un-adapted module; QLoRA with ``merge_base='dequantized'``
   merges into the live 4-bit layers. Peak: the model plus one tensor.
-* :func:`~lightning_adapt.export.streamed.export_module_streamed` and
-  :func:`~lightning_adapt.export.streamed.export_streamed` **stream** from the base model's safetensors
-  files, tensor by tensor, and build no model (see :mod:`lightning_adapt.export.streaming`).
+* :func:`~lightning_adapt.export.stream_export.export_module_streamed` and
+  :func:`~lightning_adapt.export.stream_export.export_streamed` **stream** from the base model's safetensors
+  files, tensor by tensor, and build no model (see :mod:`lightning_adapt.export.stream_merge`).
 
 QLoRA: by default the merge uses the original full-precision weights re-read (tensor by tensor) from
 the checkpoint the model was loaded from, not the dequantized NF4 copy; the merged model is never
@@ -23,7 +23,7 @@ re-quantized. :class:`MergeReport` says how far the two choices differ.
 
 The parts: :mod:`.options` (:class:`ExportOptions`), :mod:`.original` (the source of the original weights),
 :mod:`.peft_format` (adapter layout, HF model lookup), :mod:`.merged_state` (the in-memory merged tensors),
-:mod:`.streaming` (the streaming merge), :mod:`.report` (merge report, memory, :class:`ExportResult`),
+:mod:`.stream_merge` (the streaming merge), :mod:`.report` (merge report, memory, :class:`ExportResult`),
 :mod:`.safetensors_io` (streaming sharded writer, plain-read reader, atomic directories).
 
 Example:

@@ -174,7 +174,7 @@ def merge_report(
 
 
 class RequantizedGap:
-    """An ``on_merge`` hook of :func:`~lightning_adapt.export.streaming.stream_merge`: for each adapted layer
+    """An ``on_merge`` hook of :func:`~lightning_adapt.export.stream_merge.stream_merge`: for each adapted layer
     ``plan`` quantizes, re-quantize the original weight as the loader did (``quantize_linear`` of it in fp32),
     merge the adapter into its dequantized copy and keep the max ``|ΔW|`` to the original merge. Costs a few
     copies of one layer at a time; the un-adapted quantized layers and the probe need a live model."""
@@ -190,7 +190,7 @@ class RequantizedGap:
 
     @torch.no_grad()
     def __call__(self, name: str, original: torch.Tensor, layer: Any, merged: torch.Tensor) -> None:
-        """``layer``: the :class:`~lightning_adapt.export.streaming.LayerAdapter` of ``name``."""
+        """``layer``: the :class:`~lightning_adapt.export.stream_merge.LayerAdapter` of ``name``."""
         if not self.selects(name):
             return
         weight = original.float().T if layer.conv1d else original.float()

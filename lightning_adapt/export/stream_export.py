@@ -1,9 +1,11 @@
-"""Export by streaming from the base model's safetensors files: no model is built, no merged copy is held.
+"""The streamed export's entry points: ``<dirpath>/adapter`` + ``<dirpath>/merged`` written by streaming from the base
+model's safetensors files through :mod:`lightning_adapt.export.stream_merge` (the engine): no model is built, no
+merged copy is held; and the checks that say when a module or a checkpoint can be exported that way.
 
 * :func:`export_module_streamed`: a live adapted module (``MergeOnSaveCallback`` at the end of fit): its
   adapters and trained tensors, merged into the weights read back from the directory it was loaded from;
   :func:`streaming_unavailable` says first why not, when it cannot (then :func:`~.exporter.export_model`).
-* :func:`export_streamed`: any :class:`~lightning_adapt.export.streaming.Adapters` (from a Lightning
+* :func:`export_streamed`: any :class:`~lightning_adapt.export.stream_merge.Adapters` (from a Lightning
   checkpoint or a PEFT directory, :mod:`.adapter_sources`) into a base directory (``lightning-adapt export``).
 
 Both write ``<dirpath>/adapter`` (PEFT's format) and ``<dirpath>/merged`` atomically, with the same tensors,
@@ -29,8 +31,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_adapt.adapters.checkpoint import FINGERPRINT_KEY
 from lightning_adapt.adapters.delta import lora_layers
 from lightning_adapt.adapters.lora import LoRALinear, lora_modules
+from lightning_adapt.adapters.spec import LoRASpec
 from lightning_adapt.atomic import atomic_directory, check_free_space, check_target
 from lightning_adapt.errors import ExportError
 from lightning_adapt.export.merged_state import check_tied_adapters
@@ -46,7 +50,7 @@ from lightning_adapt.export.safetensors_io import (
     safetensors_files,
     written_bytes,
 )
-from lightning_adapt.export.streaming import (
+from lightning_adapt.export.stream_merge import (
     Adapters,
     OnMerge,
     adapters_from_module,
@@ -56,11 +60,14 @@ from lightning_adapt.export.streaming import (
 )
 from lightning_adapt.layers import DTYPES, quantized_layers
 from lightning_adapt.naming import select
+from lightning_adapt.quantize import QuantPlan
 
 __all__ = [
     "TOKENIZER_FILES",
     "ModelFiles",
     "base_model_prefix_of",
+    "checkpoint_source",
+    "checkpoint_streaming_unavailable",
     "export_module_streamed",
     "export_streamed",
     "is_hf_safetensors_dir",
@@ -161,19 +168,19 @@ def export_streamed(
     argument: str = "dirpath",
 ) -> ExportResult:
     """Write ``<dirpath>/merged`` tensor by tensor from the safetensors files of ``source_path`` (see
-    :mod:`lightning_adapt.export.streaming`) and, with ``write_peft``, ``<dirpath>/adapter``; atomically.
+    :mod:`lightning_adapt.export.stream_merge`) and, with ``write_peft``, ``<dirpath>/adapter``; atomically.
     No model is built: the peak is one tensor's merge, reported in ``result.memory``.
 
     Args:
         source_path: the base model's Hugging Face directory (``config.json`` + safetensors).
         dirpath: target directory; must be absent or empty unless ``options.overwrite``.
-        adapters: what to merge (:func:`~lightning_adapt.export.streaming.adapters_from_module`,
+        adapters: what to merge (:func:`~lightning_adapt.export.stream_merge.adapters_from_module`,
             :mod:`lightning_adapt.export.adapter_sources`); keys as in ``keys``.
         options: dtype (default: each tensor's stored dtype, or ``adapters.dtypes``), shard size, overwrite.
         keys: the source's tensors under the model's names (default: its keys as stored).
         files: config, generation config and tokenizer to write (default: copied from the source).
         write_peft: writes the PEFT adapter directory it is given.
-        on_merge: per adapted layer, see :func:`~lightning_adapt.export.streaming.stream_merge`.
+        on_merge: per adapted layer, see :func:`~lightning_adapt.export.stream_merge.stream_merge`.
         argument: the name of ``dirpath`` in error messages.
     """
     options = options or ExportOptions()
@@ -267,6 +274,30 @@ def streaming_unavailable(
     keys = model_keys(read_index(str(path)), str(getattr(root, "base_model_prefix", "") or ""))
     mismatch = module_mismatch(root, keys)
     return None if mismatch is None else f"{path} does not hold this model's frozen weights: {mismatch}"
+
+
+def checkpoint_source(module: Any) -> Path | None:
+    """The Hugging Face directory ``module`` loads its weights from: its ``source_path``, else its
+    ``model_name_or_path`` hyperparameter when that is a directory; ``None`` when neither."""
+    path = getattr(module, "source_path", None) or (getattr(module, "hparams", None) or {}).get("model_name_or_path")
+    return Path(path) if path and Path(path).is_dir() else None
+
+
+def checkpoint_streaming_unavailable(
+    module: Any, state_dict: dict[str, Any], specs: list[object], merge_base: str
+) -> str | None:
+    """Why ``lightning-adapt export`` must rebuild the model and merge in memory; ``None`` when the checkpoint
+    can be merged into the module's source files as they stream by."""
+    if not any(isinstance(spec, LoRASpec) for spec in specs):
+        return "the recipe has no lora: (full fine-tuning): there is no adapter to merge into the source files"
+    if merge_base == "dequantized" and any(isinstance(spec, QuantPlan) for spec in specs):
+        return "merge_base='dequantized' merges into the live 4-bit layers"
+    path = checkpoint_source(module)
+    if not is_hf_safetensors_dir(path):
+        return f"the model's source {str(path) if path else None!r} is not a Hugging Face directory of safetensors"
+    if FINGERPRINT_KEY not in state_dict:
+        return "the checkpoint is not adapter-only (adapter_only_checkpoint: false): its trained tensors cannot be told from the base"
+    return None
 
 
 def export_module_streamed(

@@ -1,4 +1,6 @@
-"""Merge LoRA adapters into a base checkpoint tensor by tensor, straight from its safetensors files. Pure torch.
+"""The streaming merge engine: LoRA adapters folded into a base checkpoint tensor by tensor, straight from its
+safetensors files (what to fold: :class:`Adapters`; the plan and the loop: :func:`stream_merge`). Pure torch.
+The entry points that write export directories with it are in :mod:`lightning_adapt.export.stream_export`.
 
 No model is built. For every tensor of the base checkpoint (``model.safetensors`` or the shards of
 ``model.safetensors.index.json``), in file order::
