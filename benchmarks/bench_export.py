@@ -77,9 +77,8 @@ def _generate(args: argparse.Namespace, base: Path, adapter: Path) -> int:
 
 def _ours(base: Path, adapter: Path, out: Path) -> dict[str, Any]:
     from lightning_adapt.export.adapter_sources import adapters_from_peft
-    from lightning_adapt.export.safetensors_io import read_index
+    from lightning_adapt.export.safetensors_io import model_keys, read_index
     from lightning_adapt.export.stream_export import export_streamed
-    from lightning_adapt.export.stream_merge import model_keys
 
     keys = model_keys(read_index(base))
     result = export_streamed(base, out, adapters_from_peft(adapter, keys), keys=keys)

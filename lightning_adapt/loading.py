@@ -27,14 +27,7 @@ from torch import nn
 
 from lightning_adapt.errors import LoadError
 from lightning_adapt.export.original import remember_originals
-from lightning_adapt.export.safetensors_io import (
-    INDEX_FILE,
-    SINGLE_FILE,
-    StoredTensor,
-    base_prefix_rule,
-    read_header,
-    weight_files,
-)
+from lightning_adapt.export.safetensors_io import StoredTensor, base_prefix_rule, read_header, weight_files
 from lightning_adapt.layers import quant_storage_bytes, quantized_layers
 from lightning_adapt.naming import check_entries, under
 from lightning_adapt.quantize import QuantConfig, QuantPlan, default_compute_dtype, quantize_linear
@@ -132,9 +125,9 @@ def _index(path: Path, hint: Sequence[str], argument: str) -> dict[str, StoredTe
     files = weight_files(path)
     if not files:
         raise LoadError(
-            f"{argument}={str(path)!r}: no {SINGLE_FILE} or {INDEX_FILE} there (pickled .bin/.pt weights are never "
-            "loaded: unpickling can run code). Fix: point it at a directory with safetensors weights (convert a "
-            ".bin with `save_pretrained(..., safe_serialization=True)`)."
+            f"{argument}={str(path)!r}: no model.safetensors or model.safetensors.index.json there (pickled .bin/.pt "
+            "weights are never loaded: unpickling can run code). Fix: point it at a directory with safetensors weights "
+            "(convert a .bin with `save_pretrained(..., safe_serialization=True)`)."
         )
 
     def unreadable(file: Path, reason: Exception) -> LoadError:

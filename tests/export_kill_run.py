@@ -25,9 +25,8 @@ from lightning_adapt.adapters.inject import LoRASpec
 from lightning_adapt.errors import ConfigError
 from lightning_adapt.export.adapter_sources import adapters_from_checkpoint
 from lightning_adapt.export.exporter import ExportOptions
-from lightning_adapt.export.safetensors_io import StoredTensor, read_index
+from lightning_adapt.export.safetensors_io import StoredTensor, model_keys, read_index
 from lightning_adapt.export.stream_export import export_streamed
-from lightning_adapt.export.stream_merge import model_keys
 
 
 def adapter_state(hidden: int, layers: int, seed: int) -> dict[str, torch.Tensor]:

@@ -25,9 +25,10 @@ from test_export_streaming import _llama_dir, _tensors
 from lightning_adapt import atomic
 from lightning_adapt.adapters.inject import LoRASpec
 from lightning_adapt.errors import ExportError
-from lightning_adapt.export.safetensors_io import read_index
+from lightning_adapt.export.safetensors_io import model_keys, read_index
 from lightning_adapt.export.stream_export import export_streamed
-from lightning_adapt.export.stream_merge import model_keys
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = Path(__file__).resolve().parent / "export_kill_run.py"

@@ -26,14 +26,20 @@ from lightning_adapt.callbacks.merge import MergeOnSaveCallback
 from lightning_adapt.errors import ExportError
 from lightning_adapt.export.adapter_sources import adapters_from_checkpoint, adapters_from_peft
 from lightning_adapt.export.exporter import ExportOptions, export_model
-from lightning_adapt.export.safetensors_io import StoredTensor, TensorEntry, parse_size, read_index, write_safetensors
+from lightning_adapt.export.safetensors_io import (
+    StoredTensor,
+    TensorEntry,
+    model_keys,
+    parse_size,
+    read_index,
+    write_safetensors,
+)
 from lightning_adapt.export.stream_export import (
     checkpoint_streaming_unavailable,
     export_module_streamed,
     export_streamed,
     streaming_unavailable,
 )
-from lightning_adapt.export.stream_merge import model_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -304,7 +310,7 @@ def test_peak_memory_is_a_few_tensors_not_the_model(tmp_path: Path) -> None:
         from lightning_adapt.export.safetensors_io import read_index
         from lightning_adapt.export.stream_export import export_streamed
         from lightning_adapt.adapters.inject import LoRASpec
-        from lightning_adapt.export.stream_merge import model_keys
+        from lightning_adapt.export.safetensors_io import model_keys
         keys = model_keys(read_index({str(tmp_path / "base")!r}))
         state = torch.load({str(tmp_path / "adapter.pt")!r})["state_dict"]
         adapters = adapters_from_checkpoint(state, keys, LoRASpec(8, 16.0))

@@ -495,9 +495,8 @@ def test_the_streamed_export_merges_an_embedding_adapter(source: str, tmp_path: 
     from transformers import LlamaForCausalLM
 
     from lightning_adapt.export.adapter_sources import adapters_from_checkpoint, adapters_from_peft
-    from lightning_adapt.export.safetensors_io import read_index
+    from lightning_adapt.export.safetensors_io import model_keys, read_index
     from lightning_adapt.export.stream_export import export_streamed
-    from lightning_adapt.export.stream_merge import model_keys
 
     tiny_llama(tie_word_embeddings=False, hidden_size=100, num_attention_heads=2).save_pretrained(
         tmp_path / "base"

@@ -1,6 +1,4 @@
-"""``LoRASpec``: the one description of a LoRA setup, read by injection, checkpoints and export (PEFT's
-``LoraConfig`` fields come from it), and the one place its defaults live. Imports nothing heavier than the
-adapters' shared definitions, so the export formats can use it without the injection machinery."""
+"""``LoRASpec``: the one LoRA settings type (and its defaults) of injection, checkpoints and export; light to import."""
 
 from __future__ import annotations
 
@@ -8,8 +6,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lightning_adapt.adapters.delta import InitMethod
-
-__all__ = ["LoRASpec"]
 
 
 @dataclass(frozen=True)

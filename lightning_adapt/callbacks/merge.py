@@ -38,7 +38,7 @@ from lightning_adapt.export.merged_state import check_tied_adapters
 from lightning_adapt.export.original import optional_source, request_spill
 from lightning_adapt.export.peft_format import export_root
 from lightning_adapt.export.report import RequantizedGap
-from lightning_adapt.export.safetensors_io import read_index
+from lightning_adapt.export.safetensors_io import model_keys, read_index
 from lightning_adapt.export.stream_export import (
     ModelFiles,
     base_model_prefix_of,
@@ -50,7 +50,6 @@ from lightning_adapt.export.stream_export import (
     streaming_unavailable,
     uses_conv1d,
 )
-from lightning_adapt.export.stream_merge import model_keys
 from lightning_adapt.quantize import QuantPlan
 
 

@@ -16,13 +16,14 @@ from lightning_adapt.export.adapter_sources import adapters_from_checkpoint, ada
 from lightning_adapt.export.exporter import *  # noqa: F403 - the exporter is this package's public face
 from lightning_adapt.export.exporter import __all__ as _exporter_all
 from lightning_adapt.export.peft_format import load_adapter_weights, read_adapter, resolve_adapter_settings
+from lightning_adapt.export.safetensors_io import model_keys
 from lightning_adapt.export.stream_export import (
     ModelFiles,
     export_module_streamed,
     export_streamed,
     streaming_unavailable,
 )
-from lightning_adapt.export.stream_merge import Adapters, adapters_from_module, model_keys
+from lightning_adapt.export.stream_merge import Adapters, adapters_from_module
 
 __all__ = [
     *_exporter_all,

@@ -197,13 +197,9 @@ def write_adapter(root: nn.Module, out: Path, modules_to_save: list[str], base_m
 
 #: Our LoRA setting -> its name in PEFT's adapter_config.json (when neither sets it: :class:`LoRASpec`'s default).
 ADAPTER_SETTINGS = {
-    "r": "r",
-    "alpha": "lora_alpha",
-    "target_modules": "target_modules",
-    "use_rslora": "use_rslora",
-    "use_dora": "use_dora",
-    "modules_to_save": "modules_to_save",
-}
+    "r": "r", "alpha": "lora_alpha", "target_modules": "target_modules", "use_rslora": "use_rslora",
+    "use_dora": "use_dora", "modules_to_save": "modules_to_save",
+}  # fmt: skip
 
 
 def _same(ours: object, theirs: object) -> bool:

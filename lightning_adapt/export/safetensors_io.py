@@ -30,7 +30,7 @@ import math
 import os
 import re
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -47,10 +47,10 @@ __all__ = [
     "StoredTensor",
     "TensorEntry",
     "base_prefix_rule",
+    "model_keys",
     "parse_size",
     "read_header",
     "read_index",
-    "read_tensor",
     "safetensors_files",
     "weight_files",
     "write_safetensors",
@@ -235,25 +235,18 @@ class StoredTensor:
     nbytes: int
 
     def read(self, error: type[Exception] = ExportError) -> torch.Tensor:
-        """The tensor as stored, in new memory (see :func:`read_tensor`); a short file raises ``error``."""
-        return read_tensor(self.file, self.key, self.dtype, self.shape, self.start, self.nbytes, error)
-
-
-def read_tensor(
-    file: Path, key: str, dtype: torch.dtype, shape: tuple[int, ...], start: int, nbytes: int, error: type[Exception]
-) -> torch.Tensor:
-    """One tensor read with plain ``readinto`` into new CPU memory: the file is never mapped, so no page of it
-    counts in this process's resident memory once the call returns. A short file raises ``error``."""
-    buffer = torch.empty(nbytes, dtype=torch.uint8)
-    view, done = buffer.numpy().data, 0
-    with open(file, "rb", buffering=0) as f:
-        f.seek(start)
-        while done < nbytes:
-            n = f.readinto(view[done:])
-            if not n:
-                raise error(f"{file}: tensor {key!r} is cut short. Fix: download the file again.")
-            done += n
-    return buffer.view(dtype).reshape(shape)
+        """The tensor as stored, read with plain ``readinto`` into new CPU memory: the file is never mapped, so no
+        page of it counts in this process's resident memory once the call returns. A short file raises ``error``."""
+        buffer = torch.empty(self.nbytes, dtype=torch.uint8)
+        view, done = buffer.numpy().data, 0
+        with open(self.file, "rb", buffering=0) as f:
+            f.seek(self.start)
+            while done < self.nbytes:
+                n = f.readinto(view[done:])
+                if not n:
+                    raise error(f"{self.file}: tensor {self.key!r} is cut short. Fix: download the file again.")
+                done += n
+        return buffer.view(self.dtype).reshape(self.shape)
 
 
 def _unreadable(file: Path, reason: Exception) -> Exception:
@@ -321,6 +314,14 @@ def base_prefix_rule(base_model_prefix: str, names: Iterable[str], keys: Iterabl
     dot = base_model_prefix + "." if base_model_prefix else ""
     names_have, keys_have = (bool(dot) and any(k.startswith(dot) for k in ks) for ks in (names, keys))
     return (dot, "") if names_have and not keys_have else ("", dot) if keys_have and not names_have else ("", "")
+
+
+def model_keys(index: Mapping[str, StoredTensor], base_model_prefix: str = "") -> dict[str, StoredTensor]:
+    """The checkpoint's tensors under the model's names: a bare base checkpoint (no key under
+    ``base_model_prefix``, e.g. BERT's ``encoder...`` for ``bert.encoder...``) gets the prefix added,
+    as ``from_pretrained`` does when it loads a base model into a model with a head."""
+    strip, _ = base_prefix_rule(base_model_prefix, [base_model_prefix + "."], index)  # a model with a head
+    return {strip + key: stored for key, stored in index.items()}
 
 
 class SourceWeights:

@@ -45,19 +45,13 @@ from lightning_adapt.export.report import ExportResult, MemoryMeter, merge_repor
 from lightning_adapt.export.safetensors_io import (
     SMALLER_DTYPE_FIX,
     StoredTensor,
+    model_keys,
     parse_size,
     read_index,
     safetensors_files,
     written_bytes,
 )
-from lightning_adapt.export.stream_merge import (
-    Adapters,
-    OnMerge,
-    adapters_from_module,
-    model_keys,
-    module_mismatch,
-    stream_merge,
-)
+from lightning_adapt.export.stream_merge import Adapters, OnMerge, adapters_from_module, module_mismatch, stream_merge
 from lightning_adapt.layers import DTYPES, quantized_layers
 from lightning_adapt.naming import select
 from lightning_adapt.quantize import QuantPlan
@@ -79,12 +73,7 @@ __all__ = [
 
 def is_hf_safetensors_dir(path: str | Path | None) -> bool:
     """Whether ``path`` is a Hugging Face model directory with safetensors weights (``config.json`` too)."""
-    return (
-        bool(path)
-        and Path(str(path)).is_dir()
-        and (Path(str(path)) / "config.json").is_file()
-        and bool(safetensors_files(Path(str(path))))
-    )
+    return bool(path) and (Path(str(path)) / "config.json").is_file() and bool(safetensors_files(str(path)))
 
 
 def base_model_prefix_of(config: Any) -> str:

@@ -38,7 +38,7 @@ from torch import nn
 from lightning_adapt.adapters.lora import lora_modules, merged_weight
 from lightning_adapt.adapters.spec import LoRASpec
 from lightning_adapt.errors import ExportError
-from lightning_adapt.export.safetensors_io import StoredTensor, TensorEntry, base_prefix_rule, write_safetensors
+from lightning_adapt.export.safetensors_io import StoredTensor, TensorEntry, write_safetensors, written_bytes
 from lightning_adapt.layers import adapter_param_ids, is_conv1d, is_quantized, layer_dims
 
 __all__ = [
@@ -49,7 +49,6 @@ __all__ = [
     "StreamStats",
     "adapters_from_module",
     "live_tensors",
-    "model_keys",
     "module_mismatch",
     "stream_merge",
 ]
@@ -111,17 +110,6 @@ class StreamStats:
     largest_fp32_bytes: int
     model_bytes: int
     first_float_dtype: torch.dtype | None
-
-
-# --------------------------------------------------------------------------- key names
-
-
-def model_keys(index: Mapping[str, StoredTensor], base_model_prefix: str = "") -> dict[str, StoredTensor]:
-    """The checkpoint's tensors under the model's names: a bare base checkpoint (no key under
-    ``base_model_prefix``, e.g. BERT's ``encoder...`` for ``bert.encoder...``) gets the prefix added,
-    as ``from_pretrained`` does when it loads a base model into a model with a head."""
-    strip, _ = base_prefix_rule(base_model_prefix, [base_model_prefix + "."], index)  # a model with a head
-    return {strip + key: stored for key, stored in index.items()}
 
 
 # --------------------------------------------------------------------------- a live model
@@ -274,7 +262,7 @@ def stream_merge(
     """
     entries = _entries(keys, adapters, on_merge, argument)
     files = write_safetensors(out, entries, dtype, max_shard)
-    largest = max(keys, key=lambda k: _numel(keys[k].shape), default="")
+    largest = max(keys, key=lambda k: math.prod(keys[k].shape), default="")
     floats = [e.dtype for e in entries if e.dtype.is_floating_point]
     return StreamStats(
         files=files,
@@ -282,15 +270,7 @@ def stream_merge(
         merged_layers=len(adapters.layers),
         dropped=sorted(adapters.drop & set(keys)),
         largest_key=largest,
-        largest_fp32_bytes=4 * _numel(keys[largest].shape) if largest else 0,
-        model_bytes=sum(_numel(e.shape) * _out_dtype(e.dtype, dtype).itemsize for e in entries),
+        largest_fp32_bytes=4 * math.prod(keys[largest].shape) if largest else 0,
+        model_bytes=written_bytes(((e.shape, e.dtype) for e in entries), dtype),
         first_float_dtype=floats[0] if floats else None,
     )
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    return math.prod(shape)
-
-
-def _out_dtype(own: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
-    return dtype if dtype is not None and own.is_floating_point else own
