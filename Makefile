@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RECIPE ?= recipes/sentiment/lora.yaml
 
-.PHONY: demo test lint install clean bench figures
+.PHONY: demo test test-fast lint install clean bench figures
 
 $(STAMP): pyproject.toml constraints.txt requirements-assets.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "not slow and not distributed and not cuda"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)

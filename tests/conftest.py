@@ -19,12 +19,6 @@ torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: the files that take longest (``--durations``), started first so that no worker is left alone with one at the end
-_LONGEST_FIRST = (
-    "test_big_model.py", "test_fsdp.py", "test_cli.py", "test_crash_safety.py", "test_compare.py", "test_chat.py", "test_distributed.py",
-    "test_exact_resume.py", "test_fsdp1.py", "test_merge_eval.py", "test_loading.py",
-)  # fmt: skip
-
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """``-n auto``: one worker per core, at most 4 (the multi-process tests start 2 ranks each, and the 1B-model
@@ -33,9 +27,13 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Long files first (a stable sort keeps every file's own order, and every worker's collection the same)."""
-    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+    """Multi-process and slow files first (``distributed``, ``slow`` markers), so that no worker is left alone with
+    one at the end; a stable sort keeps every file's own order, and every worker's collection the same."""
+
+    def rank(item: pytest.Item) -> int:
+        return 0 if item.get_closest_marker("distributed") else 1 if item.get_closest_marker("slow") else 2
+
+    items.sort(key=rank)
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 DEMO = Path(__file__).resolve().parents[1] / "benchmarks" / "big_qlora_demo.py"
 
 

@@ -12,6 +12,8 @@ from lightning_adapt.chat import GenerationOptions
 from lightning_adapt.entry import main
 from lightning_adapt.errors import ConfigError
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 

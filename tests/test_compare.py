@@ -26,6 +26,8 @@ from lightning_adapt.entry import main
 from lightning_adapt.memory.cli import main as estimate_main
 from lightning_adapt.memory.estimator import Assumptions, estimate, load_model_shape
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = [ROOT / f"recipes/sentiment/{name}.yaml" for name in ("full", "lora", "qlora")]
 TINY = [

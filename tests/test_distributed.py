@@ -13,6 +13,8 @@ import pytest
 import torch
 from multiprocess import assert_same_weights, global_losses, launch, ranks
 
+pytestmark = pytest.mark.distributed
+
 SCRIPT = Path(__file__).resolve().parent / "distributed_run.py"
 STEPS_PER_EPOCH = 4  # 64 rows / global batch 16
 

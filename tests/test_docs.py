@@ -15,6 +15,8 @@ import pytest
 
 from lightning_adapt.entry import main
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 #: commands that are not run here, and who runs them

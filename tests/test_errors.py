@@ -18,6 +18,8 @@ from error_table import CASES, DOC, Case, Paths, document_table, evil_checkpoint
 
 from lightning_adapt.entry import main
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["negative", "neutral", "positive"]
 

@@ -29,6 +29,8 @@ from lightning_adapt.data import ResumableDataLoader, SeededShuffleSampler
 from lightning_adapt.errors import ConfigError, NonFiniteError
 from lightning_adapt.rng import capture_rng_states, restore_rng_states
 
+pytestmark = pytest.mark.slow
+
 RUN = Path(__file__).resolve().parent / "exact_resume_run.py"
 STEPS = 14
 

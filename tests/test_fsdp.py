@@ -22,6 +22,8 @@ from lightning_adapt.adapters.checkpoint import FINGERPRINT_KEY
 from lightning_adapt.callbacks.shard import FullyShardCallback, _blocks, _setup_problems
 from lightning_adapt.errors import ConfigError
 
+pytestmark = pytest.mark.distributed
+
 SCRIPT = Path(__file__).resolve().parent / "fsdp_run.py"
 STEPS_PER_EPOCH = 4  # 64 rows / global batch 16
 LAST = "epoch=1-step=8.ckpt"

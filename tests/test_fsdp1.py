@@ -22,6 +22,8 @@ from torch.distributed.fsdp import MixedPrecision
 from lightning_adapt.callbacks._fsdp1 import fsdp1_param_dtype, fsdp1_quant_storage, fsdp1_wrap_policy
 from lightning_adapt.errors import ConfigError
 
+pytestmark = pytest.mark.distributed
+
 SCRIPT = Path(__file__).resolve().parent / "fsdp1_run.py"
 sys.path.insert(0, str(SCRIPT.parent))
 
@@ -136,6 +138,7 @@ def test_wrap_policy_puts_adapters_in_fp32_units_and_blocks_in_units_of_their_ow
     assert decide(modules[f"{layer}.self_attn.k_proj"]) is False
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning's FSDPStrategy needs CUDA")
 def test_lightning_fsdp_strategy_trains_qlora_on_a_gpu_like_one_process(tmp_path: Path) -> None:
     import lightning as L

@@ -17,6 +17,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 
+pytestmark = pytest.mark.slow
+
 bnb = pytest.importorskip("bitsandbytes")
 
 from lightning_adapt import loading  # noqa: E402

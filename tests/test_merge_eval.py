@@ -26,6 +26,8 @@ from lightning_adapt.export.merge_eval import MergeEvaluation
 from lightning_adapt.layers import quantized_layers
 from lightning_adapt.tasks import CausalLMTask
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 

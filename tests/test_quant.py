@@ -353,6 +353,7 @@ def test_storage_bytes_and_meta_weights() -> None:
         quantize_linear(nn.Linear(64, 64, device="meta"), NF4_DQ)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("config", ALL, ids=IDS)
 def test_cuda_quantizes_on_the_device_and_matches(config: QuantConfig) -> None:

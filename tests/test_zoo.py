@@ -26,6 +26,8 @@ from lightning_adapt.export.stream_export import export_module_streamed, streami
 from lightning_adapt.layers import adapter_param_ids, quantized_layers
 from lightning_adapt.quantize import QuantConfig, QuantPlan, quantize_model
 
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("bitsandbytes")
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = ROOT / "docs" / "zoo.md"
