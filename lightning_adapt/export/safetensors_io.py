@@ -1,4 +1,4 @@
-"""Safetensors files for export: a streaming sharded writer, a tensor-by-tensor reader, atomic directories.
+"""Safetensors files: a streaming sharded writer, atomic directories, and the one reader (loading's too).
 
 Pure torch + safetensors: nothing here knows about LoRA, quantization or Lightning.
 
