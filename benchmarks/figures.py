@@ -125,7 +125,7 @@ def rendered(text: str) -> str:
         figures = json.loads((FIGURES / name / "figures.json").read_text())
         return f"<!-- figures:{name} -->\n{RENDER[name](figures)}\n<!-- /figures:{name} -->"
 
-    return re.sub(r"<!-- figures:(\w+) -->\n.*?\n<!-- /figures:\1 -->", block, text, flags=re.S)
+    return re.sub(r"<!-- figures:(\w+) -->\n(?:.*?\n)?<!-- /figures:\1 -->", block, text, flags=re.S)
 
 
 def main(argv: list[str] | None = None) -> None:
