@@ -151,3 +151,40 @@ def test_the_renderer_changes_a_hand_edited_figure() -> None:  # the check above
     readme = (ROOT / "README.md").read_text()
     edited = re.sub(r"(<!-- figures:sentiment -->\n.*?)(\d\.\d{3}) →", r"\g<1>0.999 →", readme, count=1, flags=re.S)
     assert edited != readme and figures.rendered(edited) == readme
+
+
+def _python_blocks() -> list[tuple[str, str, str]]:
+    """``(file, marker comment or "", code)`` of every Python block in the README and docs/."""
+    found = []
+    for doc in DOCS:
+        for marker, code in re.findall(r"(<!-- [^>]*-->\n)?```python\n(.*?)```", doc.read_text(), re.S):
+            found.append((doc.name, marker, code))
+    return found
+
+
+def test_every_python_block_is_run() -> None:
+    """The README's two examples run in their own tests (named in their markers); the rest run here."""
+    blocks = _python_blocks()
+    marked = [(name, marker) for name, marker, _ in blocks if marker]
+    assert [m.split(":")[0] for _, m in marked] == ["<!-- first-example", "<!-- own-module"], marked
+    unmarked = [(name, code) for name, marker, code in blocks if not marker]
+    assert [name for name, _ in unmarked] == ["reliability.md"], "a new Python block needs a test that runs it"
+
+
+def test_the_reliability_loader_block_runs() -> None:
+    from types import SimpleNamespace
+
+    from torch.utils.data import TensorDataset, default_collate
+
+    from lightning_adapt.data import ResumableDataLoader
+
+    code = next(code for name, marker, code in _python_blocks() if name == "reliability.md")
+    namespace: dict[str, Any] = {"collate": default_collate}
+    exec(compile(code, "docs/reliability.md", "exec"), namespace)
+    import torch
+
+    module = SimpleNamespace(train_set=TensorDataset(torch.arange(20.0)))
+    loader = namespace["train_dataloader"](module)
+    assert isinstance(loader, ResumableDataLoader)
+    batches = [b[0] for b in loader]
+    assert len(batches) == 3 and sorted(torch.cat(batches).tolist()) == list(map(float, range(20)))
