@@ -13,7 +13,7 @@ import resource
 import sys
 from pathlib import Path
 
-__all__ = ["current_rss_bytes", "peak_rss_bytes"]
+__all__ = ["current_rss_bytes", "peak_rss_bytes", "reset_peak_rss"]
 
 
 def current_rss_bytes() -> int:
@@ -30,3 +30,14 @@ def peak_rss_bytes() -> int:
         status = Path("/proc/self/status").read_text().splitlines()
         return 1024 * int(next(line for line in status if line.startswith("VmHWM:")).split()[1])
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * (1 if sys.platform == "darwin" else 1024)
+
+
+def reset_peak_rss() -> bool:
+    """Start ``VmHWM`` over from the resident size now (Linux >= 4.0: ``5`` to ``/proc/self/clear_refs``), so that
+    a peak measured later is this run's, not an earlier job's in the same process (a notebook, a test session).
+    Returns whether it could."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True

@@ -293,12 +293,14 @@ def test_one_table_by_default_with_the_peak_on_the_estimates_footing(caplog: pyt
     caplog.set_level(logging.INFO)
     report = MemoryReportCallback()
     module = ToyModule()
+    earlier = torch.ones(250_000_000)  # an earlier job of this process peaked 1 GB higher: not this run's peak
+    del earlier
     trainer(callbacks=[report], max_steps=2).fit(module, loader())
     assert caplog.text.count("| component | measured | estimated | ratio |") == 1
     assert "memory report at fit end" in caplog.text and "at fit start" not in caplog.text
     assert set(report.reports) == {"fit_start", "first_step", "fit_end"}
     weights = report.reports["fit_end"]["weights"][0]
     peak = report.reports["fit_end"]["peak"][0]
-    assert peak is not None and weights is not None and weights <= peak < 2e9, "the model's weights, not the process"
+    assert peak is not None and weights is not None and weights <= peak < 5e8, "the model's weights, not the process"
     with pytest.raises(ConfigError, match=r"show=\['fit_begin'\].*allowed"):
         MemoryReportCallback(show=["fit_begin"])  # type: ignore[list-item]

@@ -19,7 +19,7 @@ from lightning_adapt.layers import adapter_param_ids, dtype_name, quant_storage_
 from lightning_adapt.memory.estimator import Estimate, format_bytes, format_params
 from lightning_adapt.memory.live import predict
 from lightning_adapt.optim import optimizer_state_bytes
-from lightning_adapt.resources import current_rss_bytes, peak_rss_bytes
+from lightning_adapt.resources import current_rss_bytes, peak_rss_bytes, reset_peak_rss
 
 Stage = Literal["fit_start", "first_step", "fit_end"]
 _STAGES = {
@@ -102,6 +102,7 @@ class MemoryReportCallback(L.Callback):
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # the process before the model: now, less what a module built in __init__ already holds
+        reset_peak_rss()  # the peak is this run's, not an earlier job's in the same process
         built = sum(_nbytes(p) for p in pl_module.parameters() if not p.is_meta)
         self._baseline = max(0, current_rss_bytes() - built)
 

@@ -119,12 +119,15 @@ class TaskModule(L.LightningModule):
         self.log_dict(metrics, prog_bar=True, sync_dist=True)
 
     @override
+    def on_fit_end(self) -> None:
+        self._log_dir = self.trainer.log_dir  # a broadcast: every rank takes part, here, with the ranks in step
+
+    @override
     def teardown(self, stage: str) -> None:
-        """The run's summary, last on screen: after the callbacks' teardown (the progress bar's last frame)."""
-        if stage != "fit" or self.trainer.global_step == 0:
-            return
-        log_dir = self.trainer.log_dir  # a broadcast: every rank takes part
-        if self.trainer.is_global_zero:
+        """The run's summary, last on screen: after the callbacks' teardown (the progress bar's last frame). No
+        collective here: a rank that leaves while another still talks can abort gloo at exit."""
+        log_dir = self.__dict__.pop("_log_dir", None)
+        if stage == "fit" and self.trainer.global_step > 0 and self.trainer.is_global_zero:
             rank_zero_info("\n".join(self._summary(log_dir)))
 
     def _summary(self, log_dir: str | None) -> list[str]:
