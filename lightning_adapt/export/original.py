@@ -15,9 +15,11 @@ Recorded tensors are keyed by the module's own parameter names (``net.0.weight``
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -74,7 +76,8 @@ def spill_originals(module: nn.Module, layer_names: list[str], directory: Path) 
     into ``directory/original_weights.safetensors``, one tensor after another (nothing is copied in memory), and
     record them. Returns the bytes written (0 when every weight already has a source)."""
     weights = {name + ".weight": cast(torch.Tensor, module.get_submodule(name).weight) for name in layer_names}
-    missing = {key: w for key, w in weights.items() if _recorded_or_sourced(module, key) != tuple(w.shape)}
+    known = _known_shapes(module)
+    missing = {key: w for key, w in weights.items() if known(key) != tuple(w.shape)}
     if not missing:
         return 0
     entries = [TensorEntry(key, tuple(w.shape), w.dtype, functools.partial(_host, w)) for key, w in missing.items()]
@@ -96,21 +99,25 @@ def _host(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().cpu()
 
 
-def _recorded_or_sourced(module: nn.Module, key: str) -> tuple[int, ...] | None:
-    """The shape of the original of ``module``'s parameter ``key`` where one is known, else ``None``."""
+def _known_shapes(module: nn.Module) -> Callable[[str], tuple[int, ...] | None]:
+    """``key -> shape`` of the original of ``module``'s parameter ``key`` where one is known (recorded, or in the
+    source directory, whose headers are read once here), else ``None``."""
     recorded: dict[str, StoredTensor] = module.__dict__.get(_RECORDED, {})
-    if key in recorded:
-        return recorded[key].shape
     prefix, root = next(
         ((name + "." if name else "", sub) for name, sub in module.named_modules() if _is_hf(sub)), ("", module)
     )  # the outermost Hugging Face model, as export_root finds it
     path = source_dir(module, root, None)
-    if not path or not Path(path).is_dir() or not key.startswith(prefix):
-        return None
-    try:
-        return SourceWeights(path, str(getattr(root, "base_model_prefix", "") or "")).shape(key[len(prefix) :])
-    except ExportError:
-        return None
+    source = None
+    if path and Path(path).is_dir():
+        with contextlib.suppress(ExportError):
+            source = SourceWeights(path, str(getattr(root, "base_model_prefix", "") or ""))
+
+    def shape(key: str) -> tuple[int, ...] | None:
+        if key in recorded:
+            return recorded[key].shape
+        return source.shape(key[len(prefix) :]) if source is not None and key.startswith(prefix) else None
+
+    return shape
 
 
 def _is_hf(module: nn.Module) -> bool:
