@@ -113,6 +113,19 @@ def _adapter_params(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if id(p) in ids]
 
 
+def _embedding_and_q_adapted(model: nn.Module) -> torch.Tensor:
+    """Adapt a Llama's embedding and q_proj with random (non-identity) adapters; its logits on ``IDS``."""
+    inject_lora(model, LoRASpec(r=4, alpha=8, target_modules=["embed_tokens", "q_proj"]))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in _adapter_params(model):
+            p.normal_(std=0.3)
+        from toy import IDS
+
+        logits: torch.Tensor = model(IDS).logits
+    return logits
+
+
 def _run(model: nn.Module, kind: str) -> torch.Tensor:
     out: torch.Tensor = model(_inputs(kind))
     return out
@@ -421,12 +434,7 @@ def test_a_hugging_face_model_with_an_adapted_embedding_exports_in_memory(tmp_pa
 
     model = tiny_llama(tie_word_embeddings=False)
     plain = copy.deepcopy(model)
-    inject_lora(model, LoRASpec(r=4, alpha=8, target_modules=["embed_tokens", "q_proj"]))
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for p in _adapter_params(model):
-            p.normal_(std=0.3)
-        expected = model(IDS).logits
+    expected = _embedding_and_q_adapted(model)
     assert "'model.embed_tokens' is a conv/embedding/attention adapter" in str(
         streaming_unavailable(model, ExportOptions())
     )
@@ -502,12 +510,7 @@ def test_the_streamed_export_merges_an_embedding_adapter(source: str, tmp_path: 
         tmp_path / "base"
     )  # square embedding
     model = LlamaForCausalLM.from_pretrained(tmp_path / "base", local_files_only=True)
-    inject_lora(model, LoRASpec(r=4, alpha=8, target_modules=["embed_tokens", "q_proj"]))
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for p in _adapter_params(model):
-            p.normal_(std=0.3)
-        expected = model(IDS).logits
+    expected = _embedding_and_q_adapted(model)
     keys = model_keys(read_index(tmp_path / "base"))
     if source == "peft":
         write_adapter(model, tmp_path / "adapter", [], None)
