@@ -29,10 +29,12 @@ from torch.distributed.tensor import DTensor
 from lightning_adapt.errors import ConfigError, MissingDependencyError
 
 __all__ = [
+    "CONV1D_LAYOUT",
     "DTYPES",
     "OUTPUT_HEAD_NAMES",
     "AdapterModule",
     "adapter_param_ids",
+    "as_stored",
     "base_weight",
     "dequantize_weight",
     "dtype_name",
@@ -49,6 +51,7 @@ __all__ = [
     "quant_storage_bytes",
     "quantized_layers",
     "require_bitsandbytes",
+    "stored_shape",
     "to_dtype",
 ]
 
@@ -200,11 +203,30 @@ def is_linear_like(module: nn.Module) -> bool:
     return _kind(module) is not None
 
 
+#: set on a quantized layer made from a ``Conv1D``: it computes as a Linear, its checkpoints store ``(in, out)``
+CONV1D_LAYOUT = "conv1d_layout"
+
+
 def is_conv1d(layer: nn.Module) -> bool:
-    """Whether ``layer`` is a GPT-2 style ``transformers`` ``Conv1D`` (weight stored ``(in, out)``)."""
+    """Whether ``layer``'s checkpoints store its weight ``(in, out)``: a GPT-2 style ``transformers`` ``Conv1D``, or a
+    quantized layer made from one (which computes as a Linear on ``Wᵀ``)."""
+    if getattr(layer, CONV1D_LAYOUT, False) is True:
+        return True
     conv1d = sys.modules.get("transformers.pytorch_utils")  # never imported: no layer can be a Conv1D
     cls = getattr(conv1d, "Conv1D", None)
     return isinstance(cls, type) and isinstance(layer, cls)
+
+
+def as_stored(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """A dense ``(out, in)`` weight of ``layer`` in its checkpoint's orientation, or back (a transpose is its own
+    inverse): transposed for :func:`is_conv1d` layers, else ``weight`` itself."""
+    return weight.T if is_conv1d(layer) else weight
+
+
+def stored_shape(layer: nn.Module) -> tuple[int, int]:
+    """The shape of ``layer``'s weight in its checkpoints, without dequantizing."""
+    in_features, out_features = layer_dims(layer)
+    return (in_features, out_features) if is_conv1d(layer) else (out_features, in_features)
 
 
 def layer_writer(layer: nn.Module) -> Callable[[nn.Module, torch.Tensor], None] | None:

@@ -28,7 +28,7 @@ from torch import nn
 from lightning_adapt.errors import LoadError
 from lightning_adapt.export.original import remember_originals
 from lightning_adapt.export.safetensors_io import StoredTensor, base_prefix_rule, read_header, weight_files
-from lightning_adapt.layers import quant_storage_bytes, quantized_layers
+from lightning_adapt.layers import is_conv1d, quant_storage_bytes, quantized_layers
 from lightning_adapt.naming import check_entries, under
 from lightning_adapt.quantize import QuantConfig, QuantPlan, default_compute_dtype, quantize_linear
 from lightning_adapt.resources import current_rss_bytes, peak_rss_bytes
@@ -242,7 +242,8 @@ def _load_quantized(
     """Quantize layer ``name`` on ``device`` from its weight (and bias) cast to fp32, as ``quantize_model`` does
     after ``from_pretrained(dtype=torch.float32)``; its ``original_dtype`` (for ``summarize``) is ``dtype``."""
     old: Any = model.get_submodule(name)
-    temp = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None, device="meta")
+    with torch.device("meta"):  # an empty layer of the same kind (Linear, or GPT-2's Conv1D), filled below
+        temp = type(old)(old.nf, old.nx) if is_conv1d(old) else nn.Linear(old.in_features, old.out_features, False)
     for slot in slots:
         if slot.layer == name and slot.stored is not None:
             value = _read(slot.stored).to(device=device, dtype=torch.float32)

@@ -29,8 +29,10 @@ from torch import nn
 
 from lightning_adapt.errors import ConfigError
 from lightning_adapt.layers import (
+    CONV1D_LAYOUT,
     adapter_param_ids,
     dtype_name,
+    is_conv1d,
     output_head_names,
     quant_storage_bytes,
     quantized_layers,
@@ -179,7 +181,11 @@ def quantize_linear(linear: nn.Linear, config: QuantConfig) -> nn.Module:
         raise ValueError("quantize_linear needs real weights, got a Linear on the meta device: load them first.")
     if config.compute_dtype is None:
         config = replace(config, compute_dtype=default_compute_dtype(linear.weight))
-    layer: nn.Module = _QUANTIZERS[config.mode](linear, config, require_bitsandbytes())
+    conv1d = is_conv1d(linear)
+    source = _linear_of_conv1d(linear) if conv1d else linear
+    layer: nn.Module = _QUANTIZERS[config.mode](source, config, require_bitsandbytes())
+    if conv1d:
+        setattr(layer, CONV1D_LAYOUT, True)  # the export writes it back (in, out), as its checkpoints store it
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.detach().to(config.compute_dtype), requires_grad=False)
     if hasattr(layer, "support_avx512bf16_for_cpu"):
@@ -187,6 +193,19 @@ def quantize_linear(linear: nn.Linear, config: QuantConfig) -> nn.Module:
     layer.original_dtype = linear.weight.dtype  # type: ignore[assignment]
     layer.train(linear.training)
     return layer.requires_grad_(False)
+
+
+def _linear_of_conv1d(conv1d: nn.Module) -> nn.Linear:
+    """The ``nn.Linear`` a ``transformers`` ``Conv1D`` computes (``y = x W + b`` with ``W`` stored ``(in, out)``):
+    weight ``Wᵀ``, the same bias. Costs one layer's copy."""
+    weight: torch.Tensor = conv1d.weight  # type: ignore[assignment]
+    in_features, out_features = weight.shape
+    bias = conv1d.bias
+    linear = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight.detach().T.contiguous(), requires_grad=False)
+    if isinstance(bias, torch.Tensor):
+        linear.bias = nn.Parameter(bias.detach(), requires_grad=False)
+    return linear
 
 
 def _layer_label(module: Any) -> str:
@@ -256,7 +275,7 @@ def _tied_linear_names(model: nn.Module) -> set[str]:
     return {
         name
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and len(owners.get(id(module.weight), ())) > 1
+        if _dense_linear(module) and len(owners.get(id(module.weight), ())) > 1
     }
 
 
@@ -270,7 +289,7 @@ def default_skip_names(model: nn.Module) -> set[str]:
     (``_keep_in_fp32_modules``: T5's ``wo``, whose forward casts its input to that weight's dtype).
     """
     heads = output_head_names(model)
-    linear = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    linear = {name for name, module in model.named_modules() if _dense_linear(module)}
     return (heads & linear) | _tied_linear_names(model) | (_keep_in_fp32(model) & linear)
 
 
@@ -287,15 +306,20 @@ def _keep_in_fp32(model: nn.Module) -> set[str]:
     return found
 
 
+def _dense_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` (bitsandbytes' layers are subclasses) or a ``transformers`` ``Conv1D`` (GPT-2)."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
 def candidate_names(model: nn.Module) -> list[str]:
-    """Names of full-precision Linear layers that may be quantized (never LoRA adapters)."""
+    """Names of full-precision Linear (and ``Conv1D``) layers that may be quantized (never LoRA adapters)."""
     bnb = require_bitsandbytes()
     excluded = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt, nn.modules.linear.NonDynamicallyQuantizableLinear)
     adapter_ids = adapter_param_ids(model)
     return [
         name
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear)
+        if _dense_linear(module)
         and not isinstance(module, excluded)  # MultiheadAttention reads out_proj.weight directly
         and id(module.weight) not in adapter_ids
     ]

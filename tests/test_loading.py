@@ -123,6 +123,30 @@ def test_quantized_layers_are_bit_identical_to_load_then_quantize(
         assert torch.equal(ours(IDS).logits, ref(IDS).logits)
 
 
+def test_gpt2_conv1d_layers_quantize_while_loading_as_after_loading(tmp_path: Path) -> None:
+    """GPT-2 keeps its linear weights (in, out) in ``Conv1D``: they quantize (as the Linear on Wᵀ they compute),
+    bit-identically while loading and after, and the export knows to write them back (in, out)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=32)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    ref = _pretrained(tmp_path)
+    dense = {name: module.weight.detach().clone() for name, module in ref.named_modules() if hasattr(module, "nf")}
+    quantize_model(ref, CONFIGS["nf4"])
+    ours = _empty(tmp_path)
+    report = load_pretrained(ours, WeightSource(tmp_path), plan=QuantPlan(CONFIGS["nf4"]), dtype=FP32)
+    layers = dict(quantized_layers(ours))
+    assert list(layers) == list(dict(quantized_layers(ref))) == list(dense) and report.quantized_layers == 8
+    for name, layer in layers.items():
+        assert torch.equal(dequantize_weight(layer), dequantize_weight(dict(quantized_layers(ref))[name]))
+        error = (dequantize_weight(layer) - dense[name].T).abs().max()  # the NF4 copy of Wᵀ, not of W
+        assert error <= dense[name].abs().max() / 7, name
+    ours.eval(), ref.eval()
+    with torch.no_grad():
+        assert torch.equal(ours(IDS % 256).logits, ref(IDS % 256).logits)
+
+
 def test_a_plan_never_quantizes_the_tied_lm_head(tiny_llama_dir: Path) -> None:
     model = _empty(tiny_llama_dir)
     load_pretrained(model, WeightSource(tiny_llama_dir), plan=QuantPlan(CONFIGS["nf4+dq"]))

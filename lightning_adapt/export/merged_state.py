@@ -30,7 +30,7 @@ from lightning_adapt.adapters.kinds import WeightAdapter
 from lightning_adapt.adapters.lora import LoRALinear
 from lightning_adapt.errors import ExportError
 from lightning_adapt.export.safetensors_io import SourceWeights, TensorEntry
-from lightning_adapt.layers import base_weight, is_conv1d, is_quantized
+from lightning_adapt.layers import as_stored, base_weight, is_conv1d, is_quantized
 
 __all__ = ["check_tied_adapters", "merged_entries"]
 
@@ -58,7 +58,7 @@ class _Merger:
 
     def base(self, key: str, layer: nn.Module) -> torch.Tensor:
         if self.source is not None and is_quantized(layer):
-            return self.source.get(key).float()
+            return as_stored(layer, self.source.get(key).float())  # to (out, in)
         return base_weight(layer).cpu()
 
     def weight_entry(self, prefix: str, layer: nn.Module) -> None:
@@ -69,7 +69,7 @@ class _Merger:
             weight = self.base(key, base)
             if isinstance(layer, LoRALinear) and not layer.merged:
                 weight = layer.merged_weight(weight)
-            return weight.T if is_conv1d(base) else weight
+            return as_stored(base, weight)
 
         dims = (int(getattr(layer, "out_features", 0)), int(getattr(layer, "in_features", 0)))
         self.entries.append(TensorEntry(key, dims[::-1] if is_conv1d(base) else dims, _natural_dtype(base), load))

@@ -29,7 +29,7 @@ from torch import nn
 from lightning_adapt.atomic import check_free_space
 from lightning_adapt.errors import ExportError
 from lightning_adapt.export.safetensors_io import SourceWeights, StoredTensor, TensorEntry, stream_safetensors
-from lightning_adapt.layers import quantized_layers
+from lightning_adapt.layers import quantized_layers, stored_shape
 
 __all__ = [
     "optional_source",
@@ -169,7 +169,7 @@ def source_for(module: nn.Module, root: nn.Module, source_path: str | Path | Non
     source = SourceWeights(path, str(getattr(root, "base_model_prefix", "") or ""), argument)
     bad = []
     for name, layer in quantized_bases(root):
-        want = (int(layer.out_features), int(layer.in_features))
+        want = stored_shape(layer)
         got = source.shape(name + ".weight")
         if got != want:
             bad.append(f"{name}.weight: source {got} vs model {want}")

@@ -29,7 +29,7 @@ from lightning_adapt.adapters.lora import LoRALinear, merged_weight
 from lightning_adapt.export.merge_eval import MergeEvaluation
 from lightning_adapt.export.original import quantized_bases
 from lightning_adapt.export.safetensors_io import SourceWeights
-from lightning_adapt.layers import OUTPUT_HEAD_NAMES, base_weight
+from lightning_adapt.layers import OUTPUT_HEAD_NAMES, as_stored, base_weight
 from lightning_adapt.naming import under
 from lightning_adapt.quantize import QuantPlan, quantize_linear
 
@@ -91,7 +91,7 @@ def merged_weights(root: nn.Module, source: SourceWeights | None) -> Iterator[tu
     for name, layer in quantized_bases(root):
         wrapper = root.get_submodule(name)
         device = _device(wrapper)
-        base = source.get(name + ".weight").to(device) if source is not None else None
+        base = as_stored(layer, source.get(name + ".weight").to(device)) if source is not None else None
         if isinstance(wrapper, LoRALinear):
             yield name, wrapper.merged_weight(base)
         else:

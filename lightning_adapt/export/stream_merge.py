@@ -39,7 +39,7 @@ from lightning_adapt.adapters.lora import lora_modules, merged_weight
 from lightning_adapt.adapters.spec import LoRASpec
 from lightning_adapt.errors import ExportError
 from lightning_adapt.export.safetensors_io import StoredTensor, TensorEntry, write_safetensors, written_bytes
-from lightning_adapt.layers import adapter_param_ids, is_conv1d, is_quantized, layer_dims
+from lightning_adapt.layers import adapter_param_ids, is_conv1d, is_quantized, stored_shape
 
 __all__ = [
     "Adapters",
@@ -148,7 +148,7 @@ def live_tensors(root: nn.Module) -> LiveTensors:
             if is_quantized(module) and name == "weight":  # packed codes: the dtype and shape before quantization
                 original = getattr(module, "original_dtype", None)
                 found.dtypes[key] = original if isinstance(original, torch.dtype) else torch.float32
-                found.shapes[key] = layer_dims(module)[::-1]
+                found.shapes[key] = stored_shape(module)
             if is_buffer or tensor.requires_grad:
                 found.live.add(key)
     return found
