@@ -77,11 +77,14 @@ def _generate(args: argparse.Namespace, base: Path, adapter: Path) -> int:
 
 def _ours(base: Path, adapter: Path, out: Path) -> dict[str, Any]:
     from lightning_adapt.export.adapter_sources import adapters_from_peft
+    from lightning_adapt.export.options import ExportOptions
     from lightning_adapt.export.safetensors_io import model_keys, read_index
     from lightning_adapt.export.stream_export import export_streamed
 
     keys = model_keys(read_index(base))
-    result = export_streamed(base, out, adapters_from_peft(adapter, keys), keys=keys)
+    result = export_streamed(
+        base, out, adapters_from_peft(adapter, keys), ExportOptions(measure_memory=True), keys=keys
+    )
     assert result.memory is not None
     return {"report": result.memory.format(), "largest_fp32": result.memory.largest_fp32_bytes,
             "model_bytes": result.memory.model_bytes}  # fmt: skip

@@ -104,6 +104,7 @@ class AdaptTrainer(Trainer):
             output, merge_base, dtype, max_shard_size, overwrite=overwrite, evaluate=evaluate, eval_batches=eval_batches
         )
         merge.argument = "--output"
+        merge.measure_memory = merge.reports_memory(self)
         fix = " Fix: pass a checkpoint trained with this recipe (same model, quantize: and lora: settings)."
         state = read_checkpoint(ckpt_path)["state_dict"]  # mapped: a full checkpoint's base is never read in
         specs = transform_specs(self)

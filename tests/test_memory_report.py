@@ -304,3 +304,15 @@ def test_one_table_by_default_with_the_peak_on_the_estimates_footing(caplog: pyt
     assert peak is not None and weights is not None and weights <= peak < 5e8, "the model's weights, not the process"
     with pytest.raises(ConfigError, match=r"show=\['fit_begin'\].*allowed"):
         MemoryReportCallback(show=["fit_begin"])  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize("with_report", [True, False])
+def test_the_export_measures_its_memory_only_when_the_run_reports_memory(with_report: bool, tmp_path: Path) -> None:
+    """The export's sampling thread runs for a memory report (whose table its figure joins), not otherwise."""
+    from lightning_adapt.callbacks.merge import MergeOnSaveCallback
+
+    merge = MergeOnSaveCallback(str(tmp_path / "export"), evaluate=False)
+    callbacks = [LoRAInjectionCallback(r=2, target_modules=["q_proj"]), merge]
+    callbacks += [MemoryReportCallback()] if with_report else []
+    trainer(tmp_path, max_steps=1, callbacks=callbacks).fit(ToyModule(), loader())
+    assert merge.result is not None and (merge.result.memory is not None) == with_report

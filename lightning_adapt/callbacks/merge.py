@@ -24,6 +24,7 @@ from lightning_adapt.adapters.inject import LoRASpec
 from lightning_adapt.callbacks._merge_eval import evaluate_merges
 from lightning_adapt.callbacks._sharded_export import gather_trainable, run_on_rank_zero
 from lightning_adapt.callbacks._transform import transform_specs
+from lightning_adapt.callbacks.memory_report import MemoryReportCallback
 from lightning_adapt.errors import ConfigError, ExportError
 from lightning_adapt.export.adapter_sources import adapters_from_checkpoint
 from lightning_adapt.export.exporter import (
@@ -110,10 +111,17 @@ class MergeOnSaveCallback(L.Callback):
         self.result: ExportResult | None = None
         self._probe_batch: Any = None
         self.argument = "dirpath"
+        self.measure_memory = False  # the export's peak memory: measured when the run has a memory report
+
+    @staticmethod
+    def reports_memory(trainer: L.Trainer) -> bool:
+        """Whether ``trainer``'s run has a :class:`MemoryReportCallback`, which asks for the export's memory."""
+        return any(isinstance(callback, MemoryReportCallback) for callback in trainer.callbacks)  # type: ignore[attr-defined]
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         sharded = isinstance(trainer.strategy, ModelParallelStrategy)
+        self.measure_memory = self.reports_memory(trainer)
         if sharded:
             _check_sharded_export(pl_module, transform_specs(trainer), self.options.merge_base)
         if stage == "fit" and self.result is None:  # refuse before training, not after it
@@ -240,7 +248,8 @@ class MergeOnSaveCallback(L.Callback):
         return self.dirpath
 
     def _options(self) -> ExportOptions:
-        return self.options if self.result is None else replace(self.options, overwrite=True)
+        overwrite = self.options.overwrite or self.result is not None  # a later export replaces the earlier one
+        return replace(self.options, overwrite=overwrite, measure_memory=self.measure_memory)
 
     def _announce(self, result: ExportResult) -> ExportResult:
         self.result = result

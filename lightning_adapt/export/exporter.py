@@ -49,7 +49,7 @@ from lightning_adapt.export.options import DTypeName, ExportOptions, MergeBase
 from lightning_adapt.export.original import optional_source, source_dir, source_for
 from lightning_adapt.export.peft_format import PEFT_PREFIX, export_root, no_peft_layout, write_adapter
 from lightning_adapt.export.peft_parameters import no_parameter_layout, to_peft_parameters
-from lightning_adapt.export.report import ExportResult, MemoryMeter, MergeReport, merge_report
+from lightning_adapt.export.report import ExportResult, MergeReport, memory_meter, merge_report
 from lightning_adapt.export.safetensors_io import (
     SMALLER_DTYPE_FIX,
     SourceWeights,
@@ -177,7 +177,7 @@ def export_model(
     to_save = modules_to_save_names([name for name, _ in root.named_modules() if name], modules_to_save)
     name = source_dir(module, root, source_path)
     result = ExportResult(target)
-    with MemoryMeter() as meter, atomic_directory(target, options.overwrite, argument) as tmp:
+    with memory_meter(options.measure_memory) as meter, atomic_directory(target, options.overwrite, argument) as tmp:
         if lora_layers(root) and (why := no_peft_layout(root) or no_parameter_layout(root)):
             print(f"export: no PEFT adapter written ({why}); merged/ holds the adapted weights.")
         elif lora_layers(root):
@@ -188,7 +188,7 @@ def export_model(
             root, tmp / "merged", options, source, hf, tokenizer if hf else None, target=target, argument=argument
         )
         result.merged = target / "merged"
-    result.memory = meter.result()
+    result.memory = meter.result() if meter is not None else None
     if source is not None:
         result.report = merge_report(root, source, probe)
     return result

@@ -24,6 +24,8 @@ class ExportOptions:
         dtype: dtype of the merged floating tensors; ``None`` keeps each base tensor's own dtype.
         max_shard_size: above this size the merged weights are sharded (``model-0000k-of-0000n``).
         overwrite: replace an existing non-empty ``dirpath`` (atomically) instead of refusing.
+        measure_memory: measure the export's peak resident memory (``ExportResult.memory``; a sampling thread
+            runs while it writes): for a memory report or a benchmark, off otherwise.
 
     Raises:
         ExportError: every invalid option, listed at once.
@@ -33,6 +35,7 @@ class ExportOptions:
     dtype: DTypeName | None = None
     max_shard_size: int | str = "5GB"
     overwrite: bool = False
+    measure_memory: bool = False
 
     def __post_init__(self) -> None:
         problems = []

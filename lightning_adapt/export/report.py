@@ -41,6 +41,7 @@ __all__ = [
     "RequantizedGap",
     "dense_bytes",
     "dense_layers",
+    "memory_meter",
     "merge_report",
     "merged_weights",
 ]
@@ -240,6 +241,11 @@ class ExportMemory:
         if self.model_bytes:
             parts.append(f"merged model {self.model_bytes / mb:.1f} MB")
         return "; ".join(parts)
+
+
+def memory_meter(enabled: bool) -> contextlib.AbstractContextManager[MemoryMeter | None]:
+    """A :class:`MemoryMeter` when ``enabled`` (``ExportOptions.measure_memory``), else nothing to measure."""
+    return MemoryMeter() if enabled else contextlib.nullcontext()
 
 
 class MemoryMeter:

@@ -41,7 +41,7 @@ from lightning_adapt.export.merged_state import check_tied_adapters
 from lightning_adapt.export.options import ExportOptions
 from lightning_adapt.export.original import source_dir, source_for
 from lightning_adapt.export.peft_format import PEFT_PREFIX, export_root, peft_config, write_adapter, write_adapter_files
-from lightning_adapt.export.report import ExportResult, MemoryMeter, merge_report
+from lightning_adapt.export.report import ExportResult, memory_meter, merge_report
 from lightning_adapt.export.safetensors_io import (
     SMALLER_DTYPE_FIX,
     StoredTensor,
@@ -158,7 +158,7 @@ def export_streamed(
 ) -> ExportResult:
     """Write ``<dirpath>/merged`` tensor by tensor from the safetensors files of ``source_path`` (see
     :mod:`lightning_adapt.export.stream_merge`) and, with ``write_peft``, ``<dirpath>/adapter``; atomically.
-    No model is built: the peak is one tensor's merge, reported in ``result.memory``.
+    No model is built: the peak is one tensor's merge, reported in ``result.memory`` (``options.measure_memory``).
 
     Args:
         source_path: the base model's Hugging Face directory (``config.json`` + safetensors).
@@ -180,7 +180,7 @@ def export_streamed(
     kept = ((stored.shape, stored.dtype) for key, stored in keys.items() if key not in adapters.drop)
     check_free_space(target, written_bytes(kept, dtype), argument, SMALLER_DTYPE_FIX)
     result = ExportResult(target, streamed=True)
-    with MemoryMeter() as meter, atomic_directory(target, options.overwrite, argument) as tmp:
+    with memory_meter(options.measure_memory) as meter, atomic_directory(target, options.overwrite, argument) as tmp:
         if write_peft is not None:
             write_peft(tmp / "adapter")
             result.adapter = target / "adapter"
@@ -191,7 +191,8 @@ def export_streamed(
         _write_side_files(source, tmp / "merged", files or ModelFiles())
         result.merged = target / "merged"
     result.dropped_tied = stats.dropped
-    result.memory = meter.result(stats.largest_key, stats.largest_fp32_bytes, stats.model_bytes)
+    if meter is not None:
+        result.memory = meter.result(stats.largest_key, stats.largest_fp32_bytes, stats.model_bytes)
     return result
 
 
