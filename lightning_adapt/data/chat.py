@@ -18,6 +18,7 @@ from lightning_adapt.data._common import (
     shared_arguments_doc,
 )
 from lightning_adapt.data.batching import IGNORE_INDEX, Batching, check_batching, training_loader
+from lightning_adapt.data.conversation import as_messages, encode_conversation, read_chat_conversations
 from lightning_adapt.data.resumable import ResumableDataLoader
 from lightning_adapt.errors import DataError
 
@@ -27,6 +28,7 @@ __all__ = [
     "NoResponseLeftWarning",
     "drop_responseless",
     "encode_pair",
+    "left_padded_prompts",
     "read_chat_pairs",
 ]
 
@@ -78,6 +80,7 @@ class ChatDataModule(SplitDataModule):
     padding set to -100). Prediction batches hold left-padded prompts (``input_ids``, ``attention_mask``)
     and the ``prompt`` / ``reference`` strings, for generation. An example whose response ``max_length``
     truncates away entirely would train nothing: it is dropped, with one :class:`NoResponseLeftWarning`.
+    With ``multi_turn=True`` an example is a whole conversation, labelled on every assistant turn.
 
     ``batching`` lays out the training batches (validation stays padded); every layout trains on the same
     tokens with the same per-token loss, they differ in padding (chatterbot-corpus with SmolLM2's template,
@@ -109,6 +112,7 @@ class ChatDataModule(SplitDataModule):
         seed: int = 42,
         num_workers: int = 0,
         batching: Batching = "pad",
+        multi_turn: bool = False,
     ) -> None:
         """
         Args:
@@ -118,6 +122,9 @@ class ChatDataModule(SplitDataModule):
             batching: how training examples form batches: ``pad`` (padded to the longest), ``group_by_length``
                 (examples of similar length together) or ``pack`` (concatenated into one row of up to
                 ``batch_size × max_length`` tokens, attention kept inside each example; no padding).
+            multi_turn: each conversation is one example of alternating user / assistant turns, with the loss on
+                every assistant turn and none on user or system turns (:mod:`lightning_adapt.data.conversation`);
+                ``False``: each consecutive pair of turns is one prompt/response example.
         """
         check_readable(data_dir, "data.data_dir", "directory")
         problem = check_batching(batching)
@@ -128,6 +135,7 @@ class ChatDataModule(SplitDataModule):
         self.data_dir = data_dir
         self.categories = categories
         self.batching = batching
+        self.multi_turn = multi_turn
 
     @override
     def setup(self, stage: str) -> None:
@@ -153,20 +161,30 @@ class ChatDataModule(SplitDataModule):
         )
 
     @override
-    def read_examples(self) -> list[tuple[str, str]]:
+    def read_examples(self) -> list[tuple[str, str]] | list[list[str]]:
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise DataError(f"data.tokenizer={self.tokenizer_name!r} has no chat template. Fix: use a chat model.")
         folder = self.data_dir or str(
             packaged_path("chatterbot_corpus", "chatterbot-corpus==1.3.3", "data/english", "data.data_dir")
         )
+        if self.multi_turn:
+            return read_chat_conversations(folder, self.categories)
         return read_chat_pairs(folder, self.categories)
 
     @override
-    def encode(self, examples: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    def encode(self, examples: list[Any]) -> list[dict[str, Any]]:
+        if self.multi_turn:
+            return [self._encode_conversation(turns) for turns in examples]
         return [
             {**encode_pair(self.tokenizer, prompt, reply, self.max_length), "prompt": prompt, "reference": reply}
             for prompt, reply in examples
         ]
+
+    def _encode_conversation(self, turns: list[str]) -> dict[str, Any]:
+        """One conversation's row; ``prompt`` / ``reference``: its last exchange (what predict generates and shows)."""
+        messages = as_messages(turns)
+        encoded = encode_conversation(self.tokenizer, messages, self.max_length)
+        return {**encoded, "prompt": messages[-2]["content"], "reference": messages[-1]["content"]}
 
     @override
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -186,19 +204,24 @@ class ChatDataModule(SplitDataModule):
     @override
     def predict_collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Left-pad prompts for generation."""
-        width = max(len(r["prompt_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = len(r["prompt_ids"])
-            ids[i, width - n :] = torch.tensor(r["prompt_ids"])
-            mask[i, width - n :] = 1
-        return {
-            "input_ids": ids,
-            "attention_mask": mask,
-            "prompt": [r["prompt"] for r in rows],
-            "reference": [r["reference"] for r in rows],
-        }
+        return left_padded_prompts(rows, self.tokenizer.pad_token_id)
+
+
+def left_padded_prompts(rows: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Generation batch of rows with ``prompt_ids``, ``prompt`` and ``reference``: the prompts left-padded."""
+    width = max(len(r["prompt_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["prompt_ids"])
+        ids[i, width - n :] = torch.tensor(r["prompt_ids"])
+        mask[i, width - n :] = 1
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "prompt": [r["prompt"] for r in rows],
+        "reference": [r["reference"] for r in rows],
+    }
 
 
 def drop_responseless(splits: dict[str, list[dict[str, Any]]], max_length: int) -> dict[str, list[dict[str, Any]]]:
