@@ -29,7 +29,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
 
 import numpy as np
 import torch
@@ -52,13 +52,42 @@ from lightning_adapt.export.safetensors_io import TensorEntry, _trim_heap
 if TYPE_CHECKING:
     import gguf
 
-    from lightning_adapt.export.stream_merge import Adapters
-
-__all__ = ["ARCHITECTURES", "QUANTS", "GGUFResult", "Quant", "require_gguf", "write_gguf", "write_gguf_adapter"]
+__all__ = [
+    "ARCHITECTURES",
+    "QUANTS",
+    "GGUFResult",
+    "LoRAAdapters",
+    "LoRALayer",
+    "Quant",
+    "require_gguf",
+    "write_gguf",
+    "write_gguf_adapter",
+]
 
 Quant = Literal["f32", "f16", "bf16", "q8_0"]
 QUANTS: tuple[str, ...] = get_args(Quant)
 _Q8_CHUNK = 1 << 20  # elements quantized at a time: bounds q8_0's numpy temporaries
+
+
+class LoRALayer(Protocol):
+    """One adapted layer as :class:`~lightning_adapt.export.stream_merge.LayerAdapter` holds it (read structurally:
+    this module stays below the merge engine)."""
+
+    @property
+    def lora_A(self) -> torch.Tensor: ...  # (r, in)
+    @property
+    def lora_B(self) -> torch.Tensor: ...  # (out, r)
+    @property
+    def scaling(self) -> float: ...
+    @property
+    def magnitude(self) -> torch.Tensor | None: ...  # DoRA
+
+
+class LoRAAdapters(Protocol):
+    """What :func:`write_gguf_adapter` reads of :class:`~lightning_adapt.export.stream_merge.Adapters`."""
+
+    @property
+    def layers(self) -> Mapping[str, LoRALayer]: ...
 
 
 @dataclass(frozen=True)
@@ -274,7 +303,7 @@ def write_gguf(
     return GGUFResult(Path(out_file), arch, len(planned), nbytes, _largest(planned))
 
 
-def _adapter_alpha(adapters: Adapters) -> float:
+def _adapter_alpha(adapters: LoRAAdapters) -> float:
     """llama.cpp's one ``adapter.lora.alpha`` (scale = alpha / r): ``scaling · r``, which must agree for all layers."""
     alphas = {round(a.scaling * a.lora_A.shape[0], 6) for a in adapters.layers.values()}
     dora = [name for name, a in adapters.layers.items() if a.magnitude is not None]
@@ -289,7 +318,7 @@ def _adapter_alpha(adapters: Adapters) -> float:
 
 @torch.no_grad()
 def write_gguf_adapter(
-    out_file: Path, source_dir: Path, adapters: Adapters, quant: Quant = "f32", *, overwrite: bool = False
+    out_file: Path, source_dir: Path, adapters: LoRAAdapters, quant: Quant = "f32", *, overwrite: bool = False
 ) -> GGUFResult:
     """Write the LoRA ``adapters`` as a llama.cpp adapter GGUF (``llama-cli -m base.gguf --lora out_file``):
     ``general.type = adapter``, ``adapter.type = lora``, ``adapter.lora.alpha``, and per adapted layer
