@@ -1,5 +1,6 @@
 # `make demo` runs the main job on an embedded default; `make test` runs the whole test suite;
 # `make figures` reruns the comparisons the README quotes and rewrites its figures (docs/figures/);
+# `make llama-cpp` compiles llama.cpp into the venv (llama-cpp-python; several minutes) for tests/test_gguf_llama_cpp.py;
 # `make bench` measures every benchmark ratio in one run and regenerates benchmarks/RESULTS.md (BENCH_ARGS=--quick: smoke test).
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RECIPE ?= recipes/sentiment/lora.yaml
 
-.PHONY: demo test test-fast lint install clean bench figures
+.PHONY: demo test test-fast lint install clean bench figures llama-cpp
 
 $(STAMP): pyproject.toml constraints.txt requirements-assets.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +32,9 @@ test: lint
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow and not distributed and not cuda"
+
+llama-cpp: $(STAMP)
+	CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-2} $(BIN)/pip install 'llama-cpp-python>=0.3.30'
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
