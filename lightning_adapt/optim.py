@@ -1,4 +1,4 @@
-"""Optimizer-side math of QLoRA: the bitsandbytes optimizer registry, param-group rebuilding, state size.
+"""Optimizer-side math of QLoRA: the bitsandbytes optimizer registry, param-group rebuilding, LoRA+, state size.
 
 Everything here is plain torch (and a lazy bitsandbytes import); no Lightning. The
 :class:`~lightning_adapt.callbacks.paged_optimizer.PagedOptimizerPlugin` callback only translates
@@ -162,11 +162,55 @@ def rebuild_param_groups(
         for key, value in overrides.items():
             if value is None:
                 continue
-            if key == "lr" and "lr" in group:
-                _scale_lr(group, float(value))
+            if key == "lr" and "lr" in group:  # a LoRA+ group keeps its ratio to the others
+                _scale_lr(group, float(value) * float(group.get(LORA_PLUS, 1.0)))
             else:
                 group[key] = value
     return new_groups
+
+
+#: Param-group key of a LoRA+ group (the ``B`` factors split off one group) holding its learning-rate ratio.
+LORA_PLUS = "lora_plus_ratio"
+#: Group keys that are learning rates (a LoRA+ group holds them times its ratio): torch's, OneCycleLR's, CyclicLR's.
+_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr", "base_lr")
+#: Per-group lists of LR schedulers (torch's), and whether they hold learning rates (else: per-group functions).
+_SCHEDULER_LISTS = {"base_lrs": True, "_last_lr": True, "max_lrs": True, "min_lrs": True, "lr_lambdas": False}
+
+
+def split_lora_plus(optimizer: torch.optim.Optimizer, b_params: Iterable[Tensor], ratio: float) -> dict[int, int]:
+    """LoRA+: move the ``b_params`` of each group of ``optimizer`` into a new group whose learning rates are
+    ``ratio ×`` the group's (every other key copied), in place, before any state exists. Idempotent: an optimizer
+    that already holds a LoRA+ group (key :data:`LORA_PLUS`) is left alone.
+
+    Returns:
+        ``{source group index: new group index}``, for :func:`extend_scheduler`.
+    """
+    if any(LORA_PLUS in group for group in optimizer.param_groups):
+        return {}
+    ids = {id(p) for p in b_params}
+    added: dict[int, int] = {}
+    for index, group in enumerate(list(optimizer.param_groups)):
+        moved = [p for p in group["params"] if id(p) in ids]
+        if not moved:
+            continue
+        group["params"] = [p for p in group["params"] if id(p) not in ids]
+        keys = {k: v * ratio if k in _LR_KEYS and isinstance(v, float | int) else v for k, v in group.items()}
+        optimizer.add_param_group({**keys, "params": moved, LORA_PLUS: ratio})
+        added[index] = len(optimizer.param_groups) - 1
+    return added
+
+
+def extend_scheduler(scheduler: Any, added: Mapping[int, int], ratio: float) -> None:
+    """Give an LR scheduler built before :func:`split_lora_plus` an entry for each new group: its per-group lists
+    (``base_lrs``, ``lr_lambdas``, ...) get the source group's entry (learning rates times ``ratio``); nested
+    schedulers (``SequentialLR``, ``ChainedScheduler``) too. A list not one entry per group so far is left alone."""
+    for child in getattr(scheduler, "_schedulers", None) or []:
+        extend_scheduler(child, added, ratio)
+    for source, new in sorted(added.items(), key=lambda item: item[1]):
+        for attr, is_lr in _SCHEDULER_LISTS.items():
+            values = getattr(scheduler, attr, None)
+            if isinstance(values, list) and len(values) == new:
+                values.append(values[source] * ratio if is_lr else values[source])
 
 
 def build_optimizer(name: str, groups: list[dict[str, Any]], min_8bit_size: int = 4096) -> torch.optim.Optimizer:
