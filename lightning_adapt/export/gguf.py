@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
 import numpy as np
 import torch
 
-from lightning_adapt.atomic import atomic_file, target_lock
+from lightning_adapt.atomic import atomic_file, check_free_space, target_lock
 from lightning_adapt.errors import ExportError
 from lightning_adapt.export.gguf_meta import (
     ARCHITECTURES,
@@ -242,6 +242,8 @@ def _write(out_file: Path, writer: gguf.GGUFWriter, planned: list[_Planned], ove
         raise ExportError(
             f"out_file={str(out_file)!r} exists. Fix: choose a new path, or allow replacing it (overwrite: true)."
         )
+    nbytes = sum(_nbytes(p.shape, p.qtype) for p in planned)
+    check_free_space(out_file.parent, nbytes, "out_file")
     for p in planned:  # shapes are element shapes: gguf converts them only for uint8 byte shapes
         writer.add_tensor_info(
             p.name, p.shape, np.dtype(np.float32), _nbytes(p.shape, p.qtype), g.GGMLQuantizationType(p.qtype)
@@ -258,7 +260,7 @@ def _write(out_file: Path, writer: gguf.GGUFWriter, planned: list[_Planned], ove
                 _trim_heap()
         finally:
             writer.close()
-    return sum(_nbytes(p.shape, p.qtype) for p in planned)
+    return nbytes
 
 
 def _largest(planned: list[_Planned]) -> str:
