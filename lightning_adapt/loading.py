@@ -25,12 +25,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_adapt.adapters.init import before_quantize
 from lightning_adapt.errors import LoadError
 from lightning_adapt.export.original import remember_originals
 from lightning_adapt.export.safetensors_io import StoredTensor, base_prefix_rule, read_header, weight_files
 from lightning_adapt.layers import is_conv1d, quant_storage_bytes, quantized_layers
 from lightning_adapt.naming import check_entries, under
-from lightning_adapt.quantize import QuantConfig, QuantPlan, default_compute_dtype, quantize_linear
+from lightning_adapt.quantize import (
+    QuantConfig,
+    QuantPlan,
+    default_compute_dtype,
+    quantization_roundtrip,
+    quantize_linear,
+)
 from lightning_adapt.resources import current_rss_bytes, peak_rss_bytes
 
 #: Stale keys of buffers that models now compute in ``__init__`` (Hugging Face ignores them too).
@@ -237,10 +244,18 @@ def _assign(slot: _Slot, value: torch.Tensor) -> None:
 
 
 def _load_quantized(
-    model: nn.Module, name: str, slots: list[_Slot], config: QuantConfig, dtype: torch.dtype, device: torch.device
+    model: nn.Module,
+    name: str,
+    slots: list[_Slot],
+    config: QuantConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    changed: set[str],
 ) -> None:
     """Quantize layer ``name`` on ``device`` from its weight (and bias) cast to fp32, as ``quantize_model`` does
-    after ``from_pretrained(dtype=torch.float32)``; its ``original_dtype`` (for ``summarize``) is ``dtype``."""
+    after ``from_pretrained(dtype=torch.float32)``; its ``original_dtype`` (for ``summarize``) is ``dtype``. A layer
+    of ``changed`` goes through the :func:`before_quantize` hook first (LoRA's PiSSA / OLoRA / LoftQ init: the
+    fp32 weight then holds the changed base)."""
     old: Any = model.get_submodule(name)
     with torch.device("meta"):  # an empty layer of the same kind (Linear, or GPT-2's Conv1D), filled below
         temp = type(old)(old.nf, old.nx) if is_conv1d(old) else nn.Linear(old.in_features, old.out_features, False)
@@ -248,13 +263,21 @@ def _load_quantized(
         if slot.layer == name and slot.stored is not None:
             value = _read(slot.stored).to(device=device, dtype=torch.float32)
             setattr(temp, slot.names[0].rpartition(".")[2], nn.Parameter(value, requires_grad=False))
+    hook, finish = before_quantize(model), None
+    if hook is not None and name in changed:
+        finish = hook(temp, quantization_roundtrip(config, torch.float32))
     layer = quantize_linear(temp.train(old.training), config)
     layer.original_dtype = dtype  # type: ignore[assignment]
+    if finish is not None:
+        finish(layer)
     setattr(model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2], layer)
 
 
-def _stream(model: nn.Module, slots: list[_Slot], config: QuantConfig, dtype: torch.dtype, dev: torch.device) -> None:
-    """Load the slots in file order, one tensor (or one quantized layer) at a time."""
+def _stream(
+    model: nn.Module, slots: list[_Slot], config: QuantConfig, dtype: torch.dtype, dev: torch.device, changed: set[str]
+) -> None:
+    """Load the slots in file order, one tensor (or one quantized layer) at a time; ``changed``: the layers the
+    :func:`before_quantize` hook prepares (:func:`_load_quantized`)."""
     pending = [s for s in slots if s.stored is not None]
     for slot in sorted(pending, key=lambda s: (str(s.stored.file), s.stored.start)):  # type: ignore[union-attr]
         if slot.stored is not None and not slot.layer:
@@ -262,7 +285,7 @@ def _stream(model: nn.Module, slots: list[_Slot], config: QuantConfig, dtype: to
             _assign(slot, source.to(device=dev, dtype=dtype if source.is_floating_point() else source.dtype))
             del source  # the full-precision source is freed before the next read
         elif slot.names[0] == slot.layer + ".weight":  # the bias comes with it
-            _load_quantized(model, slot.layer, slots, config, dtype, dev)
+            _load_quantized(model, slot.layer, slots, config, dtype, dev, changed)
             with contextlib.suppress(OSError, AttributeError):  # glibc only; it would keep the freed fp32
                 ctypes.CDLL(None).malloc_trim(0)  # transients resident (64M-param nf4 load: peak 1.8x final)
 
@@ -343,7 +366,8 @@ def load_pretrained(
         config = replace(config, compute_dtype=default_compute_dtype(torch.empty(0, dtype=dtype, device=device)))
     try:
         slots, files, ignored = _prepare(model, source, plan, init_missing)
-        _stream(model, slots, config, dtype, device)
+        hook = before_quantize(model) if plan is not None else None
+        _stream(model, slots, config, dtype, device, hook.targets(model) if hook is not None else set())
         root = model.get_submodule(source.prefix)
         initialized, weight_bytes = _initialize(root, slots, dtype, device), _finish(model, root, files)
     except BaseException:

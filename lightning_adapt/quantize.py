@@ -31,6 +31,7 @@ from lightning_adapt.errors import ConfigError
 from lightning_adapt.layers import (
     CONV1D_LAYOUT,
     adapter_param_ids,
+    dequantize_weight,
     dtype_name,
     is_conv1d,
     output_head_names,
@@ -206,6 +207,18 @@ def _linear_of_conv1d(conv1d: nn.Module) -> nn.Linear:
     if isinstance(bias, torch.Tensor):
         linear.bias = nn.Parameter(bias.detach(), requires_grad=False)
     return linear
+
+
+def quantization_roundtrip(config: QuantConfig, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``W -> deq(quant(W))``, fp32: the weight a layer quantized by :func:`quantize_linear` from ``W`` cast to
+    ``dtype`` computes with (the same codes, state and compute dtype), for LoftQ's fit to the quantization error."""
+
+    def roundtrip(weight: torch.Tensor) -> torch.Tensor:
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        linear.weight = nn.Parameter(weight.detach().to(dtype), requires_grad=False)
+        return dequantize_weight(quantize_linear(linear, config)).float()
+
+    return roundtrip
 
 
 def _layer_label(module: Any) -> str:

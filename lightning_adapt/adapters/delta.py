@@ -17,6 +17,7 @@ from torch import nn
 __all__ = [
     "Foldable",
     "InitMethod",
+    "LoRAInit",
     "init_lora_pair",
     "keep_adapter_precision",
     "lora_arg_problems",
@@ -27,8 +28,11 @@ __all__ = [
     "parameter_problem",
 ]
 
+#: Random initialisations of ``A`` (``B = 0``), every layer kind.
 InitMethod = Literal["kaiming", "gaussian"]
-_INITS: tuple[str, ...] = ("kaiming", "gaussian")
+#: Linear layers also start from the weight itself (:mod:`lightning_adapt.adapters.init`: the base changes).
+LoRAInit = Literal["kaiming", "gaussian", "pissa", "olora", "loftq"]
+_INITS: tuple[str, ...] = ("kaiming", "gaussian", "pissa", "olora", "loftq")
 
 
 def lora_arg_problems(r: object, alpha: object, dropout: object, init: object = "kaiming") -> list[str]:
@@ -41,7 +45,10 @@ def lora_arg_problems(r: object, alpha: object, dropout: object, init: object = 
     if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
         problems.append(f"dropout={dropout!r}: must satisfy 0 <= dropout < 1. Fix: dropout=0.05, or 0.0 to disable it.")
     if init not in _INITS:
-        problems.append(f"init={init!r}: must be one of {_INITS}; Fix: init='kaiming' (PEFT's default).")
+        problems.append(
+            f"init={init!r}: must be one of {_INITS} (pissa/olora/loftq start from the weight's SVD / QR / "
+            "quantization error); Fix: init='kaiming' (PEFT's default)."
+        )
     return problems
 
 

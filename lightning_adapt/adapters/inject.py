@@ -15,10 +15,11 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from lightning_adapt.adapters.attention import LoRAMultiheadAttention
-from lightning_adapt.adapters.delta import Foldable, lora_layers
+from lightning_adapt.adapters.attention import LoRAMultiheadAttention, LoRAProjection
+from lightning_adapt.adapters.delta import Foldable, InitMethod, lora_layers
+from lightning_adapt.adapters.init import CHANGED_BASE_INITS
 from lightning_adapt.adapters.kinds import LoRAConv, LoRAEmbedding, check_adaptable
-from lightning_adapt.adapters.lora import LoRALinear
+from lightning_adapt.adapters.lora import LoRALinear, lora_modules
 from lightning_adapt.adapters.parameters import LoRAParameters
 from lightning_adapt.adapters.spec import LoRASpec as LoRASpec  # its home; imported from here too
 from lightning_adapt.adapters.targeting import adaptable_kind, find_parameters, find_targets, replace_module
@@ -29,13 +30,31 @@ from lightning_adapt.naming import select
 _SPEC_ATTR = "_lightning_adapt_lora_spec"
 
 
+def _random(spec: LoRASpec) -> InitMethod:
+    """The init of a non-linear kind (checked by :func:`_check_init_kinds`: never one that changes the base)."""
+    return cast(InitMethod, spec.init)
+
+
 #: The LoRA wrapper of each layer kind (:func:`~lightning_adapt.adapters.targeting.adaptable_kind`).
 _WRAP: dict[str, Callable[[Any, LoRASpec], nn.Module]] = {
     "linear": lambda layer, s: LoRALinear(layer, s.r, s.alpha, s.dropout, s.init, s.use_rslora, s.use_dora),
-    "conv": lambda layer, s: LoRAConv(layer, s.r, s.alpha, s.dropout, s.init, s.use_rslora),
-    "embedding": lambda layer, s: LoRAEmbedding(layer, s.r, s.alpha, s.dropout, s.init, s.use_rslora),
-    "attention": lambda layer, s: LoRAMultiheadAttention(layer, s.r, s.alpha, s.dropout, s.init, s.use_rslora),
+    "conv": lambda layer, s: LoRAConv(layer, s.r, s.alpha, s.dropout, _random(s), s.use_rslora),
+    "embedding": lambda layer, s: LoRAEmbedding(layer, s.r, s.alpha, s.dropout, _random(s), s.use_rslora),
+    "attention": lambda layer, s: LoRAMultiheadAttention(layer, s.r, s.alpha, s.dropout, _random(s), s.use_rslora),
 }
+
+
+def _check_init_kinds(model: nn.Module, spec: LoRASpec, targets: list[str], owners: dict[str, Any]) -> None:
+    """PiSSA / OLoRA / LoftQ start from a linear layer's ``(out, in)`` weight: refuse other kinds, naming them."""
+    if spec.init not in CHANGED_BASE_INITS:
+        return
+    other = [n for n in targets if adaptable_kind(model.get_submodule(n)) != "linear"] + list(owners)
+    if other:
+        raise ConfigError(
+            f"init={spec.init!r} applies to linear layers only, but the targets include {other[:3]} "
+            f"({len(other)} not linear: convs, embeddings, attention modules, target_parameters). Fix: target "
+            "their linear layers (exclude_modules / target_modules), or init='kaiming'."
+        )
 
 
 def wrap_layer(name: str, layer: nn.Module, spec: LoRASpec) -> nn.Module:
@@ -79,11 +98,13 @@ def inject_lora(model: nn.Module, spec: LoRASpec) -> list[str]:
             check_adaptable(name, model.get_submodule(name), spec.use_dora)
         if owners and spec.use_dora:
             raise ConfigError("target_parameters: DoRA is implemented for linear layers only. Fix: use_dora=False.")
+        _check_init_kinds(model, spec, targets, owners)
         for name in targets:
             replace_module(model, name, wrap_layer(name, model.get_submodule(name), spec))
         for name, params in owners.items():
             s = spec
-            wrapper = LoRAParameters(model.get_submodule(name), params, s.r, s.alpha, s.dropout, s.init, s.use_rslora)
+            module = model.get_submodule(name)
+            wrapper = LoRAParameters(module, params, s.r, s.alpha, s.dropout, _random(s), s.use_rslora)
             replace_module(model, name, wrapper)
         existing += targets + list(owners)
         model.__dict__[_SPEC_ATTR] = spec
@@ -159,6 +180,36 @@ def freeze_base(model: nn.Module, modules_to_save: Sequence[str] = ()) -> None:
     names = [name for name, _ in model.named_modules() if name]
     for name in select(names, list(modules_to_save), argument="modules_to_save"):
         model.get_submodule(name).requires_grad_(True)
+
+
+def changed_base_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    """``(dotted name, layer)`` of every :class:`LoRALinear` whose base is not the original weight (``init`` pissa,
+    olora or loftq): a merge into original weights, or an adapter for the original base, must use
+    :meth:`LoRALinear.merged_weight_from_original` / :meth:`LoRALinear.original_factors` for them."""
+    return [(name, layer) for name, layer in lora_modules(model) if layer.changes_base]
+
+
+#: The ``B`` factors of each wrapper kind (the outer attention's own; its ``out_proj`` is a LoRAProjection).
+_B_FACTORS: dict[type, Callable[[Any], list[torch.Tensor]]] = {
+    LoRALinear: lambda m: [m.lora_B.weight],
+    LoRAConv: lambda m: [m.lora_B.weight],
+    LoRAProjection: lambda m: [m.lora_B.weight],
+    LoRAEmbedding: lambda m: [m.lora_embedding_B],
+    LoRAMultiheadAttention: lambda m: [b for _, b in m.pairs().values()],
+    LoRAParameters: lambda m: list(m.lora_B.values()),
+}
+
+
+def lora_plus_params(model: nn.Module) -> list[torch.Tensor]:
+    """The trainable ``B`` factor of every adapter in ``model`` (LoRA+ trains them with ``ratio ×`` the learning
+    rate of ``A``), each once, in module order."""
+    found: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        factors = next((get for kind, get in _B_FACTORS.items() if isinstance(module, kind)), None)
+        for param in factors(module) if factors is not None else []:
+            if param.requires_grad:
+                found.setdefault(id(param), param)
+    return list(found.values())
 
 
 def logical_numel(param: torch.Tensor) -> int:

@@ -30,6 +30,7 @@ from torch import nn
 from lightning_adapt.adapters.delta import (
     Foldable,
     InitMethod,
+    LoRAInit,
     init_lora_pair,
     keep_adapter_precision,
     lora_arg_problems,
@@ -39,6 +40,17 @@ from lightning_adapt.adapters.delta import (
     merged_weight,
 )
 from lightning_adapt.adapters.dora import dora_delta
+from lightning_adapt.adapters.init import (
+    CHANGED_BASE_INITS,
+    Roundtrip,
+    compute_init,
+    dora_problem,
+    merged_from_original,
+    original_factors,
+    quantized_base_error,
+    remember_pair,
+    take_pair,
+)
 from lightning_adapt.errors import ConfigError
 from lightning_adapt.layers import (
     base_weight,
@@ -61,6 +73,7 @@ __all__ = [
     "lora_scaling",
     "merge_lora",
     "merged_weight",
+    "prepare_base",
     "validate_lora_args",
 ]
 
@@ -115,7 +128,9 @@ class LoRALinear(nn.Module):
         alpha: Scale numerator; ``scaling = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA); > 0.
         dropout: Dropout probability on the adapter input only; ``0 <= dropout < 1``.
         init: ``"kaiming"`` (``kaiming_uniform_(A, a=sqrt(5))``) or ``"gaussian"`` (``A ~ N(0, 1/r)``),
-            as PEFT. ``B`` starts at zero, so a fresh adapter is the identity.
+            as PEFT: ``B = 0``, a fresh adapter is the identity. ``"pissa"``, ``"olora"``, ``"loftq"``
+            (:mod:`.init`): ``A₀``, ``B₀`` from the weight, the base becomes ``W - scaling·B₀A₀`` (:func:`prepare_base`:
+            here for a float base; a quantized one before quantization); buffers ``lora_A0``, ``lora_B0`` keep them.
         use_rslora: Rank-stabilised scaling ``alpha / sqrt(r)``.
         use_dora: Weight-decomposed LoRA: learn a per-output magnitude ``m`` initialised to ``‖W‖_row``.
     """
@@ -126,7 +141,7 @@ class LoRALinear(nn.Module):
         r: int,
         alpha: float,
         dropout: float = 0.0,
-        init: InitMethod = "kaiming",
+        init: LoRAInit = "kaiming",
         use_rslora: bool = False,
         use_dora: bool = False,
     ) -> None:
@@ -143,7 +158,9 @@ class LoRALinear(nn.Module):
         self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=torch.float32)
-        init_lora_pair(self.lora_A.weight, self.lora_B.weight, init, r)
+        self.lora_A0: torch.Tensor | None
+        self.lora_B0: torch.Tensor | None
+        self._init_pair(init, use_dora)
         self.lora_magnitude_vector: nn.Parameter | None = None
         if use_dora:
             with torch.no_grad():
@@ -154,6 +171,42 @@ class LoRALinear(nn.Module):
             self.lora_magnitude_vector = nn.Parameter(magnitude)
         # Row norm of W + ΔW captured at merge time: the only way to undo a DoRA merge exactly.
         self._merged_norm: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def _init_pair(self, init: LoRAInit, use_dora: bool) -> None:
+        """Random ``A``, ``B = 0``; or ``A₀``, ``B₀`` from the weight (prepared before quantization, or now)."""
+        self.register_buffer("lora_A0", None)
+        self.register_buffer("lora_B0", None)
+        if init not in CHANGED_BASE_INITS:
+            init_lora_pair(self.lora_A.weight, self.lora_B.weight, cast(InitMethod, init), self.r)
+            return
+        if problem := dora_problem(init, use_dora):
+            raise ConfigError(f"Invalid LoRALinear arguments:\n  - {problem}")
+        pair = take_pair(self.base_layer) or prepare_base(self.base_layer, init, self.r, self.scaling)
+        for param, buffer, value in (
+            (self.lora_A.weight, "lora_A0", pair[0]),
+            (self.lora_B.weight, "lora_B0", pair[1]),
+        ):
+            param.copy_(value)
+            setattr(self, buffer, value.clone().to(param.device))  # a registered buffer: in state dicts
+
+    @property
+    def changes_base(self) -> bool:
+        """Whether the base is ``W - scaling·B₀A₀`` (PiSSA / OLoRA / LoftQ), not the original weight ``W``."""
+        return self.lora_A0 is not None
+
+    def original_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A', B')``, ``B'A' = B A - B₀ A₀``: a rank-``2r`` LoRA on the original weight, same scaling (PEFT:
+        ``r: 2r``, ``lora_alpha: 2·alpha``, ``√2·alpha`` with rsLoRA); ``(A, B)`` for an unchanged base."""
+        if self.lora_A0 is None or self.lora_B0 is None:
+            return self.lora_A.weight, self.lora_B.weight
+        return original_factors(self.lora_A.weight, self.lora_B.weight, self.lora_A0, self.lora_B0)
+
+    def merged_weight_from_original(self, original: torch.Tensor) -> torch.Tensor:
+        """``W + scaling·(B A - B₀ A₀)``: merged into the original ``(out, in)`` weight (:func:`.init.merged_from_original`)."""
+        return merged_from_original(
+            original, self.lora_A.weight, self.lora_B.weight, self.lora_A0, self.lora_B0, self.scaling
+        )
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> LoRALinear:
         keep_precision = keep_adapter_precision(fn)
@@ -284,7 +337,8 @@ class LoRALinear(nn.Module):
         return _plain_module(self)
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, dora={self.use_dora}"
+        changed = ", base=W-s·B0A0" if self.changes_base else ""
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, dora={self.use_dora}{changed}"
 
 
 # --------------------------------------------------------------------------- model-level helpers
@@ -293,6 +347,21 @@ class LoRALinear(nn.Module):
 def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     """``(dotted name, module)`` of every :class:`LoRALinear` in ``model``, in registration order."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def prepare_base(
+    layer: nn.Module, method: str, r: int, scaling: float, roundtrip: Roundtrip | None = None, iterations: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compute ``method``'s init (:func:`.init.compute_init`) from the full-precision linear-like ``layer``, write the
+    changed base into it in place (its dtype) and leave ``(A (r, in), B (out, r))`` on it for the adapter (returned).
+    Raises :class:`ConfigError` for a quantized ``layer`` (its full-precision weight is gone), or as ``compute_init``."""
+    write = layer_writer(layer)
+    if write is None:
+        raise quantized_base_error(method, type(layer).__name__)
+    init = compute_init(method, base_weight(layer), r, scaling, roundtrip, iterations)
+    write(layer, init.base.to(next(iter(layer.parameters())).dtype))
+    remember_pair(layer, (init.lora_A, init.lora_B))
+    return init.lora_A, init.lora_B
 
 
 def _compute_dtype(layer: LoRALinear) -> torch.dtype:

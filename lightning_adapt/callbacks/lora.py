@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,12 +15,16 @@ from typing_extensions import override
 
 from lightning_adapt.adapters.checkpoint import install_adapter_only_state
 from lightning_adapt.adapters.compiled import compile_adapted
-from lightning_adapt.adapters.inject import LoRASpec, inject_lora, trainable_table
+from lightning_adapt.adapters.init import CHANGED_BASE_INITS, attach_before_quantize, dora_problem
+from lightning_adapt.adapters.inject import LoRASpec, inject_lora, lora_plus_params, trainable_table
 from lightning_adapt.adapters.lora import validate_lora_args
-from lightning_adapt.callbacks._transform import INJECT_LORA, ModelTransformCallback
+from lightning_adapt.adapters.prepare import changed_base_hook
+from lightning_adapt.callbacks._transform import INJECT_LORA, ModelTransformCallback, transform_specs
 from lightning_adapt.errors import ConfigError
 from lightning_adapt.export.peft_format import load_adapter_weights, read_adapter, resolve_adapter_settings
 from lightning_adapt.layers import adapter_param_ids, output_head_names
+from lightning_adapt.optim import extend_scheduler, split_lora_plus
+from lightning_adapt.quantize import QuantPlan
 
 _IMPORTED = "_lightning_adapt_imported_adapter"
 _ARGUMENT = "lora.adapter_path"
@@ -48,13 +53,26 @@ def _read_adapter(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 _MODES: dict[str, tuple[str, ...]] = {"compile": ("off", "blocks", "model")}
 
 
-def _check_modes(**values: object) -> None:
-    """One :class:`ConfigError` naming every mode argument outside its allowed values."""
-    problems = [
+def _check_modes(loftq_iterations: object, lora_plus_ratio: object, dora: str | None, **values: object) -> None:
+    """One :class:`ConfigError` naming every mode argument outside its allowed values, the LoftQ / LoRA+ numbers and
+    an ``init`` DoRA cannot take (``dora``: :func:`~lightning_adapt.adapters.init.dora_problem`)."""
+    problems = [f"lora.{dora}"] if dora else []
+    problems += [
         f"lora.{name}={value!r}: must be one of {_MODES[name]}. Fix: {name}={_MODES[name][0]!r}."
         for name, value in values.items()
         if value not in _MODES[name]
     ]
+    if isinstance(loftq_iterations, bool) or not isinstance(loftq_iterations, int) or loftq_iterations < 1:
+        problems.append(
+            f"lora.loftq_iterations={loftq_iterations!r}: must be an int >= 1 (quantize / SVD alternations of "
+            "init: loftq). Fix: loftq_iterations=1 (5 for a closer fit, 5x the init time)."
+        )
+    ratio_ok = isinstance(lora_plus_ratio, int | float) and not isinstance(lora_plus_ratio, bool)
+    if lora_plus_ratio is not None and not (ratio_ok and lora_plus_ratio > 0):  # type: ignore[operator]
+        problems.append(
+            f"lora.lora_plus_ratio={lora_plus_ratio!r}: must be a number > 0 (LoRA+: B's learning rate over A's) or "
+            "null (one learning rate). Fix: lora_plus_ratio=16 (the LoRA+ paper's choice for LLMs), or null."
+        )
     if problems:
         raise ConfigError("Invalid LoRAInjectionCallback arguments:\n  - " + "\n  - ".join(problems))
 
@@ -82,13 +100,15 @@ class LoRAInjectionCallback(ModelTransformCallback):
         target_modules: str | list[str] | None = None,
         exclude_modules: list[str] | None = None,
         modules_to_save: list[str] | None = None,
-        init: Literal["kaiming", "gaussian"] = "kaiming",
+        init: Literal["kaiming", "gaussian", "pissa", "olora", "loftq"] = "kaiming",
         use_rslora: bool | None = None,
         use_dora: bool | None = None,
         adapter_only_checkpoint: bool = True,
         adapter_path: str | None = None,
         compile: Literal["off", "blocks", "model"] = "off",
         target_parameters: list[str] | None = None,
+        loftq_iterations: int = 1,
+        lora_plus_ratio: float | None = None,
     ) -> None:
         """
         Args:
@@ -102,7 +122,12 @@ class LoRAInjectionCallback(ModelTransformCallback):
                 ``None``: the query and value projections under their common names.
             exclude_modules: layers to leave out of ``target_modules`` (same rules).
             modules_to_save: modules trained fully and saved with the adapter (e.g. a new ``classifier``).
-            init: initialisation of ``A``: ``kaiming`` (uniform, as PEFT) or ``gaussian`` (std ``1/r``).
+            init: ``kaiming`` (``A`` uniform, as PEFT) or ``gaussian`` (std ``1/r``), with ``B = 0``: the model is
+                unchanged at step 0. Or ``A``, ``B`` from each adapted linear layer's weight ``W``, the frozen base
+                becoming the rest: ``pissa`` (top-``r`` singular vectors; base ``W - scale·B A``), ``olora`` (QR),
+                ``loftq`` (with ``quantize:`` only: alternates the 4-bit quantization of the base with a rank-``r``
+                SVD of its error, so that ``Q + scale·B A`` is closer to ``W`` than ``Q`` alone). With ``quantize:`` the
+                changed base is what gets quantized, computed one layer at a time in fp32 before it is.
             use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA); default off.
             use_dora: weight-decomposed LoRA (DoRA): a learned magnitude per output times the normalised
                 direction ``W + scale B A``; default off.
@@ -121,6 +146,10 @@ class LoRAInjectionCallback(ModelTransformCallback):
                 rank-``r`` pair per expert. Dropout does not apply to them, and with ``quantize:`` they stay in
                 full precision (bitsandbytes quantizes 2-D linear layers only). With it, ``target_modules: []``
                 adapts parameters only.
+            loftq_iterations: ``init: loftq``: quantize / SVD alternations per layer (1 is PEFT's default).
+            lora_plus_ratio: LoRA+: train every ``B`` with this many times the learning rate of its ``A`` (the
+                optimizer you configure, or ``paged_optimizer:``'s, gets one more param group per group holding
+                ``B`` factors, LR schedulers included); ``null``: one learning rate. The LoRA+ paper uses 16.
         """
         super().__init__()
         adapter_config: dict[str, Any] | None = None
@@ -130,8 +159,8 @@ class LoRAInjectionCallback(ModelTransformCallback):
         explicit: dict[str, object] = {"r": r, "alpha": alpha, "target_modules": target_modules}
         explicit |= {"use_rslora": use_rslora, "use_dora": use_dora, "modules_to_save": modules_to_save}
         settings = resolve_adapter_settings(explicit, adapter_config, _ARGUMENT)
-        validate_lora_args(r=settings["r"], alpha=settings["alpha"], dropout=dropout, init=init)
-        _check_modes(compile=compile)
+        validate_lora_args(settings["r"], settings["alpha"], dropout, init)
+        _check_modes(loftq_iterations, lora_plus_ratio, dora_problem(init, settings["use_dora"]), compile=compile)
         self._spec = LoRASpec(
             r=settings["r"],
             alpha=settings["alpha"],
@@ -143,6 +172,8 @@ class LoRAInjectionCallback(ModelTransformCallback):
             use_rslora=settings["use_rslora"],
             use_dora=settings["use_dora"],
             target_parameters=tuple(target_parameters or ()),
+            loftq_iterations=loftq_iterations,
+            lora_plus_ratio=None if lora_plus_ratio is None else float(lora_plus_ratio),
         )
         self.adapter_path = adapter_path
         self.adapter_only_checkpoint = adapter_only_checkpoint
@@ -156,6 +187,20 @@ class LoRAInjectionCallback(ModelTransformCallback):
     @override
     def spec(self) -> LoRASpec:
         return self._spec
+
+    @override
+    def before_configure_model(self, module: nn.Module) -> None:
+        # PiSSA / OLoRA / LoftQ: whatever quantizes the base (load_pretrained, QuantizeBaseCallback) changes it first
+        attach_before_quantize(module, changed_base_hook(self.spec))
+
+    @override
+    def after_teardown(self, module: nn.Module) -> None:
+        attach_before_quantize(module, None)
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        _check_changed_base(self.spec, trainer, stage)
+        super().setup(trainer, pl_module, stage)
 
     @override
     def apply(self, module: nn.Module) -> list[str]:
@@ -182,10 +227,46 @@ class LoRAInjectionCallback(ModelTransformCallback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         spec = self.spec
+        if spec.lora_plus_ratio is not None:  # after configure_optimizers, before any optimizer state is restored
+            _lora_plus(trainer, pl_module, spec.lora_plus_ratio)
         rank_zero_info(
             f"lightning-adapt: LoRA r={spec.r} alpha={spec.alpha:g} dropout={spec.dropout:g}"
             f"{' rslora' if spec.use_rslora else ''}{' dora' if spec.use_dora else ''} "
             f"on {len(self.adapted)} layers\n{trainable_table(pl_module)}"
+        )
+
+
+def _lora_plus(trainer: L.Trainer, module: nn.Module, ratio: float) -> None:
+    """Give every ``B`` factor ``ratio ×`` its group's learning rate in each optimizer (and its schedulers); a
+    ``PagedOptimizerPlugin`` keeps the groups, before or after this, whatever the callback order."""
+    b_params = lora_plus_params(module)
+    for optimizer in trainer.strategy.optimizers:
+        added = split_lora_plus(optimizer, b_params, ratio)
+        for config in trainer.lr_scheduler_configs:
+            if config.scheduler.optimizer is optimizer:
+                extend_scheduler(config.scheduler, added, ratio)
+
+
+def _check_changed_base(spec: LoRASpec, trainer: L.Trainer, stage: str) -> None:
+    """LoftQ needs ``quantize:``; and until the export writes changed bases, refuse ``merge:`` with them rather than
+    let it write ``W + scale·B A`` for a model that computes ``W + scale·(B A - B₀ A₀)``."""
+    if spec.init not in CHANGED_BASE_INITS:
+        return
+    if spec.init == "loftq" and not any(isinstance(s, QuantPlan) for s in transform_specs(trainer)):
+        raise ConfigError(
+            "lora.init='loftq' fits the adapters to the quantization error of the base, but this run does not "
+            "quantize it (no quantize:). Fix: add quantize: (QuantizeBaseCallback), or lora.init='pissa'."
+        )
+    merge = getattr(sys.modules.get("lightning_adapt.callbacks.merge"), "MergeOnSaveCallback", None)
+    if (
+        stage == "fit"
+        and isinstance(merge, type)
+        and any(isinstance(cb, merge) for cb in getattr(trainer, "callbacks", []))
+    ):
+        raise ConfigError(
+            f"lora.init={spec.init!r} trains on a changed base (W - scale·B0·A0), which merge: (MergeOnSaveCallback) "
+            "cannot export yet: it would write W + scale·B·A, not W + scale·(B·A - B0·A0). Fix: remove merge: (the "
+            "checkpoints hold the adapters and A0/B0: resume, validate, predict and chat work), or lora.init='kaiming'."
         )
 
 

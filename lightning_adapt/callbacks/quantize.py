@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Literal
 
@@ -13,13 +14,21 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_adapt.adapters.checkpoint import install_adapter_only_state
+from lightning_adapt.adapters.init import before_quantize
 from lightning_adapt.adapters.inject import LoRASpec
 from lightning_adapt.callbacks._fsdp1 import fsdp1_param_dtype, fsdp1_quant_storage
 from lightning_adapt.callbacks._transform import QUANTIZE, ModelTransformCallback, transform_specs
 from lightning_adapt.export.original import spill_originals, spill_target
 from lightning_adapt.layers import require_bitsandbytes, to_dtype
 from lightning_adapt.loading import attach_quant_plan
-from lightning_adapt.quantize import QuantConfig, QuantMode, QuantPlan, QuantSummary, quantize_model
+from lightning_adapt.quantize import (
+    QuantConfig,
+    QuantMode,
+    QuantPlan,
+    QuantSummary,
+    quantization_roundtrip,
+    quantize_model,
+)
 
 DTypeName = Literal["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"]
 StorageName = Literal["uint8", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32"]
@@ -29,7 +38,8 @@ class QuantizeBaseCallback(ModelTransformCallback):
     """Quantize the frozen base of any LightningModule, layer by layer, right after ``configure_model``.
 
     Runs before LoRA injection whatever order the callbacks are listed in, so adapters are never
-    quantized; quantizing an already quantized model is a no-op. Output heads, tied weights, embeddings
+    quantized; quantizing an already quantized model is a no-op. With ``lora: init: pissa/olora/loftq`` each
+    adapted layer's init is computed from its full-precision weight first, and the changed base is quantized. Output heads, tied weights, embeddings
     and norms stay in full precision. Checkpoints hold only the trainable part (a full 4-bit state dict
     cannot be reloaded through bitsandbytes). At fit start it prints the measured size of the base.
     """
@@ -117,7 +127,10 @@ class QuantizeBaseCallback(ModelTransformCallback):
                     f"{target} ({written / 1e6:.1f} MB): the export merges into them (merge_base='original')"
                 )
         self.kept = plan.kept(module)
+        finish = _prepare_bases(module, plan)
         self.summary = quantize_model(module, plan.config, plan.skip_modules, plan.include_default_skips, plan.keep)
+        for name, done in finish.items():  # on the quantized layer that replaced the float one
+            done(module.get_submodule(name))
         install_adapter_only_state(module)
         return self.summary
 
@@ -127,3 +140,18 @@ class QuantizeBaseCallback(ModelTransformCallback):
         if self.summary is not None:
             kept = f"; kept in full precision for modules_to_save: {', '.join(self.kept)}" if self.kept else ""
             rank_zero_info(f"lightning-adapt: {self.summary.format()}{kept}")
+
+
+def _prepare_bases(module: nn.Module, plan: QuantPlan) -> dict[str, Callable[[nn.Module], None]]:
+    """Run the :func:`~lightning_adapt.adapters.init.before_quantize` hook (LoRA's PiSSA / OLoRA / LoftQ init) on each layer
+    it targets that ``plan`` quantizes, one at a time, from its full-precision weight; returns what to finish on
+    each quantized replacement, by name."""
+    hook = before_quantize(module)
+    if hook is None:
+        return {}
+    finish: dict[str, Callable[[nn.Module], None]] = {}
+    for name in sorted(hook.targets(module) & set(plan.selected(module))):
+        layer = module.get_submodule(name)
+        dtype = next(iter(layer.parameters())).dtype
+        finish[name] = hook(layer, quantization_roundtrip(plan.config, dtype))
+    return finish
