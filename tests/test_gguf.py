@@ -119,16 +119,36 @@ def expected_tensors(entries: list[TensorEntry], permute: bool) -> dict[str, tor
 # --------------------------------------------------------------------------- round trips
 
 
+@pytest.fixture(scope="module")
+def export(tokenizer: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """``export(kind, quant)``: the tiny model of ``kind`` (embedding padded 64 rows past the tokenizer, MLP width 80:
+    ffn_down's rows are no multiple of 32) with random LoRA on q/k/v merged, written once per module as ``quant``
+    and read back: ``(source, merged entries, metadata, tensors)`` (reading a file's 49k-token arrays takes ~8 s)."""
+    done: dict[tuple[str, str], tuple[Path, list[TensorEntry], dict[str, Any], dict[str, Any]]] = {}
+    root = tmp_path_factory.mktemp("gguf")
+
+    def get(kind: str, quant: str) -> tuple[Path, list[TensorEntry], dict[str, Any], dict[str, Any]]:
+        if (kind, quant) not in done:
+            source = root / kind
+            if not source.is_dir():
+                tiny_model(source, tokenizer, kind, vocab_size=len(tokenizer) + 64, intermediate_size=80)
+            entries = merged(source, random_adapters())
+            result = write_gguf(root / f"{kind}-{quant}.gguf", source, entries, quant)  # type: ignore[arg-type]
+            fields, tensors = read(result.path)
+            assert result.tensors == len(tensors)
+            done[kind, quant] = source, entries, fields, tensors
+        return done[kind, quant]
+
+    return get
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_f32_round_trip_is_bit_exact(kind: str, tokenizer: Any, tmp_path: Path) -> None:
+def test_f32_round_trip_is_bit_exact(kind: str, tokenizer: Any, export: Any) -> None:
     """Every merged tensor comes back bit for bit under its llama.cpp name, Llama's q/k rows (and only those)
     reordered to llama.cpp's rotary layout; the metadata is the config's."""
-    source = tiny_model(tmp_path / "model", tokenizer, kind)
-    entries = merged(source, random_adapters())
-    result = write_gguf(tmp_path / "model.gguf", source, entries, "f32")
-    fields, tensors = read(tmp_path / "model.gguf")
+    _, entries, fields, tensors = export(kind, "f32")
     expected = expected_tensors(entries, permute=kind == "llama")
-    assert sorted(tensors) == sorted(expected) and result.tensors == len(expected)
+    assert sorted(tensors) == sorted(expected)
     assert (kind == "qwen2") == any(name.endswith(".bias") for name in tensors)  # Qwen2's q/k/v biases
     for name, value in expected.items():
         got = tensors[name]
@@ -139,18 +159,16 @@ def test_f32_round_trip_is_bit_exact(kind: str, tokenizer: Any, tmp_path: Path) 
     assert fields["general.architecture"] == kind and fields["general.type"] == "model"
     assert fields["general.file_type"] == 0
     assert {k.split(".", 1)[1]: v for k, v in fields.items() if k.startswith(kind + ".")} == {
-        "context_length": 256, "embedding_length": HIDDEN, "feed_forward_length": 128, "block_count": LAYERS,
+        "context_length": 256, "embedding_length": HIDDEN, "feed_forward_length": 80, "block_count": LAYERS,
         "attention.head_count": HEADS, "attention.head_count_kv": KV_HEADS, "rope.dimension_count": HIDDEN // HEADS,
-        "attention.layer_norm_rms_epsilon": pytest.approx(1e-6), "vocab_size": len(tokenizer),
+        "attention.layer_norm_rms_epsilon": pytest.approx(1e-6), "vocab_size": len(tokenizer) + 64,
         "rope.freq_base": 10000.0,
     }  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_the_tokenizer_travels_with_the_model(kind: str, tokenizer: Any, tmp_path: Path) -> None:
-    source = tiny_model(tmp_path / "model", tokenizer, kind, vocab_size=len(tokenizer) + 64)  # padded embedding
-    write_gguf(tmp_path / "model.gguf", source, merged(source, Adapters({})), "f16")
-    fields, _ = read(tmp_path / "model.gguf")
+def test_the_tokenizer_travels_with_the_model(kind: str, tokenizer: Any, export: Any) -> None:
+    source, _, fields, _ = export(kind, "f32")
     n = len(tokenizer)
     assert fields["tokenizer.ggml.model"] == "gpt2"
     assert fields["tokenizer.ggml.pre"] == {"llama": "gpt-2", "qwen2": "qwen2"}[kind]
@@ -168,14 +186,11 @@ def test_the_tokenizer_travels_with_the_model(kind: str, tokenizer: Any, tmp_pat
 
 
 @pytest.mark.parametrize("quant", ["f16", "bf16", "q8_0"])
-def test_reduced_types_are_torch_casts_or_ggml_rounding(quant: str, tokenizer: Any, tmp_path: Path) -> None:
+def test_reduced_types_are_torch_casts_or_ggml_rounding(quant: str, export: Any) -> None:
     """Matrices in the asked type (f16/bf16: torch's round-to-nearest-even cast; q8_0: ggml's reference
-    quantization, error at most half a step of each 32-block plus the step's f16 rounding), vectors f32, a q8_0 matrix whose rows are no
-    multiple of 32 f16."""
-    source = tiny_model(tmp_path / "model", tokenizer, intermediate_size=80)  # ffn_down rows of 80: not q8_0
-    entries = merged(source, random_adapters())
-    write_gguf(tmp_path / "model.gguf", source, entries, quant)  # type: ignore[arg-type]
-    fields, tensors = read(tmp_path / "model.gguf")
+    quantization, error at most half a step of each 32-block plus the step's f16 rounding), vectors f32, a q8_0
+    matrix whose rows are no multiple of 32 (ffn_down's 80) f16."""
+    _, entries, fields, tensors = export("llama", quant)
     assert fields["general.file_type"] == {"f16": 1, "bf16": 32, "q8_0": 7}[quant]
     t = gguf.GGMLQuantizationType
     for name, value in expected_tensors(entries, permute=True).items():
@@ -345,7 +360,8 @@ def test_a_failed_export_leaves_the_previous_file(tokenizer: Any, tmp_path: Path
     assert (tmp_path / "model.gguf").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model.gguf"]
     write_gguf(tmp_path / "model.gguf", source, merged(source, Adapters({})), "f32", overwrite=True)
-    assert read(tmp_path / "model.gguf")[0]["general.file_type"] == 0
+    write_gguf(tmp_path / "again.gguf", source, merged(source, Adapters({})), "f32")
+    assert (tmp_path / "model.gguf").read_bytes() == (tmp_path / "again.gguf").read_bytes() != before
 
 
 # --------------------------------------------------------------------------- memory
@@ -398,10 +414,11 @@ def test_writing_needs_no_llama_cpp_and_no_lightning() -> None:
 def test_copy_of_source_dir_without_weights_is_enough_for_metadata(tokenizer: Any, tmp_path: Path) -> None:
     """Only config.json and the tokenizer files are read from ``source_dir``: the tensors come from the stream."""
     source = tiny_model(tmp_path / "model", tokenizer)
-    meta = tmp_path / "meta"
-    meta.mkdir()
+    meta = tmp_path / "meta" / "model"  # the same folder name: general.name is it
+    meta.mkdir(parents=True)
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (source / name).is_file():
             shutil.copy(source / name, meta / name)
-    write_gguf(tmp_path / "model.gguf", meta, merged(source, Adapters({})), "f32")
-    assert read(tmp_path / "model.gguf")[0]["tokenizer.chat_template"] == tokenizer.chat_template
+    write_gguf(tmp_path / "meta.gguf", meta, merged(source, Adapters({})), "f32")
+    write_gguf(tmp_path / "model.gguf", source, merged(source, Adapters({})), "f32")
+    assert (tmp_path / "meta.gguf").read_bytes() == (tmp_path / "model.gguf").read_bytes()
