@@ -19,7 +19,7 @@ LoRA adapters in llama.cpp's adapter format (``--lora``). Both go through :func:
 
 Example:
     >>> keys = model_keys(read_index("base/"))  # doctest: +SKIP
-    >>> entries = merged_entries(keys, adapters)  # doctest: +SKIP
+    >>> entries = _entries(keys, adapters, None, "source_path")  # doctest: +SKIP
     >>> write_gguf(Path("out/model.gguf"), Path("base/"), entries, "q8_0")  # doctest: +SKIP
 """
 
