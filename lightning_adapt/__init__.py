@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lightning_adapt.adapters.lora import LoRALinear, merge_lora
+    from lightning_adapt.adapters.switch import adapters_disabled
     from lightning_adapt.callbacks.atomic_checkpoint import AtomicCheckpointIO
     from lightning_adapt.callbacks.exact_resume import ExactResumeCallback
     from lightning_adapt.callbacks.lora import LoRAInjectionCallback
@@ -55,6 +56,7 @@ _EXPORTS: dict[str, str] = {
     "PagedOptimizerPlugin": "lightning_adapt.callbacks.paged_optimizer",
     "PredictionWriter": "lightning_adapt.callbacks.predictions",
     "QuantizeBaseCallback": "lightning_adapt.callbacks.quantize",
+    "adapters_disabled": "lightning_adapt.adapters.switch",
     "merge_lora": "lightning_adapt.adapters.lora",
 }
 
@@ -71,6 +73,7 @@ __all__ = [
     "PredictionWriter",
     "QuantizeBaseCallback",
     "__version__",
+    "adapters_disabled",
     "merge_lora",
 ]
 

@@ -9,7 +9,8 @@ embeddings, :mod:`.kinds`; ``nn.MultiheadAttention`` and its ``out_proj``, :mod:
 How: every wrapper's forward already skips its update when ``merged`` is set (the base then holds it). The context
 sets that flag on the wrappers that are not merged and clears it on exit, so inside it each wrapper computes exactly
 its base layer's forward, bit for bit, with no weight written and no module swapped (hooks, FSDP units and
-compiled blocks see the same modules). A merged wrapper is refused: its base weight holds ``W + ΔW``, and the
+compiled blocks see the same modules). Adapters off is the original model unless an initialisation changed the base
+(PiSSA, OLoRA, LoftQ: :func:`base_is_original`). A merged wrapper is refused: its base weight holds ``W + ΔW``, and the
 base alone could only come back within rounding.
 
 Example:
@@ -29,7 +30,7 @@ from torch import nn
 from lightning_adapt.adapters.delta import Foldable
 from lightning_adapt.errors import ConfigError
 
-__all__ = ["adapter_wrappers", "adapters_disabled", "has_adapters"]
+__all__ = ["adapter_wrappers", "adapters_disabled", "base_is_original", "has_adapters"]
 
 _MARK = "_lightning_adapt_adapters_disabled"  # set beside ``merged`` while disabled: not a real merge
 
@@ -47,6 +48,12 @@ def adapter_wrappers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def has_adapters(model: nn.Module) -> bool:
     """Whether ``model`` holds at least one LoRA wrapper."""
     return bool(adapter_wrappers(model))
+
+
+def base_is_original(model: nn.Module) -> bool:
+    """Whether every wrapper's base layer is the original weight: not after PiSSA / OLoRA / LoftQ initialisations,
+    which store ``W - scaling·B₀A₀`` there (``changes_base``), so that adapters off is not the original model."""
+    return not any(getattr(m, "changes_base", False) for _, m in adapter_wrappers(model))
 
 
 @contextmanager

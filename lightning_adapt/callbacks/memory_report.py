@@ -50,6 +50,10 @@ class MemoryReportCallback(L.Callback):
     Hugging Face config, or whose parameters the config does not account for exactly (a head outside the
     Hugging Face model, an unmodeled architecture), gets measured figures only, with the reason.
 
+    A frozen reference model that the module keeps outside its parameters (``reference_model``, as
+    :class:`~lightning_adapt.tasks.PreferenceTask` does for DPO without adapters) is counted as ``reference copy``
+    beside the base's size (the estimator's model holds one copy).
+
     Measured peak is ``torch.cuda.max_memory_allocated`` on GPU and the process's peak resident set size
     on CPU (Python, libraries and data included, so it exceeds any estimate there).
 
@@ -143,6 +147,8 @@ class MemoryReportCallback(L.Callback):
         self.estimate, self.no_estimate_reason = predict(pl_module, specs, optimizer, self._tokens, _sharding(trainer))
         predicted = _predicted(self.estimate, optimizer is not None) if self.estimate else {}
         measured = _measure(pl_module, optimizer, self._grad_bytes, self._peak(pl_module)[0])
+        if "reference copy" in measured and self.estimate is not None:  # the base once more, frozen
+            predicted["reference copy"] = self.estimate.base_weights_bytes
         self.reports[stage] = report = _pair(measured, predicted)
         if stage in self.show:
             text = _format(stage, report, self.estimate, self.no_estimate_reason, self._peak(pl_module)[1])
@@ -207,6 +213,9 @@ def _measure(
             by_dtype[key] = by_dtype.get(key, 0) + _nbytes(param)
     by_dtype["weights: quantized"] = sum(quant_storage_bytes(layer) for layer in layers)
     out: dict[str, int | None] = {"weights": sum(by_dtype.values()) + adapter, **by_dtype, "adapter weights": adapter}
+    reference = getattr(module, "reference_model", None)  # a frozen copy outside the module (PreferenceTask)
+    if isinstance(reference, nn.Module):
+        out["reference copy"] = sum(_nbytes(p) for p in reference.parameters())
     out["trainable params"] = sum(p.numel() for p in module.parameters() if p.requires_grad)
     out["gradients"] = grads
     out["optimizer state"] = optimizer_state_bytes(optimizer) if optimizer is not None else None

@@ -2,7 +2,14 @@
 loader they use (:class:`ResumableDataLoader`), which any module can use too."""
 
 from lightning_adapt.data.chat import ChatDataModule
+from lightning_adapt.data.preference import PreferenceDataModule
 from lightning_adapt.data.resumable import ResumableDataLoader, SeededShuffleSampler
 from lightning_adapt.data.sentiment import TweetSentimentDataModule
 
-__all__ = ["ChatDataModule", "ResumableDataLoader", "SeededShuffleSampler", "TweetSentimentDataModule"]
+__all__ = [
+    "ChatDataModule",
+    "PreferenceDataModule",
+    "ResumableDataLoader",
+    "SeededShuffleSampler",
+    "TweetSentimentDataModule",
+]

@@ -3,5 +3,6 @@
 from lightning_adapt.tasks.base import TaskModule
 from lightning_adapt.tasks.causal_lm import CausalLMTask
 from lightning_adapt.tasks.classification import SequenceClassificationTask
+from lightning_adapt.tasks.preference import PreferenceTask
 
-__all__ = ["CausalLMTask", "SequenceClassificationTask", "TaskModule"]
+__all__ = ["CausalLMTask", "PreferenceTask", "SequenceClassificationTask", "TaskModule"]
