@@ -279,7 +279,7 @@ def test_interrupted_export_leaves_nothing_and_rerun_succeeds(
     def interrupted(*args: Any, **kwargs: Any) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(export, "_write_hf_files", interrupted)
+    monkeypatch.setattr(export, "write_model_files", interrupted)
     with pytest.raises(KeyboardInterrupt):
         export_model(task, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
@@ -324,6 +324,7 @@ def _recipe(tmp_path: Path, model_dir: Path, r: int) -> Path:
             "class_path": "lightning_adapt.callbacks.lora.LoRAInjectionCallback",
             "init_args": {"r": r, "alpha": 2 * r, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
         },
+        "memory_report": {"class_path": "lightning_adapt.MemoryReportCallback"},  # asks for the export's memory
     }
     path = tmp_path / f"recipe-r{r}.yaml"
     path.write_text(yaml.safe_dump(recipe))

@@ -109,6 +109,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "sharded-in-and-out": {"kind": "llama-sharded", "lora": {}, "shard": "60KB"},
     "gpt2-conv1d": {"kind": "gpt2", "lora": {"target_modules": ["c_attn", "c_proj"]}},
     "gpt2-square-only": {"kind": "gpt2", "lora": {"target_modules": ["attn.c_proj"]}},
+    "gpt2-qlora": {"kind": "gpt2", "lora": {"target_modules": ["c_attn", "c_proj"]}, "quantize": True},
     "bert-classifier": {
         "kind": "bert",
         "lora": {"target_modules": ["query", "value"], "modules_to_save": ["classifier"]},
@@ -296,6 +297,24 @@ def test_stored_tensors_are_copied_file_to_file_or_through_a_buffer(
     base, merged = _tensors(tmp_path / "base"), _tensors(tmp_path / "kernel/merged")
     same = sorted(k for k in base if torch.equal(base[k], merged[k]))
     assert len(same) == len(base) - 4 and not any("q_proj" in k or "v_proj" in k for k in same)
+
+
+def test_the_callbacks_export_reads_each_header_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deciding to stream, the merge and the QLoRA report of a sharded 4-bit base share one read of each header."""
+    import lightning_adapt.export.safetensors_io as io
+
+    holder, _ = _adapted("llama-sharded", tmp_path / "base", {}, quantize=True)
+    reads: list[str] = []
+    real = io.read_header
+
+    def counted(file: Path, *args: Any) -> dict[str, StoredTensor]:
+        reads.append(Path(file).name)
+        return real(file, *args)
+
+    monkeypatch.setattr(io, "read_header", counted)
+    result = MergeOnSaveCallback(str(tmp_path / "out"), evaluate=False).export(None, holder)  # type: ignore[arg-type]
+    assert result is not None and result.streamed and result.report is not None
+    assert len(reads) > 1 and sorted(reads) == sorted(set(reads)), reads  # every shard, each once
 
 
 def test_peak_memory_is_a_few_tensors_not_the_model(tmp_path: Path) -> None:

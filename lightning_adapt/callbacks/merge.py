@@ -37,18 +37,17 @@ from lightning_adapt.export.exporter import (
 )
 from lightning_adapt.export.merged_state import check_tied_adapters
 from lightning_adapt.export.original import optional_source, request_spill
-from lightning_adapt.export.peft_format import export_root
+from lightning_adapt.export.peft_format import ModelFiles, export_root
 from lightning_adapt.export.report import RequantizedGap
 from lightning_adapt.export.safetensors_io import model_keys, read_index
 from lightning_adapt.export.stream_export import (
-    ModelFiles,
     base_model_prefix_of,
     checkpoint_source,
     checkpoint_streaming_unavailable,
     export_module_streamed,
     export_streamed,
     peft_writer,
-    streaming_unavailable,
+    stream_source,
     uses_conv1d,
 )
 from lightning_adapt.quantize import QuantPlan
@@ -157,8 +156,8 @@ class MergeOnSaveCallback(L.Callback):
     ) -> ExportResult | None:  # fmt: skip
         """Export now (global rank zero only); later exports in the same run replace the earlier one.
 
-        Streams from the model's source files when :func:`~lightning_adapt.export.stream_export.streaming_unavailable`
-        allows it, else merges in memory. ``modules_to_save`` come from the run's LoRA settings, the tokenizer
+        Streams from the model's source files when :func:`~lightning_adapt.export.stream_export.stream_source`
+        finds them, else merges in memory. ``modules_to_save`` come from the run's LoRA settings, the tokenizer
         from the module or the datamodule, the probe of the merge report from ``probe_batch`` (default: the
         first training batch). ``evaluate``: measure the merges (:meth:`evaluate_merges`); ``None``: the
         callback's ``evaluate``.
@@ -176,12 +175,12 @@ class MergeOnSaveCallback(L.Callback):
             "probe": make_probe(pl_module, self._probe_batch if probe_batch is None else probe_batch),
             "argument": self.argument,
         }
-        reason = streaming_unavailable(pl_module, options)
-        if reason is None:
-            result = export_module_streamed(pl_module, self._dirpath(), options, **kwargs)
-        else:
+        source = stream_source(pl_module, options)  # decided, and the source's headers read, once
+        if isinstance(source, str):
             result = export_model(pl_module, self._dirpath(), options, **kwargs)
-            result.reason = reason
+            result.reason = source
+        else:
+            result = export_module_streamed(pl_module, self._dirpath(), options, source, **kwargs)
         if self.evaluate if evaluate is None else evaluate:
             result.evaluation = evaluate_merges(trainer, pl_module, datamodule, options.merge_base, self.eval_batches)
         return self._announce(result)

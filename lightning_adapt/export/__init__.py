@@ -15,10 +15,9 @@
 from lightning_adapt.export.adapter_sources import adapters_from_checkpoint, adapters_from_peft
 from lightning_adapt.export.exporter import *  # noqa: F403 - the exporter is this package's public face
 from lightning_adapt.export.exporter import __all__ as _exporter_all
-from lightning_adapt.export.peft_format import load_adapter_weights, read_adapter, resolve_adapter_settings
+from lightning_adapt.export.peft_format import ModelFiles, load_adapter_weights, read_adapter, resolve_adapter_settings
 from lightning_adapt.export.safetensors_io import model_keys
 from lightning_adapt.export.stream_export import (
-    ModelFiles,
     export_module_streamed,
     export_streamed,
     streaming_unavailable,

@@ -33,7 +33,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,14 @@ from lightning_adapt.errors import ExportError
 from lightning_adapt.export.merged_state import check_tied_adapters, merged_entries
 from lightning_adapt.export.options import DTypeName, ExportOptions, MergeBase
 from lightning_adapt.export.original import optional_source, source_dir, source_for
-from lightning_adapt.export.peft_format import PEFT_PREFIX, export_root, no_peft_layout, write_adapter
+from lightning_adapt.export.peft_format import (
+    PEFT_PREFIX,
+    ModelFiles,
+    export_root,
+    no_peft_layout,
+    write_adapter,
+    write_model_files,
+)
 from lightning_adapt.export.peft_parameters import no_parameter_layout, to_peft_parameters
 from lightning_adapt.export.report import ExportResult, MergeReport, memory_meter, merge_report
 from lightning_adapt.export.safetensors_io import (
@@ -83,23 +89,6 @@ __all__ = [
 # --------------------------------------------------------------------------- the merged model
 
 
-def _write_hf_files(root: nn.Module, out: Path, dtype: torch.dtype | None, tokenizer: Any) -> None:
-    """``config.json`` (no quantization_config), the generation config and the tokenizer, next to the weights."""
-    model: Any = root
-    config = copy.deepcopy(model.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the merged weights are plain floats: never re-quantized on load
-    config.architectures = [type(root).__name__]
-    config.dtype = dtype or next((p.dtype for p in root.parameters() if p.is_floating_point()), torch.float32)
-    config.save_pretrained(out)
-    generation = getattr(root, "generation_config", None)
-    can_generate = getattr(root, "can_generate", None)
-    if generation is not None and callable(can_generate) and can_generate():
-        generation.save_pretrained(out)
-    if tokenizer is not None and callable(getattr(tokenizer, "save_pretrained", None)):
-        tokenizer.save_pretrained(out)
-
-
 def write_merged(
     root: nn.Module,
     out: Path,
@@ -124,7 +113,8 @@ def write_merged(
     out.mkdir(parents=True)
     write_safetensors(out, entries, dtype, parse_size(options.max_shard_size))
     if hf:
-        _write_hf_files(root, out, dtype, tokenizer)
+        first = next((p.dtype for p in root.parameters() if p.is_floating_point()), torch.float32)
+        write_model_files(out, ModelFiles.of(root, tokenizer), dtype or first)
     return dropped
 
 

@@ -24,8 +24,11 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import json
+import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,8 @@ from lightning_adapt.layers import adapter_param_ids, is_conv1d
 
 __all__ = [
     "PEFT_PREFIX",
+    "TOKENIZER_FILES",
+    "ModelFiles",
     "adapter_config",
     "adapter_state",
     "export_root",
@@ -51,6 +56,7 @@ __all__ = [
     "resolve_adapter_settings",
     "write_adapter",
     "write_adapter_files",
+    "write_model_files",
 ]
 
 PEFT_PREFIX = "base_model.model."
@@ -90,6 +96,72 @@ def export_root(module: nn.Module) -> tuple[str, nn.Module, bool]:
         return "", module, False
     name, model = found
     return (name + "." if name else ""), model, True
+
+
+#: Tokenizer files copied from the source directory when no tokenizer object is given.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
+    "vocab.txt", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """What an export writes next to the merged weights of a Hugging Face model; ``None`` fields come from the
+    source directory.
+
+    Args:
+        config: a ``transformers`` config to save (else the source's ``config.json``); either way without
+            ``quantization_config`` and with the merged dtype.
+        architecture: the model class written to ``architectures`` (else the config's own).
+        generation_config: saved as is (else the source's ``generation_config.json``, if any, is copied).
+        tokenizer: saved with ``save_pretrained`` (else the source's tokenizer files are copied).
+    """
+
+    config: Any = None
+    architecture: str | None = None
+    generation_config: Any = None
+    tokenizer: Any = None
+
+    @classmethod
+    def of(cls, root: nn.Module, tokenizer: Any = None) -> ModelFiles:
+        """The files of the live Hugging Face model ``root``: its config, class, generation config (a model
+        that generates) and ``tokenizer``."""
+        model: Any = root
+        can_generate = callable(getattr(model, "can_generate", None)) and model.can_generate()
+        generation = getattr(model, "generation_config", None) if can_generate else None
+        return cls(model.config, type(root).__name__, generation, tokenizer)
+
+
+def write_model_files(out: Path, files: ModelFiles, dtype: torch.dtype | None, source: Path | None = None) -> None:
+    """``config.json`` (no ``quantization_config``: the merged weights are plain floats, never re-quantized on load;
+    ``dtype`` as the merged weights'), the generation config and the tokenizer into ``out``, each from ``files``
+    or else copied from ``source``."""
+    name = str(dtype).removeprefix("torch.") if dtype is not None else None
+    if files.config is None and source is not None:
+        config = json.loads((source / "config.json").read_text())
+        config.pop("quantization_config", None)
+        config.update({"architectures": [files.architecture]} if files.architecture else {})
+        if name:
+            config.update({"dtype": name, **({"torch_dtype": name} if "torch_dtype" in config else {})})
+        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    elif files.config is not None:
+        saved = copy.deepcopy(files.config)
+        if hasattr(saved, "quantization_config"):
+            del saved.quantization_config
+        if files.architecture:
+            saved.architectures = [files.architecture]
+        saved.dtype = dtype or saved.dtype
+        saved.save_pretrained(out)
+    if files.generation_config is not None:
+        files.generation_config.save_pretrained(out)
+    elif source is not None and (source / "generation_config.json").is_file():
+        shutil.copy(source / "generation_config.json", out / "generation_config.json")
+    if files.tokenizer is not None:
+        files.tokenizer.save_pretrained(out)
+    elif source is not None:
+        for file in (f for f in TOKENIZER_FILES if (source / f).is_file()):
+            shutil.copy(source / file, out / file)
 
 
 def _peft_targets(module_names: list[str], names: list[str]) -> list[str]:

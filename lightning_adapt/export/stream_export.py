@@ -19,9 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
-import json
-import shutil
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,11 +36,20 @@ from lightning_adapt.atomic import atomic_directory, check_free_space, check_tar
 from lightning_adapt.errors import ExportError
 from lightning_adapt.export.merged_state import check_tied_adapters
 from lightning_adapt.export.options import ExportOptions
-from lightning_adapt.export.original import source_dir, source_for
-from lightning_adapt.export.peft_format import PEFT_PREFIX, export_root, peft_config, write_adapter, write_adapter_files
+from lightning_adapt.export.original import source_dir
+from lightning_adapt.export.peft_format import (
+    PEFT_PREFIX,
+    ModelFiles,
+    export_root,
+    peft_config,
+    write_adapter,
+    write_adapter_files,
+    write_model_files,
+)
 from lightning_adapt.export.report import ExportResult, memory_meter, merge_report
 from lightning_adapt.export.safetensors_io import (
     SMALLER_DTYPE_FIX,
+    SourceWeights,
     StoredTensor,
     model_keys,
     parse_size,
@@ -57,8 +63,7 @@ from lightning_adapt.naming import select
 from lightning_adapt.quantize import QuantPlan
 
 __all__ = [
-    "TOKENIZER_FILES",
-    "ModelFiles",
+    "StreamSource",
     "base_model_prefix_of",
     "checkpoint_source",
     "checkpoint_streaming_unavailable",
@@ -66,6 +71,7 @@ __all__ = [
     "export_streamed",
     "is_hf_safetensors_dir",
     "peft_writer",
+    "stream_source",
     "streaming_unavailable",
     "uses_conv1d",
 ]
@@ -85,63 +91,6 @@ def base_model_prefix_of(config: Any) -> str:
         return str(getattr(MODEL_MAPPING[type(config)], "base_model_prefix", "") or "")
     except (ImportError, KeyError, ValueError):
         return ""
-
-
-#: Tokenizer files copied from the source directory when no tokenizer object is given.
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
-    "vocab.txt", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
-)  # fmt: skip
-
-
-@dataclass(frozen=True)
-class ModelFiles:
-    """What a streamed export writes next to the merged weights; ``None`` fields come from the source directory.
-
-    Args:
-        config: a ``transformers`` config to save (else the source's ``config.json``); either way without
-            ``quantization_config`` and with the merged dtype.
-        architecture: the model class written to ``architectures`` (else the config's own).
-        generation_config: saved as is (else the source's ``generation_config.json``, if any, is copied).
-        tokenizer: saved with ``save_pretrained`` (else the source's tokenizer files are copied).
-    """
-
-    config: Any = None
-    architecture: str | None = None
-    generation_config: Any = None
-    tokenizer: Any = None
-
-
-def _write_config(source: Path, out: Path, files: ModelFiles, dtype: torch.dtype | None) -> None:
-    name = str(dtype).removeprefix("torch.") if dtype is not None else None
-    if files.config is None:
-        config = json.loads((source / "config.json").read_text())
-        config.pop("quantization_config", None)  # the merged weights are plain floats: never re-quantized on load
-        config.update({"architectures": [files.architecture]} if files.architecture else {})
-        if name:
-            config.update({"dtype": name, **({"torch_dtype": name} if "torch_dtype" in config else {})})
-        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        return
-    config = copy.deepcopy(files.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    if files.architecture:
-        config.architectures = [files.architecture]
-    config.dtype = dtype or config.dtype
-    config.save_pretrained(out)
-
-
-def _write_side_files(source: Path, out: Path, files: ModelFiles) -> None:
-    if files.generation_config is not None:
-        files.generation_config.save_pretrained(out)
-    elif (source / "generation_config.json").is_file():
-        shutil.copy(source / "generation_config.json", out / "generation_config.json")
-    if files.tokenizer is not None:
-        files.tokenizer.save_pretrained(out)
-        return
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy(source / name, out / name)
 
 
 def export_streamed(
@@ -187,8 +136,7 @@ def export_streamed(
         (tmp / "merged").mkdir()
         shard = parse_size(options.max_shard_size)
         stats = stream_merge(keys, tmp / "merged", adapters, dtype, shard, on_merge=on_merge, argument=argument)
-        _write_config(source, tmp / "merged", files or ModelFiles(), dtype or stats.first_float_dtype)
-        _write_side_files(source, tmp / "merged", files or ModelFiles())
+        write_model_files(tmp / "merged", files or ModelFiles(), dtype or stats.first_float_dtype, source)
         result.merged = target / "merged"
     result.dropped_tied = stats.dropped
     if meter is not None:
@@ -243,12 +191,29 @@ def _selected(names: list[str], modules_to_save: Sequence[str]) -> list[str]:
     return select(names, list(modules_to_save), "modules_to_save") if modules_to_save else []
 
 
+@dataclass(frozen=True)
+class StreamSource:
+    """Where a live module's merge streams from: its source directory and that directory's tensors under the
+    model's names (every header is read once, here, and serves the whole export)."""
+
+    path: Path
+    keys: dict[str, StoredTensor]
+
+
 def streaming_unavailable(
     module: nn.Module, options: ExportOptions, source_path: str | Path | None = None
 ) -> str | None:
-    """Why ``module`` cannot be exported by streaming from its source files (then it is merged in memory);
-    ``None`` when it can: a Hugging Face model with LoRA layers, loaded from a safetensors directory that
-    holds every frozen weight it has (names and shapes), and not ``merge_base='dequantized'`` on 4-bit layers."""
+    """Why ``module`` cannot be exported by streaming from its source files (see :func:`stream_source`)."""
+    found = stream_source(module, options, source_path)
+    return found if isinstance(found, str) else None
+
+
+def stream_source(
+    module: nn.Module, options: ExportOptions, source_path: str | Path | None = None
+) -> StreamSource | str:
+    """The files ``module``'s export streams from, or why it cannot (then it is merged in memory): it can for a
+    Hugging Face model with LoRA layers, loaded from a safetensors directory that holds every frozen weight it has
+    (names and shapes), and not ``merge_base='dequantized'`` on 4-bit layers."""
     _, root, hf = export_root(module)
     if not hf:
         return "the module holds no Hugging Face model (its state dict keeps the module's own key names)"
@@ -263,7 +228,11 @@ def streaming_unavailable(
         return f"its source {str(path) if path else None!r} is not a Hugging Face directory of safetensors"
     keys = model_keys(read_index(str(path)), str(getattr(root, "base_model_prefix", "") or ""))
     mismatch = module_mismatch(root, keys)
-    return None if mismatch is None else f"{path} does not hold this model's frozen weights: {mismatch}"
+    return (
+        StreamSource(Path(str(path)), keys)
+        if mismatch is None
+        else f"{path} does not hold this model's frozen weights: {mismatch}"
+    )
 
 
 def checkpoint_source(module: Any) -> Path | None:
@@ -291,12 +260,16 @@ def checkpoint_streaming_unavailable(
 
 
 def export_module_streamed(
-    module: nn.Module, dirpath: str | Path, options: ExportOptions | None = None, **extras: Any
+    module: nn.Module,
+    dirpath: str | Path,
+    options: ExportOptions | None = None,
+    source: StreamSource | None = None,
+    **extras: Any,
 ) -> ExportResult:
-    """:func:`~lightning_adapt.export.exporter.export_model`'s output for a module that passes
-    :func:`streaming_unavailable`, streamed: the live adapters and trained tensors merged into the weights
-    read back from the source directory (default dtype: each tensor's dtype in the live model). With
-    quantized layers, the QLoRA report is computed on the live model as ``export_model`` does.
+    """:func:`~lightning_adapt.export.exporter.export_model`'s output for a module that has a :func:`stream_source`
+    (``source``: found already), streamed: the live adapters and trained tensors merged into the weights read back
+    from the source directory (default dtype: each tensor's dtype in the live model). With quantized layers, the
+    QLoRA report is computed on the live model as ``export_model`` does.
 
     ``extras``: ``export_model``'s keyword arguments (``modules_to_save``, ``source_path``, ``tokenizer``,
     ``probe``, ``argument``), with the same meaning and defaults.
@@ -308,19 +281,17 @@ def export_module_streamed(
     if unknown := set(extras) - {"modules_to_save", "source_path", "tokenizer", "probe", "argument"}:
         raise TypeError(f"export_module_streamed: unexpected arguments {sorted(unknown)}")
     _, root, _ = export_root(module)
-    path = source_dir(module, root, source_path)
-    if not is_hf_safetensors_dir(path):
-        raise ExportError(f"source_path={str(path) if path else None!r}: not a Hugging Face safetensors directory.")
+    found = source or stream_source(module, options, source_path)
+    if isinstance(found, str):
+        raise ExportError(f"source_path={source_path!r}: the export cannot stream: {found}.")
     check_tied_adapters(root)
-    keys = model_keys(read_index(str(path)), str(getattr(root, "base_model_prefix", "") or ""))
+    path, keys = found.path, found.keys
     to_save = _selected([n for n, _ in root.named_modules() if n], modules_to_save)
-    model: Any = root
-    can_generate = callable(getattr(model, "can_generate", None)) and model.can_generate()
-    files = ModelFiles(model.config, type(root).__name__, model.generation_config if can_generate else None, tokenizer)
     result = export_streamed(
-        str(path), dirpath, adapters_from_module(root, keys, to_save), options, keys=keys, files=files,
+        str(path), dirpath, adapters_from_module(root, keys, to_save), options, keys=keys,
+        files=ModelFiles.of(root, tokenizer),
         write_peft=lambda out: write_adapter(root, out, to_save, str(path)), argument=argument,
     )  # fmt: skip
-    if quantized_layers(root):
-        result.report = merge_report(root, source_for(module, root, source_path, "source_path"), probe)
+    if quantized_layers(root):  # the originals of the quantized layers: in the headers read above
+        result.report = merge_report(root, SourceWeights(path, tensors=keys), probe)
     return result
