@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from lightning_adapt.atomic import check_free_space
+from lightning_adapt.atomic import atomic_file, check_free_space
 from lightning_adapt.errors import ExportError
 from lightning_adapt.export.safetensors_io import SourceWeights, StoredTensor, TensorEntry, stream_safetensors
 from lightning_adapt.layers import quantized_layers, stored_shape
@@ -84,13 +83,8 @@ def spill_originals(module: nn.Module, layer_names: list[str], directory: Path) 
     path = Path(directory) / SPILL_FILE
     needed = sum(w.numel() * w.element_size() for w in missing.values())
     check_free_space(path, needed, "the run's original_weights", ", or merge_base='dequantized' (then no copy is kept)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        size = stream_safetensors(tmp, entries, None)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path) as handle:
+        size = stream_safetensors(handle, entries, None)
     remember_originals(module, SourceWeights(path.parent, files=[path]).tensors)
     return size
 

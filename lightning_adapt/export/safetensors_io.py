@@ -107,8 +107,9 @@ def _nbytes(entry: TensorEntry, dtype: torch.dtype | None) -> int:
     return entry.numel * torch.empty((), dtype=_out_dtype(entry, dtype)).element_size()
 
 
-def stream_safetensors(path: Path, entries: list[TensorEntry], dtype: torch.dtype | None) -> int:
-    """Write one safetensors file tensor by tensor (header first); returns the data size in bytes."""
+def stream_safetensors(out: Path | BinaryIO, entries: list[TensorEntry], dtype: torch.dtype | None) -> int:
+    """Write one safetensors file (a path, or an open binary file) tensor by tensor, header first; returns the
+    data size in bytes."""
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for entry in entries:
@@ -121,7 +122,7 @@ def stream_safetensors(path: Path, entries: list[TensorEntry], dtype: torch.dtyp
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as f:
+    with open(out, "wb") if isinstance(out, Path) else contextlib.nullcontext(out) as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
         for entry in entries:
             out_dtype = _out_dtype(entry, dtype)
