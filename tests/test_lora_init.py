@@ -242,6 +242,8 @@ def test_bad_inits_name_the_argument_and_the_fix() -> None:
         inject_lora(nn.Sequential(nn.Embedding(10, 8)), LoRASpec(r=2, target_modules=["0"], init="pissa"))
     with pytest.raises(ConfigError, match="not one of"):
         compute_init("svd", _weight(), R, SCALE)
+    with pytest.raises(ConfigError, match="lora.adapter_path: the adapter was trained on the original base"):
+        LoRAInjectionCallback(init="olora", adapter_path="any/peft/adapter")
     with pytest.raises(ConfigError) as err:
         LoRAInjectionCallback(init="pissa", loftq_iterations=0, lora_plus_ratio=-1.0)
     assert "lora.loftq_iterations=0" in str(err.value) and "lora.lora_plus_ratio=-1.0" in str(err.value)

@@ -154,6 +154,11 @@ class LoRAInjectionCallback(ModelTransformCallback):
         super().__init__()
         adapter_config: dict[str, Any] | None = None
         self._adapter_weights: dict[str, torch.Tensor] | None = None
+        if adapter_path and init in CHANGED_BASE_INITS:
+            raise ConfigError(
+                f"lora.init={init!r} with lora.adapter_path: the adapter was trained on the original base, which "
+                f"{init} would change. Fix: drop lora.init (its weights replace the init anyway), or adapter_path."
+            )
         if adapter_path:
             adapter_config, self._adapter_weights = _read_adapter(adapter_path)
         explicit: dict[str, object] = {"r": r, "alpha": alpha, "target_modules": target_modules}
