@@ -208,6 +208,11 @@ def test_changed_base_checkpoints_carry_a0_b0_and_resume_exactly(tmp_path: Path)
     for (name, layer), (_, other) in zip(lora_modules(straight), lora_modules(resumed), strict=True):
         assert torch.equal(layer.lora_B.weight, other.lora_B.weight), name
         assert torch.equal(layer.lora_B0, other.lora_B0), name
+    kept = [layer.lora_B.weight.clone() for _, layer in lora_modules(resumed)]
+    again = trainer(tmp_path / "c", callbacks=_qlora("loftq", "lora-first"), limit_val_batches=1)
+    again.validate(resumed, loader())  # a repeated configure_model changes nothing
+    again.predict(resumed, loader())
+    assert all(torch.equal(k, layer.lora_B.weight) for k, (_, layer) in zip(kept, lora_modules(resumed), strict=True))
     state = torch.load(half, weights_only=True)["state_dict"]
     assert {k.rsplit(".", 1)[1] for k in state if ".q_proj." in k} >= {"lora_A0", "lora_B0"}
     assert not any(k.endswith("base_layer.weight") for k in state), "the quantized base is not saved"
@@ -242,7 +247,7 @@ def test_bad_inits_name_the_argument_and_the_fix() -> None:
         inject_lora(nn.Sequential(nn.Embedding(10, 8)), LoRASpec(r=2, target_modules=["0"], init="pissa"))
     with pytest.raises(ConfigError, match="not one of"):
         compute_init("svd", _weight(), R, SCALE)
-    with pytest.raises(ConfigError, match="lora.adapter_path: the adapter was trained on the original base"):
+    with pytest.raises(ConfigError, match="adapter_path: the adapter was trained on the original base"):
         LoRAInjectionCallback(init="olora", adapter_path="any/peft/adapter")
     with pytest.raises(ConfigError) as err:
         LoRAInjectionCallback(init="pissa", loftq_iterations=0, lora_plus_ratio=-1.0)

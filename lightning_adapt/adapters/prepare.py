@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from lightning_adapt.adapters.delta import lora_scaling
+from lightning_adapt.adapters.delta import lora_layers, lora_scaling
 from lightning_adapt.adapters.init import CHANGED_BASE_INITS, Roundtrip, remember_pair
 from lightning_adapt.adapters.lora import prepare_base
 from lightning_adapt.adapters.spec import LoRASpec
@@ -26,9 +26,10 @@ __all__ = ["ChangedBaseHook", "changed_base_hook", "init_targets"]
 
 
 def init_targets(model: nn.Module, spec: LoRASpec | None) -> set[str]:
-    """The layers of ``model`` whose base ``spec`` changes (its module targets; none for a random ``init``).
-    Works on a model built on the meta device: only names and types are read."""
-    if spec is None or spec.init not in CHANGED_BASE_INITS:
+    """The layers of ``model`` whose base ``spec`` changes (its module targets; none for a random ``init``, or once
+    ``model`` holds adapters: a later ``configure_model`` changes nothing). Works on a model built on the meta device:
+    only names and types are read."""
+    if spec is None or spec.init not in CHANGED_BASE_INITS or lora_layers(model):
         return set()
     modules = spec.target_modules
     if modules is not None and not isinstance(modules, str) and not list(modules):

@@ -146,11 +146,11 @@ def _prepare_bases(module: nn.Module, plan: QuantPlan) -> dict[str, Callable[[nn
     """Run the :func:`~lightning_adapt.adapters.init.before_quantize` hook (LoRA's PiSSA / OLoRA / LoftQ init) on each layer
     it targets that ``plan`` quantizes, one at a time, from its full-precision weight; returns what to finish on
     each quantized replacement, by name."""
-    hook = before_quantize(module)
-    if hook is None:
+    hook, selected = before_quantize(module), set(plan.selected(module))
+    if hook is None or not selected:  # nothing left to quantize: a repeated configure_model
         return {}
     finish: dict[str, Callable[[nn.Module], None]] = {}
-    for name in sorted(hook.targets(module) & set(plan.selected(module))):
+    for name in sorted(hook.targets(module) & selected):
         layer = module.get_submodule(name)
         dtype = next(iter(layer.parameters())).dtype
         finish[name] = hook(layer, quantization_roundtrip(plan.config, dtype))
