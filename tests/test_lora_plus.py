@@ -95,3 +95,18 @@ def test_the_schedule_keeps_the_ratio() -> None:
 def test_paged_lr_override_keeps_the_ratio() -> None:
     used = _fit([PagedOptimizerPlugin("AdamW", lr=0.01), _lora(lora_plus_ratio=RATIO)], ToyModule())
     assert [g["lr"] for g in used.param_groups] == pytest.approx([0.01, 0.01 * RATIO])
+
+
+def test_resume_restores_the_split_optimizer_exactly(tmp_path: Any) -> None:
+    def run(epochs: int, ckpt: str | None, root: Any) -> ToyModule:
+        module = _Scheduled(lr=LR)
+        t = trainer(root, callbacks=[_lora(lora_plus_ratio=RATIO)], max_epochs=epochs, limit_train_batches=2)
+        t.fit(module, loader(), ckpt_path=ckpt)
+        t.save_checkpoint(root / "last.ckpt")
+        return module
+
+    straight = run(2, None, tmp_path / "a")
+    run(1, None, tmp_path / "b")
+    resumed = run(2, str(tmp_path / "b" / "last.ckpt"), tmp_path / "c")
+    for (name, layer), (_, other) in zip(lora_modules(straight), lora_modules(resumed), strict=True):
+        assert torch.equal(layer.lora_B.weight, other.lora_B.weight), name
