@@ -203,30 +203,24 @@ def is_linear_like(module: nn.Module) -> bool:
     return _kind(module) is not None
 
 
-#: set on a quantized layer made from a ``Conv1D``: it computes as a Linear, its checkpoints store ``(in, out)``
-CONV1D_LAYOUT = "conv1d_layout"
+CONV1D_LAYOUT = "conv1d_layout"  #: marks a quantized layer made from a ``Conv1D`` (its checkpoints store (in, out))
 
 
 def is_conv1d(layer: nn.Module) -> bool:
     """Whether ``layer``'s checkpoints store its weight ``(in, out)``: a GPT-2 style ``transformers`` ``Conv1D``, or a
     quantized layer made from one (which computes as a Linear on ``Wᵀ``)."""
-    if getattr(layer, CONV1D_LAYOUT, False) is True:
-        return True
-    conv1d = sys.modules.get("transformers.pytorch_utils")  # never imported: no layer can be a Conv1D
-    cls = getattr(conv1d, "Conv1D", None)
-    return isinstance(cls, type) and isinstance(layer, cls)
+    cls = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)  # never imported: no Conv1D exists
+    return getattr(layer, CONV1D_LAYOUT, False) is True or (isinstance(cls, type) and isinstance(layer, cls))
 
 
 def as_stored(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    """A dense ``(out, in)`` weight of ``layer`` in its checkpoint's orientation, or back (a transpose is its own
-    inverse): transposed for :func:`is_conv1d` layers, else ``weight`` itself."""
+    """``layer``'s dense ``(out, in)`` weight as its checkpoints store it, or back: transposed if :func:`is_conv1d`."""
     return weight.T if is_conv1d(layer) else weight
 
 
 def stored_shape(layer: nn.Module) -> tuple[int, int]:
     """The shape of ``layer``'s weight in its checkpoints, without dequantizing."""
-    in_features, out_features = layer_dims(layer)
-    return (in_features, out_features) if is_conv1d(layer) else (out_features, in_features)
+    return layer_dims(layer) if is_conv1d(layer) else layer_dims(layer)[::-1]
 
 
 def layer_writer(layer: nn.Module) -> Callable[[nn.Module, torch.Tensor], None] | None:

@@ -9,6 +9,7 @@ and validation data, the trained model and both merges are then validated (``eva
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -24,7 +25,6 @@ from lightning_adapt.adapters.inject import LoRASpec
 from lightning_adapt.callbacks._merge_eval import evaluate_merges
 from lightning_adapt.callbacks._sharded_export import gather_trainable, run_on_rank_zero
 from lightning_adapt.callbacks._transform import transform_specs
-from lightning_adapt.callbacks.memory_report import MemoryReportCallback
 from lightning_adapt.errors import ConfigError, ExportError
 from lightning_adapt.export.adapter_sources import adapters_from_checkpoint
 from lightning_adapt.export.exporter import (
@@ -114,8 +114,9 @@ class MergeOnSaveCallback(L.Callback):
 
     @staticmethod
     def reports_memory(trainer: L.Trainer) -> bool:
-        """Whether ``trainer``'s run has a :class:`MemoryReportCallback`, which asks for the export's memory."""
-        return any(isinstance(callback, MemoryReportCallback) for callback in trainer.callbacks)  # type: ignore[attr-defined]
+        """Whether ``trainer``'s run has a ``MemoryReportCallback``, which asks for the export's memory."""
+        report = getattr(sys.modules.get("lightning_adapt.callbacks.memory_report"), "MemoryReportCallback", None)
+        return isinstance(report, type) and any(isinstance(cb, report) for cb in trainer.callbacks)  # type: ignore[attr-defined]
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from lightning_adapt.adapters.checkpoint import FINGERPRINT_KEY
+from lightning_adapt.adapters.init import original_factors
 from lightning_adapt.adapters.lora import lora_scaling
 from lightning_adapt.adapters.spec import LoRASpec
 from lightning_adapt.errors import ExportError
@@ -42,6 +43,8 @@ ADAPTER_SUFFIXES = {
     ".lora_magnitude_vector.weight": "m",
     ".lora_embedding_A": "EA",  # an embedding: W (num, dim) += scaling · (B @ A)ᵀ, i.e. stored (in, out) as Conv1D
     ".lora_embedding_B": "EB",
+    ".lora_A0": "A0",  # the initial pair of a changed base (PiSSA / OLoRA / LoftQ): merged as [A; A0], [B, -B0]
+    ".lora_B0": "B0",
 }
 
 Keys = Mapping[str, StoredTensor]
@@ -108,7 +111,8 @@ def _layer_adapters(
         if "A" not in p or "B" not in p or ("m" in p) != settings.use_dora:
             problems.append(f"{name} holds {sorted(p)} with use_dora={settings.use_dora}")
             continue
-        layer = LayerAdapter(p["A"], p["B"], scaling, p.get("m"), conv1d[name])
+        factors = original_factors(p["A"], p["B"], p["A0"], p["B0"]) if "A0" in p and "B0" in p else (p["A"], p["B"])
+        layer = LayerAdapter(*factors, scaling, p.get("m"), conv1d[name])
         stored = keys[name + ".weight"].shape
         if p["A"].shape[0] != settings.r or p["B"].shape[1] != settings.r or stored != layer.stored_shape():
             a, b = tuple(p["A"].shape), tuple(p["B"].shape)
@@ -168,7 +172,9 @@ def adapters_from_checkpoint(
         if key != FINGERPRINT_KEY and key.startswith(prefix) and isinstance(value, torch.Tensor)
     }
     layers = _layer_adapters(parts, keys, settings, fan_in_fan_out, argument)
-    return Adapters(layers, replace, _tied_drop(keys, tied_keys, parts, argument), settings, list(modules_to_save))
+    drop = _tied_drop(keys, tied_keys, parts, argument)
+    changed = any("A0" in p for p in parts.values())
+    return Adapters(layers, replace, drop, settings, list(modules_to_save), changed_base=changed)
 
 
 def adapters_from_peft(

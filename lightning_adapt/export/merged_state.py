@@ -56,8 +56,12 @@ class _Merger:
         self.dropped: list[str] = []
         self.entries: list[TensorEntry] = []
 
+    def original(self, layer: nn.Module) -> bool:
+        """Whether :meth:`base` gives ``layer``'s original weight (re-read), not the live base."""
+        return self.source is not None and is_quantized(layer)
+
     def base(self, key: str, layer: nn.Module) -> torch.Tensor:
-        if self.source is not None and is_quantized(layer):
+        if self.source is not None and self.original(layer):
             return as_stored(layer, self.source.get(key).float())  # to (out, in)
         return base_weight(layer).cpu()
 
@@ -67,7 +71,9 @@ class _Merger:
 
         def load() -> torch.Tensor:
             weight = self.base(key, base)
-            if isinstance(layer, LoRALinear) and not layer.merged:
+            if isinstance(layer, LoRALinear) and not layer.merged and self.original(base) and layer.changes_base:
+                weight = layer.merged_weight_from_original(weight)  # W + s(BA - B0A0): PiSSA / OLoRA / LoftQ
+            elif isinstance(layer, LoRALinear) and not layer.merged:
                 weight = layer.merged_weight(weight)
             return as_stored(base, weight)
 

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lightning_adapt.adapters.delta import lora_layers
-from lightning_adapt.adapters.lora import lora_modules
+from lightning_adapt.adapters.lora import LoRALinear, lora_modules
 from lightning_adapt.adapters.spec import LoRASpec
 from lightning_adapt.errors import ConfigError, ExportError
 from lightning_adapt.layers import adapter_param_ids, is_conv1d
@@ -213,8 +214,9 @@ def adapter_config(root: nn.Module, modules_to_save: list[str], base_model_name_
     if len(settings) != 1:
         raise ExportError(f"the adapted layers use different (r, alpha, dropout, rslora, dora): {sorted(settings)}.")
     r, alpha, dropout, use_rslora, use_dora = settings.pop()
+    spec = LoRASpec(r, alpha, dropout, use_rslora=use_rslora, use_dora=use_dora)
     return peft_config(
-        LoRASpec(r, alpha, dropout, use_rslora=use_rslora, use_dora=use_dora),
+        changed_base_settings(spec) if _changed(root) else spec,
         [n for n, _ in layers],
         [n for n, _ in root.named_modules()],
         modules_to_save,
@@ -234,6 +236,10 @@ def adapter_state(root: nn.Module, modules_to_save: list[str]) -> dict[str, torc
         for key, param in root.named_parameters()
         if id(param) in ids
     }
+    for name, layer in _changed(root):  # on the original weight: the rank-2r [A; A0], [B, -B0]
+        lora_a, lora_b = layer.original_factors()
+        state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = lora_a.detach().cpu().contiguous()
+        state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = lora_b.detach().cpu().contiguous()
     for name in modules_to_save:
         for key, value in root.get_submodule(name).state_dict().items():
             state[f"{PEFT_PREFIX}{name}.{key}"] = value.detach().cpu().clone()
@@ -247,10 +253,24 @@ def write_adapter_files(out: Path, config: dict[str, Any], state: dict[str, torc
     save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
+def changed_base_settings(settings: LoRASpec) -> LoRASpec:
+    """The PEFT settings of adapters whose init (PiSSA / OLoRA / LoftQ) changed the base, written as the rank-2r
+    LoRA ``[A; A0]``, ``[B, -B0]`` on the original weight (PEFT's own conversion): ``r`` doubled, ``alpha`` so that
+    the scaling stays (``2·alpha``; ``√2·alpha`` with rsLoRA)."""
+    return replace(settings, r=2 * settings.r, alpha=settings.alpha * (math.sqrt(2) if settings.use_rslora else 2))
+
+
+def _changed(root: nn.Module) -> list[tuple[str, LoRALinear]]:
+    return [(name, layer) for name, layer in lora_modules(root) if layer.changes_base]
+
+
 def no_peft_layout(root: nn.Module) -> str | None:
     """Why PEFT could not reproduce ``root``'s adapters, else ``None``: an adapted ``nn.MultiheadAttention``
     (PEFT 0.21 merges on forward but adds the ``out_proj`` update twice; separate q/k/v it cannot adapt at all)."""
     attention = [n for n, m in lora_layers(root) if isinstance(getattr(m, "base_layer", None), nn.MultiheadAttention)]
+    changed = {n for n, _ in _changed(root)}
+    if changed and (kept := [n for n, _ in lora_layers(root) if n not in changed]):
+        return f"{kept[0]!r} keeps its base while other layers' init changed theirs: their PEFT ranks would differ"
     if attention:
         return (
             f"{attention[0]!r} is an adapted nn.MultiheadAttention, whose PEFT layer (experimental) adds the "

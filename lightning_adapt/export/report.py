@@ -93,7 +93,9 @@ def merged_weights(root: nn.Module, source: SourceWeights | None) -> Iterator[tu
         wrapper = root.get_submodule(name)
         device = _device(wrapper)
         base = as_stored(layer, source.get(name + ".weight").to(device)) if source is not None else None
-        if isinstance(wrapper, LoRALinear):
+        if isinstance(wrapper, LoRALinear) and base is not None and wrapper.changes_base:
+            yield name, wrapper.merged_weight_from_original(base)  # W + s(BA - B0A0): PiSSA / OLoRA / LoftQ
+        elif isinstance(wrapper, LoRALinear):
             yield name, wrapper.merged_weight(base)
         else:
             yield name, (base if base is not None else base_weight(layer)).float()

@@ -40,6 +40,7 @@ from lightning_adapt.export.original import source_dir
 from lightning_adapt.export.peft_format import (
     PEFT_PREFIX,
     ModelFiles,
+    changed_base_settings,
     export_root,
     peft_config,
     write_adapter,
@@ -152,6 +153,7 @@ def peft_writer(
     settings = adapters.settings
     if settings is None:
         raise ExportError("peft_writer: the adapters carry no LoRA settings (r, alpha, ...).")
+    settings = changed_base_settings(settings) if adapters.changed_base else settings
     keys_seen = [*keys, *adapters.replace]
     module_names = sorted({""} | {key.rsplit(".", i)[0] for key in keys_seen for i in range(1, key.count(".") + 1)})
     to_save = _selected([n for n in module_names if n], adapters.modules_to_save)

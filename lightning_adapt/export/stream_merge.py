@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_adapt.adapters.lora import lora_modules, merged_weight
+from lightning_adapt.adapters.lora import LoRALinear, lora_modules, merged_weight
 from lightning_adapt.adapters.spec import LoRASpec
 from lightning_adapt.errors import ExportError
 from lightning_adapt.export.safetensors_io import StoredTensor, TensorEntry, write_safetensors, written_bytes
@@ -88,6 +88,8 @@ class Adapters:
         settings: the LoRA settings every layer shares (r, alpha, dropout, rslora, dora: the PEFT adapter's).
         modules_to_save: the fully trained modules saved with the adapter.
         dtypes: a stored tensor's default output dtype when not its stored one (a live model's own dtype).
+        changed_base: the layers' init (PiSSA / OLoRA / LoftQ) changed the base: each adapter is the rank-2r
+            ``[A; A0]``, ``[B, -B0]`` on the original weight (``settings`` keep the trained rank r).
     """
 
     layers: dict[str, LayerAdapter]
@@ -96,6 +98,7 @@ class Adapters:
     settings: LoRASpec | None = None
     modules_to_save: list[str] = field(default_factory=list)
     dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+    changed_base: bool = False
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,10 @@ def live_tensors(root: nn.Module) -> LiveTensors:
     found = LiveTensors()
     seen: set[int] = set()
     for module_name, module in root.named_modules(remove_duplicate=False):
-        buffers = [(n, b, True) for n, b in module._buffers.items() if n not in module._non_persistent_buffers_set]
+        own = (
+            {} if isinstance(module, LoRALinear) else module._buffers
+        )  # a wrapper's buffers (A0, B0) are adapter state
+        buffers = [(n, b, True) for n, b in own.items() if n not in module._non_persistent_buffers_set]
         for name, tensor, is_buffer in [*((n, p, False) for n, p in module._parameters.items()), *buffers]:
             key = f"{module_name}.{name}".removeprefix(".").replace(".base_layer.", ".")
             if tensor is None or id(tensor) in adapters or key in found.tensors or key in found.tied:
@@ -173,21 +179,25 @@ def adapters_from_module(
 ) -> Adapters:
     """The live adapters of ``root`` (the Hugging Face model; adapter tensors are not copied on CPU), the
     tensors only the live model holds (trained, buffers, or absent from ``keys``) and, dropped, its tied
-    duplicates and checkpoint keys it does not have: the keys written are exactly the model's."""
-    layers = {
-        name: LayerAdapter(
-            layer.lora_A.weight.detach().cpu(),
-            layer.lora_B.weight.detach().cpu(),
+    duplicates and checkpoint keys it does not have: the keys written are exactly the model's. A layer whose init
+    changed its base (PiSSA / OLoRA / LoftQ) folds in as the rank-2r ``[A; A0]``, ``[B, -B0]`` (the files hold the
+    original weight)."""
+    layers = {}
+    for name, layer in lora_modules(root):
+        lora_a, lora_b = layer.original_factors()
+        magnitude = layer.lora_magnitude_vector
+        layers[name] = LayerAdapter(
+            lora_a.detach().cpu(),
+            lora_b.detach().cpu(),
             layer.scaling,
-            None if layer.lora_magnitude_vector is None else layer.lora_magnitude_vector.detach().cpu(),
+            None if magnitude is None else magnitude.detach().cpu(),
             is_conv1d(layer.base_layer),
         )
-        for name, layer in lora_modules(root)
-    }
     found = live_tensors(root)
     replace = {key: tensor for key, tensor in found.tensors.items() if key in found.live or key not in keys}
     drop = {key for key in keys if key not in found.tensors} | set(found.tied)
-    return Adapters(layers, replace, drop, None, list(modules_to_save), found.dtypes)
+    changed = any(layer.changes_base for _, layer in lora_modules(root))
+    return Adapters(layers, replace, drop, None, list(modules_to_save), found.dtypes, changed)
 
 
 # --------------------------------------------------------------------------- the merge loop
