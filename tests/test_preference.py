@@ -160,3 +160,33 @@ def test_full_fine_tuning_loads_a_frozen_reference_that_the_memory_report_counts
     loaded = dict(reference.named_parameters())
     trained = [n for n, p in task.model.named_parameters() if not torch.equal(p, loaded[n])]
     assert trained, "the policy trained while the reference stayed the pretrained weights"
+
+
+def test_cached_reference_log_probabilities_give_the_same_loss_without_a_reference_forward(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning_adapt.adapters.inject import LoRASpec, inject_lora
+
+    dm = PreferenceDataModule(tokenizer=str(tiny_llama_dir), categories=["greetings"], val_size=4, batch_size=2)
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+
+    def task() -> PreferenceTask:
+        module = PreferenceTask(str(tiny_llama_dir), reference_cache=str(tmp_path / "cache"))
+        module.configure_model()
+        inject_lora(module.model, LoRASpec(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for p in module.parameters():
+                if p.requires_grad:
+                    p.normal_(std=0.1)  # B != 0: the policy differs from its reference
+        return module
+
+    first = task()
+    fresh = first.step_outputs(batch)["loss"]
+    first.save_reference_cache()
+    files = list((tmp_path / "cache").glob("reference-logps-*.json"))
+    assert len(files) == 1 and len(json.loads(files[0].read_text())) == 2, "one entry per pair"
+    second = task()  # a new run: reads the file, never runs the reference
+    monkeypatch.setattr(PreferenceTask, "reference_logits", lambda *_: pytest.fail("the reference ran"))
+    assert torch.equal(second.step_outputs(batch)["loss"], fresh)

@@ -20,6 +20,7 @@ counted right when the chosen reward is higher (TRL's ``rewards/accuracies``).
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any, Literal, NamedTuple, get_args
 
 import torch
@@ -32,6 +33,7 @@ from lightning_adapt.errors import ConfigError
 from lightning_adapt.layers import adapter_param_ids
 from lightning_adapt.loading import WeightSource, empty_weights, load_pretrained
 from lightning_adapt.tasks.causal_lm import CausalLMTask
+from lightning_adapt.tasks.reference_cache import ReferenceCache, pair_keys, reference_fingerprint
 
 __all__ = ["LOSSES", "PreferenceLoss", "PreferenceOutput", "PreferenceTask", "preference_loss", "sequence_logps"]
 
@@ -135,6 +137,7 @@ class PreferenceTask(CausalLMTask):
         warmup_steps: int = 0,
         max_new_tokens: int = 32,
         activation_checkpointing: bool = False,
+        reference_cache: str | None = None,
     ) -> None:
         """
         Args:
@@ -147,12 +150,17 @@ class PreferenceTask(CausalLMTask):
             warmup_steps: linear learning-rate warmup steps, then constant.
             max_new_tokens: tokens generated per prompt in ``predict``.
             activation_checkpointing: recompute activations in the backward pass to save memory.
+            reference_cache: a directory where each pair's reference log-probabilities are kept once computed
+                (:mod:`lightning_adapt.tasks.reference_cache`): later epochs, a resumed run and a rerun skip its
+                reference forward; ``None``: computed every step.
         """
         _check(loss, beta, label_smoothing)
         super().__init__(model_name_or_path, learning_rate, weight_decay, warmup_steps, max_new_tokens, activation_checkpointing)  # fmt: skip
         self.save_hyperparameters()
         self.loss, self.beta, self.label_smoothing = loss, beta, label_smoothing
         self._val: list[dict[str, torch.Tensor]] = []
+        self.reference_cache = reference_cache
+        self._cache: ReferenceCache | None = None
 
     @property
     def reference_model(self) -> nn.Module | None:
@@ -183,6 +191,46 @@ class PreferenceTask(CausalLMTask):
         out = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         return out.logits  # type: ignore[no-any-return]
 
+    def reference_totals(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The reference's summed log-probabilities of the ``2B`` rows, from the cache when it holds every pair."""
+        cache = self._reference_cache()
+        keys = pair_keys(batch) if cache is not None else []
+        cached = cache.lookup(keys, batch["labels"].device) if cache is not None else None
+        if cached is not None:
+            return cached
+        total, _ = sequence_logps(self.reference_logits(batch), batch["labels"])
+        if cache is not None:
+            cache.store(keys, total)
+        return total
+
+    def _reference_cache(self) -> ReferenceCache | None:
+        if self.reference_cache is None or self._cache is not None:
+            return self._cache
+        how = "adapters-off" if self.adapters_are_the_only_trained_weights() else "copy"
+        fingerprint = reference_fingerprint(self.source_path, self.model, how)
+        directory = Path(self.reference_cache)
+        world = getattr(self._trainer, "world_size", 1) if self._trainer is not None else 1
+        self._cache = ReferenceCache(directory / f"rank{self.global_rank}" if world > 1 else directory, fingerprint)
+        return self._cache
+
+    def save_reference_cache(self) -> None:
+        """Write the cached reference log-probabilities (at checkpoints, epoch ends and the end of fit)."""
+        if self._cache is not None:
+            self._cache.save()
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.save_reference_cache()
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        self.save_reference_cache()
+
+    @override
+    def on_fit_end(self) -> None:
+        super().on_fit_end()
+        self.save_reference_cache()
+
     def _load_reference(self) -> nn.Module:
         """The pretrained model again, from its files (not a copy of the policy: after a resume that is trained)."""
         from transformers import AutoModelForCausalLM
@@ -206,7 +254,7 @@ class PreferenceTask(CausalLMTask):
         policy = mean if self.loss in ("ipo", "orpo") else total
         reference: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
         if self.loss != "orpo":
-            ref_total, _ = sequence_logps(self.reference_logits(batch), labels)
+            ref_total = self.reference_totals(batch)
             ref = ref_total / count.clamp(min=1) if self.loss == "ipo" else ref_total
             reference = ref[:half], ref[half:]
         out = preference_loss(self.loss, policy[:half], policy[half:], *reference, self.beta, self.label_smoothing)
@@ -247,6 +295,7 @@ class PreferenceTask(CausalLMTask):
             return
         pooled = {key: torch.cat([o[key] for o in self._val]).float().mean() for key in self._val[0]}
         self._val = []
+        self.save_reference_cache()
         names = {"loss": "val_loss", "acc": "val_acc", "reward_acc": "val_reward_acc", "margin": "val_reward_margin"}
         metrics = {names.get(key, f"val_{key}"): value for key, value in pooled.items()}
         self.record_validation(metrics)
