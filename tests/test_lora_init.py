@@ -19,7 +19,7 @@ from lightning_adapt.adapters.lora import LoRALinear, lora_modules, prepare_base
 from lightning_adapt.callbacks.lora import LoRAInjectionCallback
 from lightning_adapt.callbacks.quantize import QuantizeBaseCallback
 from lightning_adapt.errors import ConfigError
-from lightning_adapt.layers import base_weight, dequantize_weight, is_quantized
+from lightning_adapt.layers import dequantize_weight, is_quantized
 from lightning_adapt.loading import WeightSource, empty_weights, load_pretrained, quant_plan
 from lightning_adapt.quantize import QuantConfig, quantization_roundtrip
 
@@ -260,14 +260,29 @@ def _quantized() -> nn.Module:
     return quantize_linear(nn.Linear(64, 64), QuantConfig(compute_dtype=torch.float32))
 
 
-def test_loftq_without_quantize_and_merge_with_a_changed_base_fail_before_training() -> None:
+def test_loftq_without_quantize_fails_before_training() -> None:
+    lora = LoRAInjectionCallback(r=R, alpha=ALPHA, target_modules=["q_proj"], init="loftq")
+    module = ToyModule()
+    with pytest.raises(ConfigError, match="no quantize:"):
+        trainer(callbacks=[lora], max_steps=1).fit(module, loader())
+    assert not lora_modules(module), "refused before the model was touched"
+
+
+def test_merge_on_save_writes_the_trained_model_on_the_original_weights(tmp_path: Path) -> None:
+    """Through fit with QLoRA + PiSSA: merged = W + s·(B·A - B0·A0), W the original (spilled) weights."""
+    from safetensors.torch import load_file
+
     from lightning_adapt.callbacks.merge import MergeOnSaveCallback
 
-    lora = LoRAInjectionCallback(r=R, alpha=ALPHA, target_modules=["q_proj"], init="loftq")
-    with pytest.raises(ConfigError, match="no quantize:"):
-        trainer(callbacks=[lora], max_steps=1).fit(ToyModule(), loader())
+    originals = {n: m.weight.detach().clone() for n, m in ToyModule().named_modules() if isinstance(m, nn.Linear)}
     module = ToyModule()
-    with pytest.raises(ConfigError, match="cannot export yet"):
-        trainer(callbacks=[*_qlora("pissa"), MergeOnSaveCallback()], max_steps=1).fit(module, loader())
-    assert not lora_modules(module), "refused before the model was touched"
-    assert base_weight(module.net.layers[0].q_proj).shape == (64, 64)  # type: ignore[union-attr]
+    merge = MergeOnSaveCallback(str(tmp_path / "export"), evaluate=False)
+    trainer(tmp_path, callbacks=[*_qlora("pissa"), merge], max_steps=2).fit(module, loader())
+    merged = load_file(next((tmp_path / "export" / "merged").glob("*.safetensors")))
+    for name, layer in changed_base_layers(module):
+        a0, b0 = layer.lora_A0, layer.lora_B0
+        assert a0 is not None and b0 is not None
+        update = layer.lora_B.weight @ layer.lora_A.weight - b0 @ a0
+        assert update.abs().max() > 0, "trained"
+        want = originals[name] + SCALE * update
+        torch.testing.assert_close(merged[name + ".weight"], want.detach(), atol=1e-6, rtol=0)

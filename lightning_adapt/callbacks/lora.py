@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -204,7 +203,7 @@ class LoRAInjectionCallback(ModelTransformCallback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        _check_changed_base(self.spec, trainer, stage)
+        _check_changed_base(self.spec, trainer)
         super().setup(trainer, pl_module, stage)
 
     @override
@@ -252,26 +251,12 @@ def _lora_plus(trainer: L.Trainer, module: nn.Module, ratio: float) -> None:
                 extend_scheduler(config.scheduler, added, ratio)
 
 
-def _check_changed_base(spec: LoRASpec, trainer: L.Trainer, stage: str) -> None:
-    """LoftQ needs ``quantize:``; and until the export writes changed bases, refuse ``merge:`` with them rather than
-    let it write ``W + scale·B A`` for a model that computes ``W + scale·(B A - B₀ A₀)``."""
-    if spec.init not in CHANGED_BASE_INITS:
-        return
+def _check_changed_base(spec: LoRASpec, trainer: L.Trainer) -> None:
+    """LoftQ fits the quantization error of the base: it needs ``quantize:``."""
     if spec.init == "loftq" and not any(isinstance(s, QuantPlan) for s in transform_specs(trainer)):
         raise ConfigError(
             "lora.init='loftq' fits the adapters to the quantization error of the base, but this run does not "
             "quantize it (no quantize:). Fix: add quantize: (QuantizeBaseCallback), or lora.init='pissa'."
-        )
-    merge = getattr(sys.modules.get("lightning_adapt.callbacks.merge"), "MergeOnSaveCallback", None)
-    if (
-        stage == "fit"
-        and isinstance(merge, type)
-        and any(isinstance(cb, merge) for cb in getattr(trainer, "callbacks", []))
-    ):
-        raise ConfigError(
-            f"lora.init={spec.init!r} trains on a changed base (W - scale·B0·A0), which merge: (MergeOnSaveCallback) "
-            "cannot export yet: it would write W + scale·B·A, not W + scale·(B·A - B0·A0). Fix: remove merge: (the "
-            "checkpoints hold the adapters and A0/B0: resume, validate, predict and chat work), or lora.init='kaiming'."
         )
 
 
