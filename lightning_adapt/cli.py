@@ -80,6 +80,8 @@ class AdaptTrainer(Trainer):
         overwrite: bool = False,
         evaluate: bool = True,
         eval_batches: int | None = None,
+        format: Literal["safetensors", "gguf"] = "safetensors",
+        gguf_type: Literal["f32", "f16", "bf16", "q8_0"] = "f16",
         datamodule: LightningDataModule | None = None,
     ) -> None:
         """Write the PEFT-format adapter (output/adapter) and the merged model (output/merged) of a checkpoint.
@@ -96,13 +98,17 @@ class AdaptTrainer(Trainer):
             evaluate: QLoRA with validation data: then validate the trained model and both merges and print each
                 one's metrics and the better merge (``MergeOnSaveCallback``'s ``evaluate``); ``false``: skip it.
             eval_batches: validation batches per evaluated model; ``None``: the recipe's ``limit_val_batches``.
+            format: ``safetensors`` (output/merged) or ``gguf``: output/gguf/model-<gguf_type>.gguf for llama.cpp,
+                Ollama or LM Studio, and the adapters' GGUF where llama.cpp can apply them (Llama, Mistral, Qwen2).
+            gguf_type: with ``--format gguf``: ``f32``, ``f16``, ``bf16`` or ``q8_0`` (8-bit) for the matrices.
             datamodule: the recipe's DataModule (its tokenizer is saved when the model has none; its validation
                 data measures the merges).
         """
         check_target(Path(output), overwrite, "--output")
         merge = MergeOnSaveCallback(
-            output, merge_base, dtype, max_shard_size, overwrite=overwrite, evaluate=evaluate, eval_batches=eval_batches
-        )
+            output, merge_base, dtype, max_shard_size, overwrite=overwrite, evaluate=evaluate, eval_batches=eval_batches,
+            format=format, gguf_type=gguf_type,
+        )  # fmt: skip
         merge.argument = "--output"
         merge.measure_memory = merge.reports_memory(self)
         fix = " Fix: pass a checkpoint trained with this recipe (same model, quantize: and lora: settings)."

@@ -22,7 +22,7 @@ from lightning_adapt.export.gguf import write_gguf, write_gguf_adapter
 from lightning_adapt.export.safetensors_io import TensorEntry, model_keys, read_index
 from lightning_adapt.export.stream_merge import Adapters, LayerAdapter, _entries
 
-gguf = pytest.importorskip("gguf", reason="the GGUF export needs the gguf package (requirements-assets.txt)")
+gguf = pytest.importorskip("gguf", reason="the GGUF export needs the gguf package (the gguf extra)")
 
 ROOT = Path(__file__).resolve().parents[1]
 HIDDEN, HEADS, KV_HEADS, LAYERS = 64, 4, 2, 2

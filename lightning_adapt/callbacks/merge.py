@@ -35,6 +35,7 @@ from lightning_adapt.export.exporter import (
     find_tokenizer,
     make_probe,
 )
+from lightning_adapt.export.gguf_export import check_gguf
 from lightning_adapt.export.merged_state import check_tied_adapters
 from lightning_adapt.export.original import optional_source, request_spill
 from lightning_adapt.export.peft_format import ModelFiles, export_root
@@ -75,6 +76,8 @@ class MergeOnSaveCallback(L.Callback):
         overwrite: bool = False,
         evaluate: bool = True,
         eval_batches: int | None = None,
+        format: Literal["safetensors", "gguf"] = "safetensors",
+        gguf_type: Literal["f32", "f16", "bf16", "q8_0"] = "f16",
     ) -> None:
         """
         Args:
@@ -97,6 +100,11 @@ class MergeOnSaveCallback(L.Callback):
                 ``lightning-adapt export``). Not with ``every_checkpoint`` saves, not under FSDP2 / several
                 processes. ``false``: skip it.
             eval_batches: validation batches per evaluated model; ``None``: the trainer's ``limit_val_batches``.
+            format: ``safetensors`` (``merged/``) or ``gguf``: the merged model as one file for llama.cpp, Ollama or
+                LM Studio (``gguf/model-<gguf_type>.gguf``) and, where llama.cpp can apply them, the adapters
+                (``gguf/adapter-f32.gguf``), in place of ``merged/``. Llama, Mistral and Qwen2 models
+                (SmolLM2 included); others are refused before training.
+            gguf_type: with ``format: gguf``: ``f32``, ``f16``, ``bf16`` or ``q8_0`` (8-bit) for the matrices.
         """
         super().__init__()
         if eval_batches is not None and eval_batches < 1:
@@ -105,7 +113,7 @@ class MergeOnSaveCallback(L.Callback):
             )
         self.evaluate, self.eval_batches = evaluate, eval_batches
         self.dirpath: Path | None = Path(dirpath) if dirpath is not None else None
-        self.options = ExportOptions(merge_base, dtype, max_shard_size, overwrite)
+        self.options = ExportOptions(merge_base, dtype, max_shard_size, overwrite, format, gguf_type)
         self.every_checkpoint = every_checkpoint
         self.result: ExportResult | None = None
         self._probe_batch: Any = None
@@ -138,6 +146,8 @@ class MergeOnSaveCallback(L.Callback):
             return
         _, root, _ = export_root(pl_module)
         check_tied_adapters(root)
+        if self.options.format == "gguf":
+            check_gguf(root)
         optional_source(pl_module, root, None, self.options.merge_base)  # merge_base='original': the originals
 
     @override
@@ -170,6 +180,8 @@ class MergeOnSaveCallback(L.Callback):
         datamodule = datamodule or getattr(trainer, "datamodule", None)
         specs = [spec for spec in transform_specs(trainer) if isinstance(spec, LoRASpec)]
         options = self._options()
+        if options.format == "gguf":
+            check_gguf(export_root(pl_module)[1])
         kwargs: dict[str, Any] = {
             "modules_to_save": [entry for spec in specs for entry in spec.modules_to_save],
             "tokenizer": find_tokenizer(pl_module, datamodule),
@@ -213,6 +225,8 @@ class MergeOnSaveCallback(L.Callback):
         found = export_root(module)
         built = found[1] if found[2] else None  # a task that builds its model in __init__: its config, its class
         config = getattr(built, "config", None) or getattr(module, "hf_config", None) or _hf_config(path)
+        if self.options.format == "gguf":
+            check_gguf(config)  # before the merge: an architecture GGUF cannot hold is refused first
         prefix = base_model_prefix_of(config) or str(getattr(built, "base_model_prefix", "") or "")
         keys = model_keys(read_index(path), prefix)
         adapters = adapters_from_checkpoint(
@@ -257,7 +271,8 @@ class MergeOnSaveCallback(L.Callback):
         lines = [f"lightning-adapt: exported to {result.dirpath} ({how})"]
         lines += [f"  adapter (PEFT format): {result.adapter}"] if result.adapter else []
         dropped = f" (dropped tied {result.dropped_tied})" if result.dropped_tied else ""
-        lines += [f"  merged model: {result.merged}{dropped}"]
+        lines += [f"  merged model: {result.merged}{dropped}"] if result.merged else []
+        lines += [f"  GGUF (llama.cpp): {path}" for path in result.gguf]
         lines += [f"  {result.report.format()}"] if result.report else []
         lines += [f"  {result.memory.format()}"] if result.memory else []
         lines += ["  " + result.evaluation.format().replace("\n", "\n  ")] if result.evaluation else []

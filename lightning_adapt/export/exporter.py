@@ -43,6 +43,7 @@ from torch import nn
 from lightning_adapt.adapters.delta import lora_layers
 from lightning_adapt.atomic import atomic_directory, check_free_space, check_target
 from lightning_adapt.errors import ExportError
+from lightning_adapt.export.gguf_export import merged_to_gguf
 from lightning_adapt.export.merged_state import check_tied_adapters, merged_entries
 from lightning_adapt.export.options import DTypeName, ExportOptions, MergeBase
 from lightning_adapt.export.original import optional_source, source_dir, source_for
@@ -178,6 +179,8 @@ def export_model(
             root, tmp / "merged", options, source, hf, tokenizer if hf else None, target=target, argument=argument
         )
         result.merged = target / "merged"
+        if options.format == "gguf":  # llama.cpp's files from the merged ones, which they replace
+            result.gguf, result.merged = [target / name for name in merged_to_gguf(tmp, options.gguf_type)], None
     result.memory = meter.result() if meter is not None else None
     if source is not None:
         result.report = merge_report(root, source, probe)

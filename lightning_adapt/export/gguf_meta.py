@@ -43,7 +43,9 @@ def require_gguf() -> ModuleType:
     try:
         return importlib.import_module("gguf")
     except ImportError as err:
-        raise MissingDependencyError("GGUF export needs the gguf package. Fix: `pip install 'gguf>=0.19'`.") from err
+        raise MissingDependencyError(
+            "GGUF export needs the gguf package. Fix: `pip install 'lightning-adapt[gguf]'` (or 'gguf>=0.19')."
+        ) from err
 
 
 def read_config(source_dir: Path) -> dict[str, Any]:

@@ -301,6 +301,7 @@ class ExportResult:
     dirpath: Path
     adapter: Path | None = None
     merged: Path | None = None
+    gguf: list[Path] = field(default_factory=list)  # format='gguf': the model's file (and the adapter's)
     dropped_tied: list[str] = field(default_factory=list)
     report: MergeReport | None = None
     memory: ExportMemory | None = None

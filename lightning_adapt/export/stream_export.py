@@ -34,6 +34,7 @@ from lightning_adapt.adapters.lora import LoRALinear, lora_modules
 from lightning_adapt.adapters.spec import LoRASpec
 from lightning_adapt.atomic import atomic_directory, check_free_space, check_target
 from lightning_adapt.errors import ExportError
+from lightning_adapt.export.gguf_export import merged_to_gguf
 from lightning_adapt.export.merged_state import check_tied_adapters
 from lightning_adapt.export.options import ExportOptions
 from lightning_adapt.export.original import source_dir
@@ -139,6 +140,8 @@ def export_streamed(
         stats = stream_merge(keys, tmp / "merged", adapters, dtype, shard, on_merge=on_merge, argument=argument)
         write_model_files(tmp / "merged", files or ModelFiles(), dtype or stats.first_float_dtype, source)
         result.merged = target / "merged"
+        if options.format == "gguf":  # llama.cpp's files from the merged ones, which they replace
+            result.gguf, result.merged = [target / name for name in merged_to_gguf(tmp, options.gguf_type)], None
     result.dropped_tied = stats.dropped
     if meter is not None:
         result.memory = meter.result(stats.largest_key, stats.largest_fp32_bytes, stats.model_bytes)
