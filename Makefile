@@ -1,6 +1,7 @@
 # `make demo` runs the main job on an embedded default; `make test` runs the whole test suite;
 # `make figures` reruns the comparisons the README quotes and rewrites its figures (docs/figures/);
-# `make llama-cpp` compiles llama.cpp into the venv (llama-cpp-python; several minutes) for tests/test_gguf_llama_cpp.py;
+# `make llama-cpp` compiles llama.cpp into the venv (llama-cpp-python; several minutes)
+# for tests/export/test_gguf_llama_cpp.py;
 # `make bench` measures every benchmark ratio in one run and regenerates benchmarks/RESULTS.md (BENCH_ARGS=--quick: smoke test).
 PYTHON ?= python3
 VENV ?= .venv

@@ -3,7 +3,7 @@
 Each comparison is the documented ``lightning-adapt compare`` command, run as written into a scratch folder;
 its ``report.md`` and pictures go to ``docs/figures/<name>/`` and the figures the docs quote to
 ``docs/figures/<name>/figures.json``. The README's blocks between ``<!-- figures:<name> -->`` and
-``<!-- /figures:<name> -->`` are then rendered from that JSON. ``tests/test_docs.py`` renders them again from
+``<!-- /figures:<name> -->`` are then rendered from that JSON. ``tests/cli/test_docs.py`` renders them again from
 the committed JSON and fails on any difference, so no figure in those blocks can be edited by hand or drift.
 
 Example:
