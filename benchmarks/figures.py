@@ -35,6 +35,7 @@ COMPARISONS: dict[str, list[str]] = {
         "--trainer.max_steps", "60", "--project", "llama-2-7b",
     ],
     "chat": ["recipes/chat/full.yaml", "recipes/chat/lora.yaml", "recipes/chat/qlora.yaml"],
+    "inits": ["recipes/chat/qlora.yaml", "recipes/chat/qlora-pissa.yaml", "recipes/chat/qlora-loftq.yaml"],
 }  # fmt: skip
 _KEPT = (
     "name", "method", "steps", "seconds", "trainable_params", "trainable_pct", "weights_bytes", "weights_by_kind",
@@ -49,6 +50,11 @@ def run(name: str, scratch: Path) -> None:
     command = [str(Path(sys.executable).with_name("lightning-adapt")), "compare", *COMPARISONS[name]]
     start = time.perf_counter()
     subprocess.run([*command, "--output", str(out), "--overwrite"], cwd=ROOT, check=True)
+    keep(name, out, (time.perf_counter() - start) / 60)
+
+
+def keep(name: str, out: Path, minutes: float) -> None:
+    """Keep the report, pictures and quoted figures of comparison ``name``, run into ``out``, in ``docs/figures/<name>``."""
     report = json.loads((out / "report.json").read_text())
     target = FIGURES / name
     shutil.rmtree(target, ignore_errors=True)
@@ -60,7 +66,7 @@ def run(name: str, scratch: Path) -> None:
     (target / "report.md").write_text(text)
     runs = [{key: row.get(key) for key in _KEPT} for row in report["runs"]]
     figures = {"command": "lightning-adapt compare " + " ".join(COMPARISONS[name]), "runs": runs}
-    figures["minutes"] = round((time.perf_counter() - start) / 60, 1)
+    figures["minutes"] = round(minutes, 1)
     (target / "figures.json").write_text(json.dumps(figures, indent=1, sort_keys=True) + "\n")
 
 
@@ -114,7 +120,27 @@ def render_chat(figures: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-RENDER = {"sentiment": render_sentiment, "chat": render_chat}
+def render_inits(figures: dict[str, Any]) -> str:
+    """The QLoRA initialisations' table, beside LoRA's run of the chat comparison (the same data and steps)."""
+    lora = next(r for r in json.loads((FIGURES / "chat" / "figures.json").read_text())["runs"] if r["name"] == "lora")
+    target = lora["metrics_after"]["val_ppl"]
+    lines = [
+        f"`{figures['command']}` ({figures['minutes']} min, the recipes' own {figures['runs'][0]['steps']} steps; "
+        f"LoRA on the same data: val_ppl {_change(lora, 'val_ppl', '.2f')}, from the chat comparison):",
+        "",
+        "| recipe | weights (4-bit part) | val_ppl before → after | after vs LoRA's |",
+        "|---|---|---|---|",
+    ]
+    for r in figures["runs"]:
+        quantized = r["weights_by_kind"].get("quantized")
+        weights = _mb(r["weights_bytes"]) + (f" ({_mb(quantized)})" if quantized else "")
+        after = r["metrics_after"].get("val_ppl")
+        versus = f"{100 * (after / target - 1):+.1f}%" if after is not None else "-"
+        lines.append(f"| {r['name']} | {weights} | {_change(r, 'val_ppl', '.2f')} | {versus} |")
+    return "\n".join(lines)
+
+
+RENDER = {"sentiment": render_sentiment, "chat": render_chat, "inits": render_inits}
 
 
 def rendered(text: str) -> str:
@@ -133,8 +159,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", choices=sorted(COMPARISONS), action="append", help="run only these comparisons")
     parser.add_argument("--render", action="store_true", help="only re-render the README from docs/figures")
     parser.add_argument("--scratch", default=str(ROOT / "outputs" / "figures"), help="where the runs go")
+    parser.add_argument("--keep", nargs=3, metavar=("NAME", "DIR", "MINUTES"), help="keep a finished compare run")
     args = parser.parse_args(argv)
-    if not args.render:
+    if args.keep:
+        keep(args.keep[0], Path(args.keep[1]), float(args.keep[2]))
+    elif not args.render:
         for name in args.only or list(COMPARISONS):
             run(name, Path(args.scratch))
     README.write_text(rendered(README.read_text()))
