@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
@@ -18,7 +16,13 @@ from lightning_adapt.data._common import (
     shared_arguments_doc,
 )
 from lightning_adapt.data.batching import IGNORE_INDEX, Batching, check_batching, training_loader
-from lightning_adapt.data.conversation import as_messages, encode_conversation, read_chat_conversations
+from lightning_adapt.data.conversation import (
+    as_messages,
+    chat_turn_texts,
+    encode_conversation,
+    no_conversations,
+    read_chat_conversations,
+)
 from lightning_adapt.data.resumable import ResumableDataLoader
 from lightning_adapt.errors import DataError
 
@@ -39,23 +43,9 @@ class NoResponseLeftWarning(UserWarning):
 
 def read_chat_pairs(data_dir: str, categories: list[str] | None) -> list[tuple[str, str]]:
     """Consecutive (prompt, response) turns of every conversation in ``data_dir/*.yml``."""
-    files = sorted(Path(data_dir).glob("*.yml"))
-    if categories is not None:
-        files = [f for f in files if f.stem in categories]
-    pairs: list[tuple[str, str]] = []
-    for file in files:
-        try:
-            conversations = (yaml.safe_load(file.read_text(encoding="utf-8")) or {}).get("conversations", [])
-        except (OSError, yaml.YAMLError, AttributeError) as err:
-            raise DataError(f"data.data_dir: {file} is not a readable chatterbot YAML file ({err}).") from err
-        for turns in conversations:
-            texts = [str(t).strip() for t in turns if isinstance(t, (str, int, float))]
-            pairs.extend((a, b) for a, b in itertools.pairwise(texts) if a and b)
+    pairs = [(a, b) for texts in chat_turn_texts(data_dir, categories) for a, b in itertools.pairwise(texts) if a and b]
     if not pairs:
-        raise DataError(
-            f"data.data_dir={data_dir!r} (categories={categories}) holds no conversations. Fix: point it at "
-            "a folder of chatterbot-style YAML files with a `conversations:` list, or fix data.categories."
-        )
+        raise no_conversations(data_dir, categories)
     return pairs
 
 

@@ -19,7 +19,14 @@ import yaml
 from lightning_adapt.data.batching import IGNORE_INDEX
 from lightning_adapt.errors import DataError
 
-__all__ = ["ROLES", "as_messages", "encode_conversation", "read_chat_conversations"]
+__all__ = [
+    "ROLES",
+    "as_messages",
+    "chat_turn_texts",
+    "encode_conversation",
+    "no_conversations",
+    "read_chat_conversations",
+]
 
 ROLES = ("system", "user", "assistant")
 
@@ -71,9 +78,9 @@ def encode_conversation(tokenizer: Any, messages: list[dict[str, str]], max_leng
     return {"input_ids": ids[:max_length], "labels": labels[:max_length], "prompt_ids": head_ids[:max_length]}
 
 
-def read_chat_conversations(data_dir: str, categories: list[str] | None) -> list[list[str]]:
-    """Every conversation of ``data_dir/*.yml`` (chatterbot's ``conversations:``) with at least one exchange, as
-    its turns' texts."""
+def chat_turn_texts(data_dir: str, categories: list[str] | None) -> list[list[str]]:
+    """The turns' texts (stripped) of every conversation of ``data_dir/*.yml`` (chatterbot's ``conversations:``),
+    in file order; one :class:`DataError` for an unreadable file or a folder holding no conversation."""
     files = sorted(Path(data_dir).glob("*.yml"))
     files = [f for f in files if categories is None or f.stem in categories]
     found: list[list[str]] = []
@@ -82,14 +89,23 @@ def read_chat_conversations(data_dir: str, categories: list[str] | None) -> list
             conversations = (yaml.safe_load(file.read_text(encoding="utf-8")) or {}).get("conversations", [])
         except (OSError, yaml.YAMLError, AttributeError) as err:
             raise DataError(f"data.data_dir: {file} is not a readable chatterbot YAML file ({err}).") from err
-        for turns in conversations:
-            texts = [str(t).strip() for t in turns if isinstance(t, (str, int, float))]
-            texts = list(itertools.takewhile(bool, texts))  # an empty turn ends the usable part
-            if len(texts) >= 2:
-                found.append(texts)
+        found += [[str(t).strip() for t in turns if isinstance(t, (str, int, float))] for turns in conversations]
+    return found
+
+
+def no_conversations(data_dir: str, categories: list[str] | None) -> DataError:
+    """The error for a chat folder that yields nothing to train on."""
+    return DataError(
+        f"data.data_dir={data_dir!r} (categories={categories}) holds no conversations. Fix: point it at "
+        "a folder of chatterbot-style YAML files with a `conversations:` list, or fix data.categories."
+    )
+
+
+def read_chat_conversations(data_dir: str, categories: list[str] | None) -> list[list[str]]:
+    """Every conversation of ``data_dir/*.yml`` with at least one exchange, as its turns' texts (an empty turn ends
+    the usable part)."""
+    found = [list(itertools.takewhile(bool, texts)) for texts in chat_turn_texts(data_dir, categories)]
+    found = [texts for texts in found if len(texts) >= 2]
     if not found:
-        raise DataError(
-            f"data.data_dir={data_dir!r} (categories={categories}) holds no conversations. Fix: point it at "
-            "a folder of chatterbot-style YAML files with a `conversations:` list, or fix data.categories."
-        )
+        raise no_conversations(data_dir, categories)
     return found
