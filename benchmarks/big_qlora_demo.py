@@ -12,6 +12,7 @@
 Example:
     .venv/bin/python benchmarks/big_qlora_demo.py                 # ~1.17B params, 2.3 GB bf16; a few minutes
     .venv/bin/python benchmarks/big_qlora_demo.py --layers 2      # a quick look (small model)
+    .venv/bin/python benchmarks/big_qlora_demo.py --init loftq    # LoftQ computed layer by layer while loading
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--intermediate", type=int, default=5632)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--precision", default="bf16-true", help="trainer.precision: bf16-true, or 32-true (fp32 compute)")
+    p.add_argument("--init", default="kaiming", help="lora.init: kaiming (plain QLoRA), pissa, olora or loftq")
+    p.add_argument("--loftq-iterations", type=int, default=1)
     p.add_argument("--dir", type=Path, default=None, help="where to write the model (default: a temp dir)")
     p.add_argument("--log", type=Path, default=None, help="keep the training run's output here")
     p.add_argument("--reuse", action="store_true", help="--dir holds the model already")
@@ -68,11 +72,12 @@ def _info(path: Path) -> dict[str, int]:
     return json.loads(_run(worker).strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
-def fit(path: Path, out: Path, steps: int) -> tuple[int, str]:
+def fit(path: Path, out: Path, args: argparse.Namespace) -> tuple[int, str]:
     """Peak resident bytes of the training process, and its output."""
     cmd = [sys.executable, "-c", PEAK, "fit", "--config", "recipes/chat/qlora.yaml"]
-    cmd += [f"--model.init_args.model_name_or_path={path}", "--trainer.precision=bf16-true"]
-    cmd += [f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=2", "--trainer.num_sanity_val_steps=0"]
+    cmd += [f"--lora.init_args.init={args.init}", f"--lora.init_args.loftq_iterations={args.loftq_iterations}"]
+    cmd += [f"--model.init_args.model_name_or_path={path}", f"--trainer.precision={args.precision}"]
+    cmd += [f"--trainer.max_steps={args.steps}", "--trainer.limit_val_batches=2", "--trainer.num_sanity_val_steps=0"]
     cmd += ["--data.init_args.batch_size=2", "--data.init_args.max_length=48", "--data.init_args.val_size=4"]
     cmd += [f"--trainer.logger.init_args.save_dir={out}", "--trainer.enable_progress_bar=false"]
     cmd += [
@@ -93,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {info['params'] / 1e9:.2f}B parameters, {info['bytes'] / 1e9:.2f} GB of bf16 safetensors "
               f"in {time.perf_counter() - start:.0f}s")  # fmt: skip
         start = time.perf_counter()
-        peak, text = fit(path, work / "logs", args.steps)
+        peak, text = fit(path, work / "logs", args)
         seconds = time.perf_counter() - start
         ckpts = sorted((work / "logs").rglob("*.ckpt"))
         (work / "fit.log").write_text(text)
@@ -102,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         for line in text.splitlines():
             if "lightning-adapt: loaded" in line or ("quantized" in line and "layers" in line) or "val_ppl" in line:
                 print("  " + line.strip())
-        print(f"QLoRA fit ({args.steps} steps, bf16-true) in {seconds:.0f}s: peak resident memory "
+        print(f"QLoRA fit (init {args.init}, {args.steps} steps, {args.precision}) in {seconds:.0f}s: peak resident memory "
               f"{peak / 1e9:.2f} GB vs the bf16 checkpoint on disk {info['bytes'] / 1e9:.2f} GB "
               f"(ratio {peak / info['bytes']:.2f}); adapter-only checkpoint {ckpts[-1].stat().st_size / 1e6:.1f} MB")  # fmt: skip
         if peak >= info["bytes"]:

@@ -8,6 +8,9 @@ Each message names the argument, the value, what is allowed and the fix.
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+
 __all__ = [
     "ArgumentError",
     "BaseMismatchError",
@@ -20,6 +23,7 @@ __all__ = [
     "ModelNotFoundError",
     "NonFiniteError",
     "TargetingError",
+    "require",
 ]
 
 
@@ -65,3 +69,11 @@ class CheckpointError(ConfigError):
 
 class NonFiniteError(ConfigError, RuntimeError):
     """A NaN/Inf loss or gradient during training (``guard: action: stop``); names the step and the parameter."""
+
+
+def require(module: str, fix: str) -> ModuleType:
+    """Import and return the optional dependency ``module``; a :class:`MissingDependencyError` saying ``fix``."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise MissingDependencyError(fix) from err

@@ -15,7 +15,6 @@ importing it costs seconds, and a quantized layer cannot exist before it is.
 from __future__ import annotations
 
 import functools
-import importlib
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from lightning_adapt.errors import ConfigError, MissingDependencyError
+from lightning_adapt.errors import ConfigError, require
 
 __all__ = [
     "CONV1D_LAYOUT",
@@ -98,13 +97,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def require_bitsandbytes() -> ModuleType:
     """Import and return ``bitsandbytes``; raise a :class:`MissingDependencyError` (an ``ImportError``) saying how."""
-    try:
-        return importlib.import_module("bitsandbytes")
-    except ImportError as err:
-        raise MissingDependencyError(
-            "Quantization and 8-bit/paged optimizers need bitsandbytes. Fix: `pip install 'lightning-adapt[qlora]'` "
-            "(or `pip install 'bitsandbytes>=0.48'`)."
-        ) from err
+    return require(
+        "bitsandbytes",
+        "Quantization and 8-bit/paged optimizers need bitsandbytes. Fix: `pip install 'lightning-adapt[qlora]'` "
+        "(or `pip install 'bitsandbytes>=0.48'`).",
+    )
 
 
 @runtime_checkable

@@ -49,14 +49,13 @@ class LoRAProjection(WeightAdapter):
     ``lora_B.weight`` ``(out, r)``); its owner uses :meth:`merged_weight`, and so does its own forward.
     """
 
-    def __init__(
-        self, base_layer: nn.Linear, r: int, alpha: float, dropout: float, init: InitMethod, use_rslora: bool
-    ) -> None:
-        super().__init__(base_layer, r, alpha, dropout, use_rslora)
-        fp32 = {"bias": False, "device": base_layer.weight.device, "dtype": torch.float32}
-        self.lora_A = nn.Linear(base_layer.in_features, r, **fp32)  # type: ignore[arg-type]
-        self.lora_B = nn.Linear(r, base_layer.out_features, **fp32)  # type: ignore[arg-type]
-        init_lora_pair(self.lora_A.weight, self.lora_B.weight, init, r)
+    base_layer: nn.Linear
+
+    def add_factors(self, init: InitMethod) -> None:
+        fp32 = {"bias": False, "device": self.base_layer.weight.device, "dtype": torch.float32}
+        self.lora_A = nn.Linear(self.base_layer.in_features, self.r, **fp32)  # type: ignore[arg-type]
+        self.lora_B = nn.Linear(self.r, self.base_layer.out_features, **fp32)  # type: ignore[arg-type]
+        init_lora_pair(self.lora_A.weight, self.lora_B.weight, init, self.r)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_A.weight, self.lora_B.weight
@@ -68,8 +67,7 @@ class LoRAProjection(WeightAdapter):
         return matrix
 
     def bias_and_dtype(self) -> tuple[torch.Tensor | None, torch.dtype]:
-        base = cast(nn.Linear, self.base_layer)
-        return base.bias, base.weight.dtype
+        return self.base_layer.bias, self.base_layer.weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias, dtype = self.bias_and_dtype()
@@ -85,24 +83,18 @@ class LoRAMultiheadAttention(WeightAdapter):
             recorded, not applied).
     """
 
-    def __init__(
-        self,
-        base_layer: nn.MultiheadAttention,
-        r: int,
-        alpha: float,
-        dropout: float = 0.0,
-        init: InitMethod = "kaiming",
-        use_rslora: bool = False,
-    ) -> None:
-        super().__init__(base_layer, r, alpha, dropout, use_rslora)
-        device, e = base_layer.out_proj.weight.device, base_layer.embed_dim
-        base_layer.out_proj = LoRAProjection(base_layer.out_proj, r, alpha, dropout, init, use_rslora)  # type: ignore[assignment]
-        if base_layer._qkv_same_embed_dim:
-            self.lora_A: nn.Module = nn.Linear(e, r, bias=False, device=device, dtype=torch.float32)
-            self.lora_B: nn.Module = nn.Linear(r, 3 * e, bias=False, device=device, dtype=torch.float32)
+    base_layer: nn.MultiheadAttention
+
+    def add_factors(self, init: InitMethod) -> None:
+        base, r = self.base_layer, self.r
+        fp32 = {"bias": False, "device": base.out_proj.weight.device, "dtype": torch.float32}
+        base.out_proj = LoRAProjection(base.out_proj, r, self.alpha, self.dropout, init, self.use_rslora)  # type: ignore[assignment]
+        e = base.embed_dim
+        if base._qkv_same_embed_dim:
+            self.lora_A: nn.Module = nn.Linear(e, r, **fp32)  # type: ignore[arg-type]
+            self.lora_B: nn.Module = nn.Linear(r, 3 * e, **fp32)  # type: ignore[arg-type]
         else:
-            ins = dict(zip(_SEPARATE, (e, base_layer.kdim, base_layer.vdim), strict=True))
-            fp32 = {"bias": False, "device": device, "dtype": torch.float32}
+            ins = dict(zip(_SEPARATE, (e, base.kdim, base.vdim), strict=True))
             self.lora_A = nn.ModuleDict({p: nn.Linear(n, r, **fp32) for p, n in ins.items()})  # type: ignore[arg-type]
             self.lora_B = nn.ModuleDict({p: nn.Linear(r, e, **fp32) for p in ins})  # type: ignore[arg-type]
         for lora_a, lora_b in self.pairs().values():
@@ -110,7 +102,7 @@ class LoRAMultiheadAttention(WeightAdapter):
 
     @property
     def attention(self) -> nn.MultiheadAttention:
-        return cast(nn.MultiheadAttention, self.base_layer)
+        return self.base_layer
 
     @property
     def out_lora(self) -> LoRAProjection:

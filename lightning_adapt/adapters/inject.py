@@ -18,7 +18,7 @@ from torch import nn
 from lightning_adapt.adapters.attention import LoRAMultiheadAttention, LoRAProjection
 from lightning_adapt.adapters.delta import Foldable, InitMethod, lora_layers
 from lightning_adapt.adapters.init import CHANGED_BASE_INITS
-from lightning_adapt.adapters.kinds import LoRAConv, LoRAEmbedding, check_adaptable
+from lightning_adapt.adapters.kinds import LoRAConv, LoRAEmbedding, WeightAdapter, check_adaptable
 from lightning_adapt.adapters.lora import LoRALinear, lora_modules
 from lightning_adapt.adapters.parameters import LoRAParameters
 from lightning_adapt.adapters.spec import LoRASpec as LoRASpec  # its home; imported from here too
@@ -30,17 +30,16 @@ from lightning_adapt.naming import select
 _SPEC_ATTR = "_lightning_adapt_lora_spec"
 
 
-def _random(spec: LoRASpec) -> InitMethod:
-    """The init of a non-linear kind (checked by :func:`_check_init_kinds`: never one that changes the base)."""
-    return cast(InitMethod, spec.init)
+def _options(spec: LoRASpec) -> dict[str, Any]:
+    """A non-linear kind's options (its init checked by :func:`_check_init_kinds`: never one that changes the base)."""
+    return {"dropout": spec.dropout, "init": cast(InitMethod, spec.init), "use_rslora": spec.use_rslora}
 
 
 #: The LoRA wrapper of each layer kind (:func:`~lightning_adapt.adapters.targeting.adaptable_kind`).
-_WRAP: dict[str, Callable[[Any, LoRASpec], nn.Module]] = {
-    "linear": lambda layer, s: LoRALinear(layer, s.r, s.alpha, s.dropout, s.init, s.use_rslora, s.use_dora),
-    "conv": lambda layer, s: LoRAConv(layer, s.r, s.alpha, s.dropout, _random(s), s.use_rslora),
-    "embedding": lambda layer, s: LoRAEmbedding(layer, s.r, s.alpha, s.dropout, _random(s), s.use_rslora),
-    "attention": lambda layer, s: LoRAMultiheadAttention(layer, s.r, s.alpha, s.dropout, _random(s), s.use_rslora),
+_KINDS: dict[str, type[WeightAdapter]] = {
+    "conv": LoRAConv,
+    "embedding": LoRAEmbedding,
+    "attention": LoRAMultiheadAttention,
 }
 
 
@@ -68,7 +67,9 @@ def wrap_layer(name: str, layer: nn.Module, spec: LoRASpec) -> nn.Module:
     if kind is None:
         raise ConfigError(f"{name} ({type(layer).__name__}): LoRA cannot wrap it. Fix: target its linear children.")
     check_adaptable(name, layer, spec.use_dora)
-    return _WRAP[kind](layer, spec)
+    if kind == "linear":
+        return LoRALinear(layer, spec.r, spec.alpha, spec.dropout, spec.init, spec.use_rslora, spec.use_dora)
+    return _KINDS[kind](layer, spec.r, spec.alpha, **_options(spec))
 
 
 def inject_lora(model: nn.Module, spec: LoRASpec) -> list[str]:
@@ -102,9 +103,7 @@ def inject_lora(model: nn.Module, spec: LoRASpec) -> list[str]:
         for name in targets:
             replace_module(model, name, wrap_layer(name, model.get_submodule(name), spec))
         for name, params in owners.items():
-            s = spec
-            module = model.get_submodule(name)
-            wrapper = LoRAParameters(module, params, s.r, s.alpha, s.dropout, _random(s), s.use_rslora)
+            wrapper = LoRAParameters(model.get_submodule(name), params, spec.r, spec.alpha, **_options(spec))
             replace_module(model, name, wrapper)
         existing += targets + list(owners)
         model.__dict__[_SPEC_ATTR] = spec

@@ -79,17 +79,30 @@ class WeightAdapter(nn.Module):
 
     base_layer: nn.Module
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float, use_rslora: bool) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        init: InitMethod = "kaiming",
+        use_rslora: bool = False,
+    ) -> None:
         if problems := lora_arg_problems(r, alpha, dropout):
             raise ConfigError(f"Invalid {type(self).__name__} arguments:\n  - " + "\n  - ".join(problems))
         check_adaptable(type(base_layer).__name__, base_layer)
         super().__init__()
         self.base_layer = base_layer.requires_grad_(False)
-        self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
+        self.r, self.alpha, self.dropout, self.use_rslora = r, float(alpha), dropout, use_rslora
         self.scaling = lora_scaling(r, self.alpha, use_rslora)
         self.merged = False
         # The setting of the spec; applied where the adapter reads a float input (convs), as in PEFT.
         self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.add_factors(init)
+
+    def add_factors(self, init: InitMethod) -> None:
+        """Create the fp32 factors on the base's device, ``init`` as :func:`~.delta.init_lora_pair` (``B = 0``)."""
+        raise NotImplementedError
 
     use_dora = False  # DoRA: linear layers only (check_adaptable)
 
@@ -169,23 +182,17 @@ class LoRAConv(WeightAdapter):
             :class:`~lightning_adapt.adapters.lora.LoRALinear`.
     """
 
-    def __init__(
-        self,
-        base_layer: nn.Conv1d | nn.Conv2d | nn.Conv3d,
-        r: int,
-        alpha: float,
-        dropout: float = 0.0,
-        init: InitMethod = "kaiming",
-        use_rslora: bool = False,
-    ) -> None:
-        super().__init__(base_layer, r, alpha, dropout, use_rslora)
-        conv = _CONVS[len(base_layer.kernel_size)]
-        device, ones = base_layer.weight.device, (1,) * len(base_layer.kernel_size)
+    base_layer: nn.Conv1d | nn.Conv2d | nn.Conv3d
+
+    def add_factors(self, init: InitMethod) -> None:
+        base, r = self.base_layer, self.r
+        conv, ones = _CONVS[len(base.kernel_size)], (1,) * len(base.kernel_size)
+        fp32 = {"bias": False, "device": base.weight.device, "dtype": torch.float32}
         self.lora_A = conv(
-            base_layer.in_channels, r, base_layer.kernel_size, base_layer.stride, base_layer.padding,  # type: ignore[arg-type]
-            base_layer.dilation, bias=False, padding_mode=base_layer.padding_mode, device=device, dtype=torch.float32,  # type: ignore[arg-type]
+            base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,  # type: ignore[arg-type]
+            padding_mode=base.padding_mode, **fp32,  # type: ignore[arg-type]
         )  # fmt: skip
-        self.lora_B = conv(r, base_layer.out_channels, ones, ones, bias=False, device=device, dtype=torch.float32)  # type: ignore[arg-type]
+        self.lora_B = conv(r, base.out_channels, ones, ones, **fp32)  # type: ignore[arg-type]
         init_lora_pair(self.lora_A.weight, self.lora_B.weight, init, r)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,19 +222,12 @@ class LoRAEmbedding(WeightAdapter):
     A layer with ``max_norm`` is refused (:func:`check_adaptable`).
     """
 
-    def __init__(
-        self,
-        base_layer: nn.Embedding,
-        r: int,
-        alpha: float,
-        dropout: float = 0.0,
-        init: InitMethod = "kaiming",
-        use_rslora: bool = False,
-    ) -> None:
-        super().__init__(base_layer, r, alpha, dropout, use_rslora)
-        device, dims = base_layer.weight.device, (base_layer.num_embeddings, base_layer.embedding_dim)
+    base_layer: nn.Embedding
+
+    def add_factors(self, init: InitMethod) -> None:
+        device, dims = self.base_layer.weight.device, (self.base_layer.num_embeddings, self.base_layer.embedding_dim)
         # PEFT draws both at random (on the CPU) before its init: drawing the same keeps seeded runs equal to PEFT's
-        lora_a, lora_b = torch.randn(r, dims[0]), torch.randn(dims[1], r)
+        lora_a, lora_b = torch.randn(self.r, dims[0]), torch.randn(dims[1], self.r)
         self.lora_embedding_A = nn.Parameter(nn.init.zeros_(lora_a).to(device))
         self.lora_embedding_B = nn.Parameter(nn.init.normal_(lora_b).to(device))
 
@@ -244,7 +244,7 @@ class LoRAEmbedding(WeightAdapter):
         result: torch.Tensor = self.base_layer(x)
         if self.merged:
             return result
-        base = cast(nn.Embedding, self.base_layer)
+        base = self.base_layer
         after_a = F.embedding(x, self.lora_embedding_A.T, base.padding_idx, scale_grad_by_freq=base.scale_grad_by_freq)
         update = (after_a @ self.lora_embedding_B.T) * self.scaling
         embed_scale = getattr(base, "embed_scale", None)

@@ -44,34 +44,28 @@ class LoRAParameters(WeightAdapter):
     Args:
         base_layer: the module owning the parameters (e.g. a ``MixtralExperts``); it is frozen, not copied.
         names: its parameters to adapt, each 2-D ``(out, in)`` or 3-D ``(experts, out, in)``.
-        r, alpha, init, use_rslora: as :class:`~lightning_adapt.adapters.lora.LoRALinear` (one ``A``/``B`` pair per
-            expert for a 3-D parameter, each of rank ``r``).
-        dropout: recorded, not applied (see the module docstring).
+        r, alpha: as :class:`~lightning_adapt.adapters.lora.LoRALinear` (one ``A``/``B`` pair per expert for a 3-D
+            parameter, each of rank ``r``).
+        options: ``dropout`` (recorded, not applied: see the module docstring), ``init``, ``use_rslora``, as
+            :class:`~lightning_adapt.adapters.kinds.WeightAdapter`.
 
     Raises:
         ConfigError: a name is not a 2-D or 3-D floating parameter of ``base_layer``.
     """
 
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        names: Sequence[str],
-        r: int,
-        alpha: float,
-        dropout: float = 0.0,
-        init: InitMethod = "kaiming",
-        use_rslora: bool = False,
-    ) -> None:
+    def __init__(self, base_layer: nn.Module, names: Sequence[str], r: int, alpha: float, **options: Any) -> None:
         problems = [p for n in names if (p := parameter_problem(n, base_layer._parameters.get(n)))]
         if problems or not names:
             raise ConfigError(f"LoRAParameters({type(base_layer).__name__}, {list(names)}): {problems or 'no names'}")
-        super().__init__(base_layer, r, alpha, dropout, use_rslora)
         self.parameter_names = tuple(names)
+        super().__init__(base_layer, r, alpha, **options)
+
+    def add_factors(self, init: InitMethod) -> None:
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         for name in self.parameter_names:
             experts, out, inp = self._dims(name)
-            device = self._base(name).device
+            device, r = self._base(name).device, self.r
             self.lora_A[name] = nn.Parameter(torch.empty(r * experts, inp, device=device, dtype=torch.float32))
             self.lora_B[name] = nn.Parameter(torch.empty(out, r * experts, device=device, dtype=torch.float32))
             init_lora_pair(self.lora_A[name], self.lora_B[name], init, r)

@@ -76,10 +76,6 @@ def fsdp1_quant_storage(mode: str, storage: torch.dtype, param_dtype: torch.dtyp
     )
 
 
-def _owns_trainable(module: nn.Module) -> bool:
-    return any(p.requires_grad for p in module.parameters(recurse=False))
-
-
 def _block_classes(root: nn.Module) -> set[type[nn.Module]]:
     """The class of the children of the largest ``nn.ModuleList`` whose children share one class."""
     lists = [m for m in root.modules() if isinstance(m, nn.ModuleList) and len(m) and len({type(c) for c in m}) == 1]

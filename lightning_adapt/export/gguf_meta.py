@@ -3,7 +3,6 @@ Hugging Face ``config.json`` (pure standard library + torch + ``gguf``). The tok
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 from collections.abc import Mapping
@@ -13,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lightning_adapt.errors import ExportError, MissingDependencyError
+from lightning_adapt.errors import ExportError, require
 
 if TYPE_CHECKING:
     import gguf
@@ -40,12 +39,9 @@ _FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # gguf.LlamaFileType
 
 def require_gguf() -> ModuleType:
     """Import and return ``gguf``; raise a :class:`MissingDependencyError` (an ``ImportError``) saying how."""
-    try:
-        return importlib.import_module("gguf")
-    except ImportError as err:
-        raise MissingDependencyError(
-            "GGUF export needs the gguf package. Fix: `pip install 'lightning-adapt[gguf]'` (or 'gguf>=0.19')."
-        ) from err
+    return require(
+        "gguf", "GGUF export needs the gguf package. Fix: `pip install 'lightning-adapt[gguf]'` (or 'gguf>=0.19')."
+    )
 
 
 def read_config(source_dir: Path) -> dict[str, Any]:
