@@ -12,6 +12,7 @@ writes ``DIR/rank<r>.pt``: its local losses per step and its final trainable wei
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -73,14 +74,20 @@ def main() -> None:
     parser.add_argument("--resume", default=None)
     parser.add_argument("--export", action="store_true")
     parser.add_argument("--per-rank-seed", action="store_true", help="a base that differs per rank (must fail)")
+    parser.add_argument("--init", default="kaiming", help="lora.init: pissa / olora / loftq change the base")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of every rank (OMP_NUM_THREADS)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.threads:  # set before Lightning's DDP launcher starts the other ranks, which inherit it and keep it
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
     L.seed_everything(0)
     callbacks: list[L.Callback] = [Record(args.out), ModelCheckpoint(args.out / "ckpt", save_top_k=-1)]
     if args.method == "qlora":
         callbacks.append(QuantizeBaseCallback(mode="nf4", compute_dtype="fp32"))
     if args.method != "full":
-        callbacks.append(LoRAInjectionCallback(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+        lora = LoRAInjectionCallback(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"], init=args.init)
+        callbacks.append(lora)
     if args.export:
         callbacks.append(MergeOnSaveCallback(dirpath=str(args.out / "export")))
     strategy = args.strategy if args.devices > 1 else "auto"
