@@ -154,6 +154,20 @@ def test_qlora_two_sharded_processes_train_as_one_with_twice_the_batch(qlora_run
     assert torch.equal(two[0]["fingerprint"], one[0]["fingerprint"]), "same base check on any world size"
 
 
+def test_a_changed_base_trains_sharded_as_in_one_process(tmp_path: Path) -> None:
+    """PiSSA on a QLoRA base under FSDP2: every rank computes the same residual base before quantizing it (the same
+    fingerprint as one process), the A0 / B0 buffers stay whole beside the sharded adapters, and two sharded
+    processes train as one with the whole batch."""
+    _run(tmp_path / "one", 1, "--method", "qlora", "--init", "pissa")
+    _run(tmp_path / "shard", 2, "--shard", "--method", "qlora", "--init", "pissa")
+    one, two = _ranks(tmp_path / "one", 1), _ranks(tmp_path / "shard", 2)
+    torch.testing.assert_close(_global_losses(two), _global_losses(one), atol=1e-5, rtol=0)
+    for name, value in two[0]["trainable"].items():
+        assert torch.equal(value, two[1]["trainable"][name]), name
+    _assert_same_weights(two[0]["trainable"], one[0]["trainable"])
+    assert torch.equal(two[0]["fingerprint"], one[0]["fingerprint"]), "the same changed base on every rank"
+
+
 def test_qlora_each_rank_holds_half_of_the_4bit_codes_or_all_of_them(qlora_runs: dict[str, Path]) -> None:
     # 8 quantized 64x64 layers: 2,048 packed bytes each (the quant state is not a parameter: not counted here)
     codes, whole = 8 * 64 * 64 // 2, _ranks(qlora_runs["one"], 1)[0]["frozen_bytes"]

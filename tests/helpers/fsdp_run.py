@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the base (another base: another seed)")
     parser.add_argument("--quantized", choices=["shard", "replicate"], default="shard")
     parser.add_argument("--per-rank-seed", action="store_true", help="a base that differs per rank (must fail)")
+    parser.add_argument("--init", default="kaiming", help="lora.init: pissa / olora / loftq change the base")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(0)
@@ -74,7 +75,8 @@ def main() -> None:
     if args.method.startswith("qlora"):
         mode = "int8" if args.method == "qlora-int8" else "nf4"
         callbacks.append(QuantizeBaseCallback(mode=mode, compute_dtype="fp32"))
-    callbacks.append(LoRAInjectionCallback(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    lora = LoRAInjectionCallback(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"], init=args.init)
+    callbacks.append(lora)
     strategy: Any = "auto"
     if args.shard:
         callbacks.append(FullyShardCallback(quantized=args.quantized))
