@@ -78,9 +78,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads of every rank (OMP_NUM_THREADS)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.threads:  # set before Lightning's DDP launcher starts the other ranks, which inherit it and keep it
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)
-        torch.set_num_threads(args.threads)
+    pin_threads(args.threads)
     L.seed_everything(0)
     callbacks: list[L.Callback] = [Record(args.out), ModelCheckpoint(args.out / "ckpt", save_top_k=-1)]
     if args.method == "qlora":
@@ -92,6 +90,14 @@ def main() -> None:
         callbacks.append(MergeOnSaveCallback(dirpath=str(args.out / "export")))
     strategy = args.strategy if args.devices > 1 else "auto"
     fit_toy(args, callbacks, strategy, seed_offset=1 if args.per_rank_seed else 0)
+
+
+def pin_threads(threads: int | None) -> None:
+    """``threads`` torch threads in this process and in the ranks Lightning's launcher starts from it (they inherit
+    ``OMP_NUM_THREADS``, which also keeps Lightning from setting ``cores / ranks``); ``None``: as Lightning sets."""
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 def fit_toy(

@@ -68,8 +68,10 @@ def main() -> None:
     parser.add_argument("--quantized", choices=["shard", "replicate"], default="shard")
     parser.add_argument("--per-rank-seed", action="store_true", help="a base that differs per rank (must fail)")
     parser.add_argument("--init", default="kaiming", help="lora.init: pissa / olora / loftq change the base")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of every rank (OMP_NUM_THREADS)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    distributed_run.pin_threads(args.threads)
     L.seed_everything(0)
     callbacks: list[L.Callback] = [Record(args.out), ModelCheckpoint(args.out / "ckpt", save_top_k=-1)]
     if args.method.startswith("qlora"):
