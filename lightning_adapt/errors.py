@@ -1,4 +1,5 @@
-"""The project's user-facing errors. Imports nothing: every layer may raise them.
+"""The project's user-facing errors. Imports nothing of the project (only the standard library): every layer may
+raise them.
 
 Every error a user can fix by changing a configuration value derives from :class:`ConfigError`
 (a ``ValueError``). The ``lightning-adapt`` command prints such an error as one line and exits 2; any

@@ -18,7 +18,7 @@ from torch import nn
 from lightning_adapt.adapters.attention import LoRAMultiheadAttention, LoRAProjection
 from lightning_adapt.adapters.delta import Foldable, InitMethod, lora_layers
 from lightning_adapt.adapters.init import CHANGED_BASE_INITS
-from lightning_adapt.adapters.kinds import LoRAConv, LoRAEmbedding, WeightAdapter, check_adaptable
+from lightning_adapt.adapters.kinds import AdapterOptions, LoRAConv, LoRAEmbedding, WeightAdapter, check_adaptable
 from lightning_adapt.adapters.lora import LoRALinear, lora_modules
 from lightning_adapt.adapters.parameters import LoRAParameters
 from lightning_adapt.adapters.spec import LoRASpec as LoRASpec  # its home; imported from here too
@@ -30,7 +30,7 @@ from lightning_adapt.naming import select
 _SPEC_ATTR = "_lightning_adapt_lora_spec"
 
 
-def _options(spec: LoRASpec) -> dict[str, Any]:
+def _options(spec: LoRASpec) -> AdapterOptions:
     """A non-linear kind's options (its init checked by :func:`_check_init_kinds`: never one that changes the base)."""
     return {"dropout": spec.dropout, "init": cast(InitMethod, spec.init), "use_rslora": spec.use_rslora}
 

@@ -21,7 +21,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import cast
+from typing import TypedDict, cast
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +38,17 @@ from lightning_adapt.adapters.delta import (
 )
 from lightning_adapt.errors import ConfigError
 
-__all__ = ["LoRAConv", "LoRAEmbedding", "WeightAdapter", "check_adaptable"]
+__all__ = ["AdapterOptions", "LoRAConv", "LoRAEmbedding", "WeightAdapter", "check_adaptable"]
 
 _CONVS: dict[int, type[nn.Conv1d | nn.Conv2d | nn.Conv3d]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+class AdapterOptions(TypedDict, total=False):
+    """:class:`WeightAdapter`'s keyword options, for wrappers that pass them through (``LoRAParameters``)."""
+
+    dropout: float
+    init: InitMethod
+    use_rslora: bool
 
 
 def check_adaptable(name: str, layer: nn.Module, use_dora: bool = False) -> None:

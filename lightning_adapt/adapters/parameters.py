@@ -25,14 +25,14 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any, Unpack, cast
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from lightning_adapt.adapters.delta import InitMethod, init_lora_pair, lora_delta, parameter_problem
-from lightning_adapt.adapters.kinds import WeightAdapter, _overwrite
+from lightning_adapt.adapters.kinds import AdapterOptions, WeightAdapter, _overwrite
 from lightning_adapt.errors import ConfigError
 
 __all__ = ["LoRAParameters"]
@@ -46,14 +46,17 @@ class LoRAParameters(WeightAdapter):
         names: its parameters to adapt, each 2-D ``(out, in)`` or 3-D ``(experts, out, in)``.
         r, alpha: as :class:`~lightning_adapt.adapters.lora.LoRALinear` (one ``A``/``B`` pair per expert for a 3-D
             parameter, each of rank ``r``).
-        options: ``dropout`` (recorded, not applied: see the module docstring), ``init``, ``use_rslora``, as
+        options: ``dropout`` (recorded, not applied: see the module docstring), ``init``, ``use_rslora``
+            (:class:`~lightning_adapt.adapters.kinds.AdapterOptions`), as
             :class:`~lightning_adapt.adapters.kinds.WeightAdapter`.
 
     Raises:
         ConfigError: a name is not a 2-D or 3-D floating parameter of ``base_layer``.
     """
 
-    def __init__(self, base_layer: nn.Module, names: Sequence[str], r: int, alpha: float, **options: Any) -> None:
+    def __init__(
+        self, base_layer: nn.Module, names: Sequence[str], r: int, alpha: float, **options: Unpack[AdapterOptions]
+    ) -> None:
         problems = [p for n in names if (p := parameter_problem(n, base_layer._parameters.get(n)))]
         if problems or not names:
             raise ConfigError(f"LoRAParameters({type(base_layer).__name__}, {list(names)}): {problems or 'no names'}")
