@@ -25,6 +25,7 @@ from lightning_adapt.export.merge_eval import MergeEvaluation, available_bytes
 from lightning_adapt.export.original import optional_source
 from lightning_adapt.export.peft_format import export_root
 from lightning_adapt.export.report import dense_bytes, dense_layers, merged_weights
+from lightning_adapt.export.safetensors_io import SourceWeights
 from lightning_adapt.layers import quantized_layers
 
 __all__ = ["evaluate_merges", "monitored"]
@@ -116,6 +117,7 @@ def evaluate_merges(
     datamodule: Any = None,
     merge_base: str = "original",
     eval_batches: int | None = None,
+    original: SourceWeights | None = None,
 ) -> MergeEvaluation | None:
     """Validate the trained model, then ``original`` (if its source weights are there) and ``dequantized``.
 
@@ -126,6 +128,7 @@ def evaluate_merges(
         datamodule: where the validation data comes from (``val_dataloader``).
         merge_base: the merge the export wrote (the report says whether it is the recommended one).
         eval_batches: validation batches per model; ``None``: the trainer's ``limit_val_batches``.
+        original: the quantized layers' original weights, found already; ``None``: looked for here.
 
     Returns:
         ``None`` when ``module`` has no quantized layer (both merges are the trained model); else the metrics,
@@ -141,7 +144,7 @@ def evaluate_merges(
     if data is None or not limit or why:
         why = why or ("limit_val_batches is 0. Fix: set merge: eval_batches" if data else "no validation data")
         return MergeEvaluation({}, monitor, mode, merge_base, notes=(why,))
-    source = optional_source(module, root, None, "dequantized")
+    source = original or optional_source(module, root, None, "dequantized")
     metrics: dict[str, dict[str, float]] = {}
     with _lent(module, datamodule if "datamodule" in data else None), torch.no_grad():
         metrics["trained"] = _validate(module, like, data, limit or 1.0)

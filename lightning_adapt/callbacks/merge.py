@@ -1,9 +1,9 @@
 """``MergeOnSaveCallback``: write the PEFT-format adapter and the merged model at the end of fit.
 
-The merged model streams from the base model's safetensors files, tensor by tensor, whenever it can
-(:mod:`lightning_adapt.export.stream_export`); otherwise it is merged in memory, and the printed summary says why.
-``lightning-adapt export`` comes through :meth:`MergeOnSaveCallback.export_checkpoint` (no model built) or,
-when that cannot work, through :meth:`MergeOnSaveCallback.export` on the rebuilt model. With a quantized base
+At the end of fit the live model is merged tensor by tensor from its own weights (:func:`~.exporter.export_model`).
+``lightning-adapt export`` comes through :meth:`MergeOnSaveCallback.export_checkpoint`: the checkpoint's adapters
+stream into the base's safetensors files and no model is built (:mod:`lightning_adapt.export.stream_export`); when
+that cannot work, through :meth:`MergeOnSaveCallback.export` on the rebuilt model. With a quantized base
 and validation data, the trained model and both merges are then validated (``evaluate``, :mod:`._merge_eval`).
 """
 
@@ -45,10 +45,8 @@ from lightning_adapt.export.stream_export import (
     base_model_prefix_of,
     checkpoint_source,
     checkpoint_streaming_unavailable,
-    export_module_streamed,
     export_streamed,
     peft_writer,
-    stream_source,
     uses_conv1d,
 )
 from lightning_adapt.quantize import QuantPlan
@@ -167,11 +165,12 @@ class MergeOnSaveCallback(L.Callback):
     ) -> ExportResult | None:  # fmt: skip
         """Export now (global rank zero only); later exports in the same run replace the earlier one.
 
-        Streams from the model's source files when :func:`~lightning_adapt.export.stream_export.stream_source`
-        finds them, else merges in memory. ``modules_to_save`` come from the run's LoRA settings, the tokenizer
-        from the module or the datamodule, the probe of the merge report from ``probe_batch`` (default: the
-        first training batch). ``evaluate``: measure the merges (:meth:`evaluate_merges`); ``None``: the
-        callback's ``evaluate``.
+        The live model is merged tensor by tensor from its own weights (QLoRA's ``merge_base: original``: the
+        quantized layers' originals re-read from its source files). ``modules_to_save`` come from the run's LoRA
+        settings, the tokenizer from the module or the datamodule, the probe of the merge report from
+        ``probe_batch`` (default: the first training batch). ``evaluate``: measure the merges
+        (:meth:`evaluate_merges`); ``None``: the callback's ``evaluate``. Under FSDP2 the gathered adapters
+        stream into the source files instead (:meth:`export_checkpoint`).
         """
         if trainer is not None and isinstance(trainer.strategy, ModelParallelStrategy):
             return self._export_sharded(trainer, pl_module, datamodule)
@@ -180,22 +179,21 @@ class MergeOnSaveCallback(L.Callback):
         datamodule = datamodule or getattr(trainer, "datamodule", None)
         specs = [spec for spec in transform_specs(trainer) if isinstance(spec, LoRASpec)]
         options = self._options()
+        _, root, _ = export_root(pl_module)
         if options.format == "gguf":
-            check_gguf(export_root(pl_module)[1])
-        kwargs: dict[str, Any] = {
-            "modules_to_save": [entry for spec in specs for entry in spec.modules_to_save],
-            "tokenizer": find_tokenizer(pl_module, datamodule),
-            "probe": make_probe(pl_module, self._probe_batch if probe_batch is None else probe_batch),
-            "argument": self.argument,
-        }
-        source = stream_source(pl_module, options)  # decided, and the source's headers read, once
-        if isinstance(source, str):
-            result = export_model(pl_module, self._dirpath(), options, **kwargs)
-            result.reason = source
-        else:
-            result = export_module_streamed(pl_module, self._dirpath(), options, source, **kwargs)
+            check_gguf(root)
+        original = optional_source(pl_module, root, None, options.merge_base)  # headers read once: export + eval
+        result = export_model(
+            pl_module, self._dirpath(), options,
+            modules_to_save=[entry for spec in specs for entry in spec.modules_to_save],
+            tokenizer=find_tokenizer(pl_module, datamodule),
+            probe=make_probe(pl_module, self._probe_batch if probe_batch is None else probe_batch),
+            argument=self.argument, original=original,
+        )  # fmt: skip
         if self.evaluate if evaluate is None else evaluate:
-            result.evaluation = evaluate_merges(trainer, pl_module, datamodule, options.merge_base, self.eval_batches)
+            result.evaluation = evaluate_merges(
+                trainer, pl_module, datamodule, options.merge_base, self.eval_batches, original
+            )
         return self._announce(result)
 
     def evaluates(self, specs: list[object]) -> bool:
@@ -267,7 +265,7 @@ class MergeOnSaveCallback(L.Callback):
 
     def _announce(self, result: ExportResult) -> ExportResult:
         self.result = result
-        how = "streamed from the source files" if result.streamed else f"merged in memory: {result.reason}"
+        how = "streamed from the source files" if result.streamed else "merged from the live model"
         lines = [f"lightning-adapt: exported to {result.dirpath} ({how})"]
         lines += [f"  adapter (PEFT format): {result.adapter}"] if result.adapter else []
         dropped = f" (dropped tied {result.dropped_tied})" if result.dropped_tied else ""

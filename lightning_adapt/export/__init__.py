@@ -1,9 +1,9 @@
 """Export: the PEFT-format adapter and the merged model, written as safetensors. Pure torch + safetensors.
 
 * :mod:`.exporter`: :func:`export_model` (the in-memory merge), :func:`make_probe`, re-exports (the entry point);
-* :mod:`.stream_export`: the streamed export's entry points, :func:`export_module_streamed` / :func:`export_streamed`
-  (the merge streamed from the base model's safetensors files, with no model built), and when they apply;
-* :mod:`.stream_merge`: its engine, the per-tensor merge loop and the :class:`Adapters` it folds in (from a live model);
+* :mod:`.stream_export`: :func:`export_streamed`, a checkpoint's adapters merged into the base model's safetensors
+  files as they stream by, with no model built, and when that applies;
+* :mod:`.stream_merge`: its engine, the per-tensor merge loop and the :class:`Adapters` it folds in;
 * :mod:`.adapter_sources`: the same adapters read from an adapter-only Lightning checkpoint or a PEFT directory;
 * :mod:`.options`, :mod:`.original`, :mod:`.report`: export options; the original weights a model was loaded
   from; the QLoRA merge report, the memory report and :class:`ExportResult`;
@@ -17,25 +17,18 @@ from lightning_adapt.export.exporter import *  # noqa: F403 - the exporter is th
 from lightning_adapt.export.exporter import __all__ as _exporter_all
 from lightning_adapt.export.peft_format import ModelFiles, load_adapter_weights, read_adapter, resolve_adapter_settings
 from lightning_adapt.export.safetensors_io import model_keys
-from lightning_adapt.export.stream_export import (
-    export_module_streamed,
-    export_streamed,
-    streaming_unavailable,
-)
-from lightning_adapt.export.stream_merge import Adapters, adapters_from_module
+from lightning_adapt.export.stream_export import export_streamed
+from lightning_adapt.export.stream_merge import Adapters
 
 __all__ = [
     *_exporter_all,
     "Adapters",
     "ModelFiles",
     "adapters_from_checkpoint",
-    "adapters_from_module",
     "adapters_from_peft",
-    "export_module_streamed",
     "export_streamed",
     "load_adapter_weights",
     "model_keys",
     "read_adapter",
     "resolve_adapter_settings",
-    "streaming_unavailable",
 ]

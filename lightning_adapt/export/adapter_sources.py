@@ -1,6 +1,6 @@
-"""Where the adapters of a streaming merge come from: a live model, a Lightning checkpoint, a PEFT directory.
+"""Where the adapters of a streaming merge come from: a Lightning checkpoint or a PEFT directory.
 
-(A live model's adapters: :func:`~lightning_adapt.export.stream_merge.adapters_from_module`.) Each builder returns :class:`~lightning_adapt.export.stream_merge.Adapters` keyed by the merged model's names
+Each builder returns :class:`~lightning_adapt.export.stream_merge.Adapters` keyed by the merged model's names
 (the checkpoint's, see :func:`~lightning_adapt.export.stream_merge.model_keys`), checked against the base
 checkpoint's headers (names and shapes) before anything is written:
 
@@ -33,6 +33,7 @@ __all__ = [
     "ADAPTER_SUFFIXES",
     "adapters_from_checkpoint",
     "adapters_from_peft",
+    "unfolded_adapter_keys",
 ]
 
 #: How the adapter tensors of a layer are keyed in a state dict (ours and PEFT's), by role.
@@ -76,6 +77,12 @@ def _split_adapter_keys(state: Mapping[str, Any]) -> tuple[dict[str, dict[str, t
         else:
             layers.setdefault(key[: -len(suffix)], {})[ADAPTER_SUFFIXES[suffix]] = value
     return layers, other
+
+
+def unfolded_adapter_keys(state: Iterable[str]) -> list[str]:
+    """The adapter keys of ``state`` that no :class:`LayerAdapter` folds: ``target_parameters`` pairs
+    (``experts.lora_A.gate_up_proj``) and other kinds only the live model's merge handles."""
+    return sorted(k for k in state if ".lora_" in k and not any(k.endswith(s) for s in ADAPTER_SUFFIXES))
 
 
 def _orient(parts: dict[str, dict[str, torch.Tensor]], keys: Keys, fan_in_fan_out: bool) -> dict[str, bool]:
@@ -158,6 +165,12 @@ def adapters_from_checkpoint(
     Raises:
         ExportError: no adapter in ``state``, layers the base lacks, shapes that do not fit (all listed).
     """
+    if unfolded := unfolded_adapter_keys(state):
+        raise ExportError(
+            f"{argument}: {unfolded[0]!r} is an adapter the streamed merge does not fold ({len(unfolded)} such "
+            "tensors). Fix: merge the trained model in memory: lightning-adapt export rebuilds it for such a "
+            "checkpoint (lightning_adapt.export.exporter.export_model)."
+        )
     parts, other = _split_adapter_keys(state)
     if not parts:
         raise ExportError(f"{argument}: holds no LoRA adapter weights. Fix: pass the checkpoint of a LoRA run.")

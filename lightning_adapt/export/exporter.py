@@ -13,9 +13,8 @@ written as trained.
   that holds no Hugging Face model ``merged/`` is a safetensors state dict with the module's original key
   names that loads ``strict=True`` into the un-adapted module; QLoRA with ``merge_base='dequantized'``
   merges into the live 4-bit layers. Peak: the model plus one tensor.
-* :func:`~lightning_adapt.export.stream_export.export_module_streamed` and
-  :func:`~lightning_adapt.export.stream_export.export_streamed` **stream** from the base model's safetensors
-  files, tensor by tensor, and build no model (see :mod:`lightning_adapt.export.stream_merge`).
+* :func:`~lightning_adapt.export.stream_export.export_streamed` **streams** a checkpoint's adapters into the base
+  model's safetensors files, tensor by tensor, and builds no model (see :mod:`lightning_adapt.export.stream_merge`).
 
 QLoRA: by default the merge uses the original full-precision weights re-read (tensor by tensor) from
 the checkpoint the model was loaded from, not the dequantized NF4 copy; the merged model is never
@@ -51,6 +50,7 @@ from lightning_adapt.export.peft_format import (
     PEFT_PREFIX,
     ModelFiles,
     export_root,
+    modules_to_save_names,
     no_peft_layout,
     write_adapter,
     write_model_files,
@@ -65,7 +65,6 @@ from lightning_adapt.export.safetensors_io import (
     written_bytes,
 )
 from lightning_adapt.layers import DTYPES
-from lightning_adapt.naming import select
 
 __all__ = [
     "DTYPES",
@@ -100,9 +99,11 @@ def write_merged(
     *,
     target: Path | None = None,
     argument: str = "dirpath",
+    files_from: Path | None = None,
 ) -> list[str]:
     """Create ``out`` and write the merged model of ``root`` into it; returns the tied keys that were dropped.
-    With ``target`` (where ``out`` will end up), first refuse if its file system lacks the space."""
+    With ``target`` (where ``out`` will end up), first refuse if its file system lacks the space; ``files_from``:
+    the source directory whose tokenizer (and generation config) files are copied when ``root`` has none."""
     check_tied_adapters(root)
     entries, dropped = merged_entries(
         root, source if options.merge_base == "original" else None, "drop" if hf else "copy"
@@ -115,7 +116,7 @@ def write_merged(
     write_safetensors(out, entries, dtype, parse_size(options.max_shard_size))
     if hf:
         first = next((p.dtype for p in root.parameters() if p.is_floating_point()), torch.float32)
-        write_model_files(out, ModelFiles.of(root, tokenizer), dtype or first)
+        write_model_files(out, ModelFiles.of(root, tokenizer), dtype or first, files_from)
     return dropped
 
 
@@ -141,10 +142,11 @@ def export_model(
     tokenizer: Any = None,
     probe: Callable[[], torch.Tensor] | None = None,
     argument: str = "dirpath",
+    original: SourceWeights | None = None,
 ) -> ExportResult:
     """Write ``<dirpath>/adapter`` (if ``module`` holds LoRA layers PEFT can load) and ``<dirpath>/merged``, atomically,
-    merging in memory from ``module``'s own weights (see :func:`export_module_streamed` for the merge
-    from the source files).
+    merging tensor by tensor from ``module``'s own weights (see :func:`~.stream_export.export_streamed` for the
+    merge of a checkpoint's adapters into the source files).
 
     Args:
         module: the adapted module (a LightningModule or any ``nn.Module``); it is not modified.
@@ -156,6 +158,8 @@ def export_model(
         tokenizer: saved next to a merged Hugging Face model.
         probe: a forward on a fixed batch, for the output difference in the merge report.
         argument: the name of ``dirpath`` in error messages (``--output`` in the CLI).
+        original: the quantized layers' original weights, found already (:func:`~.original.optional_source`,
+            whose headers are then not read again); ``None``: found here.
 
     Raises:
         ExportError: before anything is written, for a non-empty target or a missing/mismatched source.
@@ -164,7 +168,7 @@ def export_model(
     target = Path(dirpath)
     check_target(target, options.overwrite, argument)
     _, root, hf = export_root(module)
-    source = optional_source(module, root, source_path, options.merge_base)
+    source = original or optional_source(module, root, source_path, options.merge_base)
     to_save = modules_to_save_names([name for name, _ in root.named_modules() if name], modules_to_save)
     name = source_dir(module, root, source_path)
     result = ExportResult(target)
@@ -176,8 +180,9 @@ def export_model(
             to_peft_parameters(root, tmp / "adapter", PEFT_PREFIX)
             result.adapter = target / "adapter"
         result.dropped_tied = write_merged(
-            root, tmp / "merged", options, source, hf, tokenizer if hf else None, target=target, argument=argument
-        )
+            root, tmp / "merged", options, source, hf, tokenizer if hf else None, target=target, argument=argument,
+            files_from=Path(name) if name and Path(name).is_dir() else None,
+        )  # fmt: skip
         result.merged = target / "merged"
         if options.format == "gguf":  # llama.cpp's files from the merged ones, which they replace
             result.gguf, result.merged = [target / name for name in merged_to_gguf(tmp, options.gguf_type)], None
@@ -185,11 +190,6 @@ def export_model(
     if source is not None:
         result.report = merge_report(root, source, probe)
     return result
-
-
-def modules_to_save_names(names: list[str], modules_to_save: Sequence[str]) -> list[str]:
-    """The module names ``modules_to_save`` entries select (naming rules of :mod:`lightning_adapt.naming`)."""
-    return select(names, list(modules_to_save), "modules_to_save") if modules_to_save else []
 
 
 def make_probe(module: nn.Module, batch: Any) -> Callable[[], torch.Tensor] | None:

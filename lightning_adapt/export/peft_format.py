@@ -29,6 +29,7 @@ import json
 import math
 import shutil
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from lightning_adapt.adapters.lora import LoRALinear, lora_modules
 from lightning_adapt.adapters.spec import LoRASpec
 from lightning_adapt.errors import ConfigError, ExportError
 from lightning_adapt.layers import adapter_param_ids, is_conv1d
+from lightning_adapt.naming import select
 
 __all__ = [
     "PEFT_PREFIX",
@@ -52,6 +54,7 @@ __all__ = [
     "export_root",
     "find_hf_model",
     "load_adapter_weights",
+    "modules_to_save_names",
     "peft_config",
     "read_adapter",
     "resolve_adapter_settings",
@@ -251,6 +254,11 @@ def write_adapter_files(out: Path, config: dict[str, Any], state: dict[str, torc
     out.mkdir(parents=True)
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def modules_to_save_names(names: list[str], modules_to_save: Sequence[str]) -> list[str]:
+    """The module names ``modules_to_save`` entries select (naming rules of :mod:`lightning_adapt.naming`)."""
+    return select(names, list(modules_to_save), "modules_to_save") if modules_to_save else []
 
 
 def changed_base_settings(settings: LoRASpec) -> LoRASpec:

@@ -296,7 +296,8 @@ class MemoryMeter:
 
 @dataclass
 class ExportResult:
-    """What an export wrote, and how: ``streamed`` from the source files, or merged in memory (``reason``)."""
+    """What an export wrote, and how: ``streamed`` from the source files (a checkpoint's adapters), or merged
+    from a live model."""
 
     dirpath: Path
     adapter: Path | None = None
@@ -306,5 +307,4 @@ class ExportResult:
     report: MergeReport | None = None
     memory: ExportMemory | None = None
     streamed: bool = False
-    reason: str | None = None
     evaluation: MergeEvaluation | None = None  # the trained model and both merges on the validation data

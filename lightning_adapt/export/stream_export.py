@@ -1,15 +1,12 @@
-"""The streamed export's entry points: ``<dirpath>/adapter`` + ``<dirpath>/merged`` written by streaming from the base
-model's safetensors files through :mod:`lightning_adapt.export.stream_merge` (the engine): no model is built, no
-merged copy is held; and the checks that say when a module or a checkpoint can be exported that way.
+"""The streamed export: ``<dirpath>/adapter`` + ``<dirpath>/merged`` written by streaming a checkpoint's adapters
+into the base model's safetensors files through :mod:`lightning_adapt.export.stream_merge` (the engine): no model
+is built, no merged copy is held (``lightning-adapt export``, and ``merge:`` under FSDP2, where no rank holds the
+whole model); and the check that says when a checkpoint can be exported that way.
 
-* :func:`export_module_streamed`: a live adapted module (``MergeOnSaveCallback`` at the end of fit): its
-  adapters and trained tensors, merged into the weights read back from the directory it was loaded from;
-  :func:`streaming_unavailable` says first why not, when it cannot (then :func:`~.exporter.export_model`).
-* :func:`export_streamed`: any :class:`~lightning_adapt.export.stream_merge.Adapters` (from a Lightning
-  checkpoint or a PEFT directory, :mod:`.adapter_sources`) into a base directory (``lightning-adapt export``).
-
-Both write ``<dirpath>/adapter`` (PEFT's format) and ``<dirpath>/merged`` atomically, with the same tensors,
-bit for bit, as the in-memory export of the same model, and report the memory they took.
+:func:`export_streamed` takes any :class:`~lightning_adapt.export.stream_merge.Adapters` (from a Lightning
+checkpoint or a PEFT directory, :mod:`.adapter_sources`) and writes ``<dirpath>/adapter`` (PEFT's format) and
+``<dirpath>/merged`` atomically, with the same tensors, bit for bit, as the export of the live trained model
+(:func:`~.exporter.export_model`), and reports the memory it took.
 
 Example:
     >>> keys = model_keys(read_index("base/"))  # doctest: +SKIP
@@ -20,38 +17,31 @@ Example:
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from lightning_adapt.adapters.checkpoint import FINGERPRINT_KEY
-from lightning_adapt.adapters.delta import lora_layers
-from lightning_adapt.adapters.lora import LoRALinear, lora_modules
 from lightning_adapt.adapters.spec import LoRASpec
 from lightning_adapt.atomic import atomic_directory, check_free_space, check_target
 from lightning_adapt.errors import ExportError
+from lightning_adapt.export.adapter_sources import unfolded_adapter_keys
 from lightning_adapt.export.gguf_export import merged_to_gguf
-from lightning_adapt.export.merged_state import check_tied_adapters
 from lightning_adapt.export.options import ExportOptions
-from lightning_adapt.export.original import source_dir
 from lightning_adapt.export.peft_format import (
     PEFT_PREFIX,
     ModelFiles,
     changed_base_settings,
-    export_root,
+    modules_to_save_names,
     peft_config,
-    write_adapter,
     write_adapter_files,
     write_model_files,
 )
-from lightning_adapt.export.report import ExportResult, memory_meter, merge_report
+from lightning_adapt.export.report import ExportResult, memory_meter
 from lightning_adapt.export.safetensors_io import (
     SMALLER_DTYPE_FIX,
-    SourceWeights,
     StoredTensor,
     model_keys,
     parse_size,
@@ -59,22 +49,17 @@ from lightning_adapt.export.safetensors_io import (
     safetensors_files,
     written_bytes,
 )
-from lightning_adapt.export.stream_merge import Adapters, OnMerge, adapters_from_module, module_mismatch, stream_merge
-from lightning_adapt.layers import DTYPES, quantized_layers
-from lightning_adapt.naming import select
+from lightning_adapt.export.stream_merge import Adapters, OnMerge, stream_merge
+from lightning_adapt.layers import DTYPES
 from lightning_adapt.quantize import QuantPlan
 
 __all__ = [
-    "StreamSource",
     "base_model_prefix_of",
     "checkpoint_source",
     "checkpoint_streaming_unavailable",
-    "export_module_streamed",
     "export_streamed",
     "is_hf_safetensors_dir",
     "peft_writer",
-    "stream_source",
-    "streaming_unavailable",
     "uses_conv1d",
 ]
 
@@ -159,7 +144,7 @@ def peft_writer(
     settings = changed_base_settings(settings) if adapters.changed_base else settings
     keys_seen = [*keys, *adapters.replace]
     module_names = sorted({""} | {key.rsplit(".", i)[0] for key in keys_seen for i in range(1, key.count(".") + 1)})
-    to_save = _selected([n for n in module_names if n], adapters.modules_to_save)
+    to_save = modules_to_save_names([n for n in module_names if n], adapters.modules_to_save)
     state: dict[str, torch.Tensor] = {}
     for name, layer in adapters.layers.items():
         state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()
@@ -189,57 +174,6 @@ def uses_conv1d(config: Any) -> bool:
         return False
 
 
-# --------------------------------------------------------------------------- a live module
-
-
-def _selected(names: list[str], modules_to_save: Sequence[str]) -> list[str]:
-    return select(names, list(modules_to_save), "modules_to_save") if modules_to_save else []
-
-
-@dataclass(frozen=True)
-class StreamSource:
-    """Where a live module's merge streams from: its source directory and that directory's tensors under the
-    model's names (every header is read once, here, and serves the whole export)."""
-
-    path: Path
-    keys: dict[str, StoredTensor]
-
-
-def streaming_unavailable(
-    module: nn.Module, options: ExportOptions, source_path: str | Path | None = None
-) -> str | None:
-    """Why ``module`` cannot be exported by streaming from its source files (see :func:`stream_source`)."""
-    found = stream_source(module, options, source_path)
-    return found if isinstance(found, str) else None
-
-
-def stream_source(
-    module: nn.Module, options: ExportOptions, source_path: str | Path | None = None
-) -> StreamSource | str:
-    """The files ``module``'s export streams from, or why it cannot (then it is merged in memory): it can for a
-    Hugging Face model with LoRA layers, loaded from a safetensors directory that holds every frozen weight it has
-    (names and shapes), and not ``merge_base='dequantized'`` on 4-bit layers."""
-    _, root, hf = export_root(module)
-    if not hf:
-        return "the module holds no Hugging Face model (its state dict keeps the module's own key names)"
-    if not lora_modules(root):
-        return "the model has no LoRA layers: nothing to merge"
-    if other := [n for n, layer in lora_layers(root) if not isinstance(layer, LoRALinear)]:
-        return f"{other[0]!r} is a conv/embedding/attention adapter, which only the in-memory merge folds"
-    if options.merge_base == "dequantized" and quantized_layers(root):
-        return "merge_base='dequantized' merges into the live 4-bit layers"
-    path = source_dir(module, root, source_path)
-    if not is_hf_safetensors_dir(path):
-        return f"its source {str(path) if path else None!r} is not a Hugging Face directory of safetensors"
-    keys = model_keys(read_index(str(path)), str(getattr(root, "base_model_prefix", "") or ""))
-    mismatch = module_mismatch(root, keys)
-    return (
-        StreamSource(Path(str(path)), keys)
-        if mismatch is None
-        else f"{path} does not hold this model's frozen weights: {mismatch}"
-    )
-
-
 def checkpoint_source(module: Any) -> Path | None:
     """The Hugging Face directory ``module`` loads its weights from: its ``source_path``, else its
     ``model_name_or_path`` hyperparameter when that is a directory; ``None`` when neither."""
@@ -261,42 +195,6 @@ def checkpoint_streaming_unavailable(
         return f"the model's source {str(path) if path else None!r} is not a Hugging Face directory of safetensors"
     if FINGERPRINT_KEY not in state_dict:
         return "the checkpoint is not adapter-only (adapter_only_checkpoint: false): its trained tensors cannot be told from the base"
+    if unfolded := unfolded_adapter_keys(state_dict):
+        return f"{unfolded[0]!r} is an adapter only the live model's merge folds (target_parameters)"
     return None
-
-
-def export_module_streamed(
-    module: nn.Module,
-    dirpath: str | Path,
-    options: ExportOptions | None = None,
-    source: StreamSource | None = None,
-    **extras: Any,
-) -> ExportResult:
-    """:func:`~lightning_adapt.export.exporter.export_model`'s output for a module that has a :func:`stream_source`
-    (``source``: found already), streamed: the live adapters and trained tensors merged into the weights read back
-    from the source directory (default dtype: each tensor's dtype in the live model). With quantized layers, the
-    QLoRA report is computed on the live model as ``export_model`` does.
-
-    ``extras``: ``export_model``'s keyword arguments (``modules_to_save``, ``source_path``, ``tokenizer``,
-    ``probe``, ``argument``), with the same meaning and defaults.
-    """
-    options = options or ExportOptions()
-    modules_to_save: Sequence[str] = extras.get("modules_to_save", ())
-    source_path: str | Path | None = extras.get("source_path")
-    tokenizer, probe, argument = extras.get("tokenizer"), extras.get("probe"), str(extras.get("argument", "dirpath"))
-    if unknown := set(extras) - {"modules_to_save", "source_path", "tokenizer", "probe", "argument"}:
-        raise TypeError(f"export_module_streamed: unexpected arguments {sorted(unknown)}")
-    _, root, _ = export_root(module)
-    found = source or stream_source(module, options, source_path)
-    if isinstance(found, str):
-        raise ExportError(f"source_path={source_path!r}: the export cannot stream: {found}.")
-    check_tied_adapters(root)
-    path, keys = found.path, found.keys
-    to_save = _selected([n for n, _ in root.named_modules() if n], modules_to_save)
-    result = export_streamed(
-        str(path), dirpath, adapters_from_module(root, keys, to_save), options, keys=keys,
-        files=ModelFiles.of(root, tokenizer),
-        write_peft=lambda out: write_adapter(root, out, to_save, str(path)), argument=argument,
-    )  # fmt: skip
-    if quantized_layers(root):  # the originals of the quantized layers: in the headers read above
-        result.report = merge_report(root, SourceWeights(path, tensors=keys), probe)
-    return result

@@ -15,9 +15,8 @@ Trained keys the checkpoint lacks (a new ``classifier``) follow the stored ones;
 behind the in-memory export, so both give the same bits.
 
 Peak memory: the largest stored tensor, or three fp32 copies of the largest adapted one (``W``, ``ΔW``,
-``W'``), plus the adapters; never the model. :func:`adapters_from_module` takes the
-:class:`Adapters` of a live model; :mod:`lightning_adapt.export.adapter_sources` reads them from an adapter-only
-Lightning checkpoint or a PEFT adapter directory.
+``W'``), plus the adapters; never the model. :mod:`lightning_adapt.export.adapter_sources` reads the
+:class:`Adapters` from an adapter-only Lightning checkpoint or a PEFT adapter directory.
 
 Example:
     >>> keys = model_keys(read_index("base/"))  # doctest: +SKIP
@@ -28,28 +27,22 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from lightning_adapt.adapters.lora import LoRALinear, lora_modules, merged_weight
+from lightning_adapt.adapters.lora import merged_weight
 from lightning_adapt.adapters.spec import LoRASpec
 from lightning_adapt.errors import ExportError
 from lightning_adapt.export.safetensors_io import StoredTensor, TensorEntry, write_safetensors, written_bytes
-from lightning_adapt.layers import adapter_param_ids, is_conv1d, is_quantized, stored_shape
 
 __all__ = [
     "Adapters",
     "LayerAdapter",
-    "LiveTensors",
     "OnMerge",
     "StreamStats",
-    "adapters_from_module",
-    "live_tensors",
-    "module_mismatch",
     "stream_merge",
 ]
 
@@ -113,91 +106,6 @@ class StreamStats:
     largest_fp32_bytes: int
     model_bytes: int
     first_float_dtype: torch.dtype | None
-
-
-# --------------------------------------------------------------------------- a live model
-
-
-@dataclass
-class LiveTensors:
-    """The persistent tensors of a live model under its merged-model keys (see :func:`live_tensors`)."""
-
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    live: set[str] = field(default_factory=set)  # values only the live model holds: trained, buffers
-    tied: list[str] = field(default_factory=list)  # keys repeating a tensor listed before
-    dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # the dtype each is exported in by default
-    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # as stored (a quantized weight: (out, in))
-
-
-def live_tensors(root: nn.Module) -> LiveTensors:
-    """Every persistent tensor of ``root`` in ``state_dict`` order, under its merged-model key (a LoRA
-    wrapper's ``base_layer`` removed, adapters left out). A quantized weight's dtype is the one it had
-    before quantization. Nothing is copied."""
-    adapters = adapter_param_ids(root)
-    found = LiveTensors()
-    seen: set[int] = set()
-    for module_name, module in root.named_modules(remove_duplicate=False):
-        own = (
-            {} if isinstance(module, LoRALinear) else module._buffers
-        )  # a wrapper's buffers (A0, B0) are adapter state
-        buffers = [(n, b, True) for n, b in own.items() if n not in module._non_persistent_buffers_set]
-        for name, tensor, is_buffer in [*((n, p, False) for n, p in module._parameters.items()), *buffers]:
-            key = f"{module_name}.{name}".removeprefix(".").replace(".base_layer.", ".")
-            if tensor is None or id(tensor) in adapters or key in found.tensors or key in found.tied:
-                continue
-            if id(tensor) in seen:
-                found.tied.append(key)
-                continue
-            seen.add(id(tensor))
-            found.tensors[key] = tensor
-            found.dtypes[key], found.shapes[key] = tensor.dtype, tuple(tensor.shape)
-            if is_quantized(module) and name == "weight":  # packed codes: the dtype and shape before quantization
-                original = getattr(module, "original_dtype", None)
-                found.dtypes[key] = original if isinstance(original, torch.dtype) else torch.float32
-                found.shapes[key] = stored_shape(module)
-            if is_buffer or tensor.requires_grad:
-                found.live.add(key)
-    return found
-
-
-def module_mismatch(root: nn.Module, keys: Mapping[str, StoredTensor]) -> str | None:
-    """Why ``keys`` (a checkpoint's tensors under the model's names) cannot stand for the frozen weights of
-    ``root``: a frozen tensor it lacks or holds in another shape; ``None`` when it can."""
-    found = live_tensors(root)
-    for key, shape in found.shapes.items():
-        if key in found.live:
-            continue
-        if key not in keys:
-            return f"it has no tensor {key!r}"
-        if keys[key].shape != shape:
-            return f"{key!r} is {keys[key].shape} there, {shape} in the model"
-    return None
-
-
-def adapters_from_module(
-    root: nn.Module, keys: Mapping[str, StoredTensor], modules_to_save: Iterable[str] = ()
-) -> Adapters:
-    """The live adapters of ``root`` (the Hugging Face model; adapter tensors are not copied on CPU), the
-    tensors only the live model holds (trained, buffers, or absent from ``keys``) and, dropped, its tied
-    duplicates and checkpoint keys it does not have: the keys written are exactly the model's. A layer whose init
-    changed its base (PiSSA / OLoRA / LoftQ) folds in as the rank-2r ``[A; A0]``, ``[B, -B0]`` (the files hold the
-    original weight)."""
-    layers = {}
-    for name, layer in lora_modules(root):
-        lora_a, lora_b = layer.original_factors()
-        magnitude = layer.lora_magnitude_vector
-        layers[name] = LayerAdapter(
-            lora_a.detach().cpu(),
-            lora_b.detach().cpu(),
-            layer.scaling,
-            None if magnitude is None else magnitude.detach().cpu(),
-            is_conv1d(layer.base_layer),
-        )
-    found = live_tensors(root)
-    replace = {key: tensor for key, tensor in found.tensors.items() if key in found.live or key not in keys}
-    drop = {key for key in keys if key not in found.tensors} | set(found.tied)
-    changed = any(layer.changes_base for _, layer in lora_modules(root))
-    return Adapters(layers, replace, drop, None, list(modules_to_save), found.dtypes, changed)
 
 
 # --------------------------------------------------------------------------- the merge loop

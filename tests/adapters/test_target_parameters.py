@@ -24,8 +24,8 @@ from lightning_adapt.adapters.lora import merge_lora
 from lightning_adapt.adapters.parameters import LoRAParameters
 from lightning_adapt.callbacks.lora import LoRAInjectionCallback
 from lightning_adapt.errors import TargetingError
-from lightning_adapt.export.exporter import ExportOptions, export_model
-from lightning_adapt.export.stream_export import streaming_unavailable
+from lightning_adapt.export.exporter import export_model
+from lightning_adapt.export.stream_export import checkpoint_streaming_unavailable
 from lightning_adapt.layers import adapter_param_ids
 
 V = 128
@@ -137,7 +137,13 @@ def test_merge_equals_unmerged_and_state_round_trips(adapted: tuple[nn.Module, P
 def test_in_memory_export_reloads_and_peft_loads_the_adapter(adapted: tuple[nn.Module, Path], tmp_path: Path) -> None:
     model, base = adapted
     live = _logits(model, _ids())
-    assert streaming_unavailable(model, ExportOptions()) is not None, "the streaming export declines"
+    from helpers.hf import Holder
+
+    from lightning_adapt.adapters.checkpoint import FINGERPRINT_KEY
+
+    state = {FINGERPRINT_KEY: "x", **{f"model.{n}": p for n, p in model.named_parameters() if p.requires_grad}}
+    why = checkpoint_streaming_unavailable(Holder(model, base), state, [_spec()], "original")
+    assert why is not None and "target_parameters" in why, "lightning-adapt export rebuilds the model instead"
     export_model(model, tmp_path / "out")
     merged = load_file(tmp_path / "out/merged/model.safetensors")
     assert "model.layers.0.mlp.experts.gate_up_proj" in merged and not any("lora_" in k for k in merged)

@@ -1,6 +1,7 @@
 """A zoo of architectures, each a tiny random instance built from its config (no download): LoRA and QLoRA train
-two steps with every adapter tensor receiving a gradient, merged == unmerged, the streamed export equals the
-in-memory export bit for bit, and transformers reloads the merged model. ``docs/zoo.md`` is this suite's table
+two steps with every adapter tensor receiving a gradient, merged == unmerged, the trained tensors streamed into the
+saved files (``lightning-adapt export``) equal the live model's export bit for bit, and transformers reloads the
+merged model. ``docs/zoo.md`` is this suite's table
 (``python tests/adapters/test_zoo.py`` rewrites it; a test fails when it differs)."""
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from lightning_adapt.adapters.delta import lora_layers
 from lightning_adapt.adapters.inject import LoRASpec, inject_lora
 from lightning_adapt.adapters.lora import lora_modules, merge_lora
 from lightning_adapt.adapters.parameters import LoRAParameters
+from lightning_adapt.errors import ExportError
 from lightning_adapt.export.exporter import ExportOptions, export_model
 from lightning_adapt.export.original import spill_originals
-from lightning_adapt.export.stream_export import export_module_streamed, streaming_unavailable
 from lightning_adapt.layers import adapter_param_ids, quantized_layers
 from lightning_adapt.quantize import QuantConfig, QuantPlan, quantize_model
 
@@ -97,9 +98,9 @@ TARGET_PARAMETERS: dict[str, tuple[str, ...]] = {
     "qwen2-moe": ("experts.gate_up_proj", "experts.down_proj"),
     "mixtral": ("experts.gate_up_proj", "experts.down_proj"),
 }
-#: where the export cannot stream from the saved files, and why: transformers 5 converts some checkpoints on load
-#: (fused MoE experts saved per expert, ViT's and CLIP's renamed modules), so the live model's keys are not the
-#: file's. The export then merges in memory (still checked here, and reloaded).
+#: where a checkpoint's adapters cannot stream into the saved files, and why: transformers 5 converts some
+#: checkpoints on load (fused MoE experts saved per expert, ViT's and CLIP's renamed modules), so the live model's
+#: keys are not the file's. Their export merges the live model (checked here, and reloaded).
 NOT_STREAMED = {
     "qwen2-moe": "fused experts are saved per expert",
     "mixtral": "fused experts are saved per expert",
@@ -182,12 +183,14 @@ def test_the_zoo_trains_merges_exports_and_reloads(name: str, method: str, tmp_p
     options = ExportOptions()
     export_model(model, tmp_path / "memory", options)
     memory = load_file(tmp_path / "memory/merged/model.safetensors")
-    reason = streaming_unavailable(model, options)
-    assert (reason is not None) == (name in NOT_STREAMED), reason
-    if reason is None:
-        export_module_streamed(model, tmp_path / "streamed", options)
+    if name not in NOT_STREAMED:  # `lightning-adapt export`: the trained tensors streamed into the saved files
+        _export_checkpoint(model, tmp_path, [_spec(name), *([plan] if method == "qlora" else [])])
         streamed = load_file(tmp_path / "streamed/merged/model.safetensors")
         assert sorted(memory) == sorted(streamed) and all(torch.equal(memory[k], streamed[k]) for k in memory)
+    else:  # refused with the reason before anything is written, never written wrong
+        with pytest.raises(ExportError, match="adapter"):
+            _export_checkpoint(model, tmp_path, [_spec(name), *([plan] if method == "qlora" else [])])
+        assert not (tmp_path / "streamed").exists()
     reloaded = type(model).from_pretrained(tmp_path / "memory/merged", local_files_only=True).eval()
     with torch.no_grad():
         again = _output(reloaded, probe)
@@ -201,6 +204,17 @@ def test_the_zoo_trains_merges_exports_and_reloads(name: str, method: str, tmp_p
         delta = layer.scaling * (layer.lora_B.weight @ layer.lora_A.weight).detach()
         delta = delta if delta.shape == original[key].shape else delta.T  # GPT-2's Conv1D stores (in, out)
         torch.testing.assert_close(memory[key], original[key] + delta, atol=1e-6, rtol=0)
+
+
+def _export_checkpoint(model: nn.Module, tmp_path: Path, specs: list[object]) -> None:
+    """Export the trained tensors of ``model`` (its adapter-only checkpoint) into ``tmp_path / "base"``'s files."""
+    from helpers.hf import Holder
+
+    from lightning_adapt.callbacks.merge import MergeOnSaveCallback
+
+    holder = Holder(model, tmp_path / "base")
+    state = {name: p.detach() for name, p in holder.named_parameters() if p.requires_grad}
+    MergeOnSaveCallback(str(tmp_path / "streamed"), evaluate=False).export_checkpoint(holder, state, specs)
 
 
 class BasicBlock(nn.Module):
@@ -319,7 +333,7 @@ def _row(name: str) -> str:
         counts.append((len(lora_modules(model)), len(quantized_layers(model))))
     cls = type(model).__name__
     (lora, _), (_, quantized) = counts
-    export = f"in memory: {NOT_STREAMED[name]}" if name in NOT_STREAMED else "streamed, = in memory"
+    export = f"live model only: {NOT_STREAMED[name]}" if name in NOT_STREAMED else "= live model"
     adapted = [p for _, m in lora_layers(model) if isinstance(m, LoRAParameters) for p in m.parameter_names]
     params = f"{len(adapted)} ({', '.join(sorted(set(adapted)))})" if adapted else "–"
     return f"| {name} | `{cls}` | {lora} | {params} | {quantized} | ✓ | ✓ | {export} |"

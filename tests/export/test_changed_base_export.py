@@ -19,7 +19,6 @@ from lightning_adapt.adapters.prepare import changed_base_hook
 from lightning_adapt.callbacks.lora import LoRAInjectionCallback
 from lightning_adapt.callbacks.merge import MergeOnSaveCallback
 from lightning_adapt.export.exporter import ExportOptions, export_model
-from lightning_adapt.export.stream_export import export_module_streamed, stream_source
 from lightning_adapt.layers import quantized_layers
 
 pytestmark = pytest.mark.slow
@@ -70,20 +69,16 @@ def test_qlora_with_a_changed_base_exports_the_trained_model_on_the_original_wei
     original = load_file(tmp_path / "base/model.safetensors")
     options = ExportOptions()
     export_model(holder, tmp_path / "memory", options)
-    source = stream_source(holder, options)
-    assert not isinstance(source, str), source
-    export_module_streamed(holder, tmp_path / "streamed", options, source)
     state = holder.state_dict()  # adapter-only: the trained tensors, A0 and B0
     assert any(key.endswith("lora_A0") for key in state)
     MergeOnSaveCallback(str(tmp_path / "ckpt"), evaluate=False).export_checkpoint(holder, state, specs)
-    merged = {how: load_file(tmp_path / how / "merged/model.safetensors") for how in ("memory", "streamed", "ckpt")}
+    merged = {how: load_file(tmp_path / how / "merged/model.safetensors") for how in ("memory", "ckpt")}
     assert sorted(merged["memory"]) == sorted(original)  # no A0 / B0 among the model's tensors
     for name, layer in lora_modules(holder.model):
         want = _expected(layer, original[name + ".weight"])
         for how, tensors in merged.items():
             torch.testing.assert_close(tensors[name + ".weight"], want, atol=1e-6, rtol=0, msg=f"{how} {name}")
-    for how in ("streamed", "ckpt"):
-        assert all(torch.equal(merged["memory"][k], merged[how][k]) for k in original), how
+    assert all(torch.equal(merged["memory"][k], merged["ckpt"][k]) for k in original)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "memory/merged", local_files_only=True).eval()
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32, local_files_only=True)
     for how in ("memory", "ckpt"):
@@ -95,12 +90,15 @@ def test_qlora_with_a_changed_base_exports_the_trained_model_on_the_original_wei
 
 
 def test_a_float_base_pissa_merges_to_the_live_model_by_either_path(tmp_path: Path) -> None:
-    """In memory the live residual plus ``s·B·A``; streamed, the original plus ``s·(B·A - B0·A0)``: the same model."""
-    holder, _ = _trained("pissa", tmp_path / "base", quantize=False)
+    """From the live model, the residual plus ``s·B·A``; from the checkpoint, streamed, the original plus
+    ``s·(B·A - B0·A0)``: the same model."""
+    holder, specs = _trained("pissa", tmp_path / "base", quantize=False)
     with torch.no_grad():
         live: Any = holder.model(IDS).logits
     export_model(holder, tmp_path / "memory")
-    export_module_streamed(holder, tmp_path / "streamed")
+    MergeOnSaveCallback(str(tmp_path / "streamed"), evaluate=False).export_checkpoint(
+        holder, holder.state_dict(), specs
+    )
     memory, streamed = (load_file(tmp_path / how / "merged/model.safetensors") for how in ("memory", "streamed"))
     assert sorted(memory) == sorted(streamed)
     assert all(torch.allclose(memory[k], streamed[k], atol=1e-5, rtol=0) for k in memory)
