@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from lightning_adapt.errors import ExportError
+from lightning_adapt.errors import SETTING, ExportError
 
 __all__ = [
     "atomic_directory",
@@ -143,16 +143,16 @@ def fsync_tree(root: Path) -> None:
 
 
 @contextmanager
-def target_lock(target: Path, argument: str, wait: bool = False) -> Iterator[None]:
+def target_lock(target: Path, wait: bool = False) -> Iterator[None]:
     """Hold an exclusive lock on ``target`` (``.<name>.lock`` beside it) for the block.
 
     Args:
         target: the file or folder about to be written.
-        argument: the setting it came from, named in the error.
         wait: block until the lock is free (e.g. ranks converting one cached model) instead of refusing.
 
     Raises:
-        ExportError: another process holds it (without ``wait``), naming ``argument``, that process and the fix.
+        ExportError: another process holds it (without ``wait``), naming ``target`` (the error's setting), that
+            process and the fix.
     """
     try:
         import fcntl
@@ -165,8 +165,9 @@ def target_lock(target: Path, argument: str, wait: bool = False) -> Iterator[Non
     if fd is None:
         holder = _read_pid(lock_path)
         raise ExportError(
-            f"{argument}={str(target)!r} is being written by another process (pid {holder}; lock "
-            f"{lock_path.name}). Fix: wait for that process to finish, or choose another {argument}."
+            f"{SETTING}={str(target)!r} is being written by another process (pid {holder}; lock "
+            f"{lock_path.name}). Fix: wait for that process to finish, or choose another {SETTING}.",
+            setting="target",
         )
     try:
         os.ftruncate(fd, 0)
@@ -205,19 +206,20 @@ def _read_pid(lock_path: Path) -> str:
         return "?"
 
 
-def check_target(target: Path, overwrite: bool, argument: str) -> None:
+def check_target(target: Path, overwrite: bool) -> None:
     """Refuse a target that is a file, or a non-empty directory unless ``overwrite``.
 
     Raises:
-        ExportError: naming ``argument`` (e.g. ``dirpath``, ``--output``) and the fix.
+        ExportError: naming ``target`` (the error's setting: ``dirpath``, ``--output`` where renamed) and the fix.
     """
     if target.exists() and not target.is_dir():
-        raise ExportError(f"{argument}={str(target)!r} is a file. Fix: choose a directory path.")
+        raise ExportError(f"{SETTING}={str(target)!r} is a file. Fix: choose a directory path.", setting="target")
     entries = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
     if entries and not overwrite:
         raise ExportError(
-            f"{argument}={str(target)!r} exists and is not empty ({entries[:5]}). Fix: choose a new or empty "
-            "directory, or allow replacing it (overwrite: true / --overwrite true)."
+            f"{SETTING}={str(target)!r} exists and is not empty ({entries[:5]}). Fix: choose a new or empty "
+            "directory, or allow replacing it (overwrite: true / --overwrite true).",
+            setting="target",
         )
 
 
@@ -225,13 +227,13 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
-def check_free_space(target: Path, needed: int, argument: str, hint: str = "") -> None:
+def check_free_space(target: Path, needed: int, hint: str = "") -> None:
     """Refuse to start writing ``needed`` bytes under ``target`` when its file system has less free space.
 
     The new tree is complete before the previous one is removed, so an overwrite needs the full size too.
 
     Raises:
-        ExportError: naming ``argument``, the size needed, the space free and the fix.
+        ExportError: naming ``target`` (the error's setting), the size needed, the space free and the fix.
     """
     folder = target
     while not folder.exists() and folder != folder.parent:
@@ -239,8 +241,9 @@ def check_free_space(target: Path, needed: int, argument: str, hint: str = "") -
     free = shutil.disk_usage(folder).free
     if needed > free:
         raise ExportError(
-            f"{argument}={str(target)!r}: the export needs about {_gb(needed)} but only {_gb(free)} is free on "
-            f"that file system ({folder}). Fix: free some space there or choose another {argument}{hint}."
+            f"{SETTING}={str(target)!r}: the export needs about {_gb(needed)} but only {_gb(free)} is free on "
+            f"that file system ({folder}). Fix: free some space there or choose another {SETTING}{hint}.",
+            setting="target",
         )
 
 
@@ -284,9 +287,7 @@ def _commit(tmp: Path, target: Path) -> None:
 
 
 @contextmanager
-def atomic_directory(
-    target: Path, overwrite: bool = False, argument: str = "dirpath", lock: bool = True
-) -> Iterator[Path]:
+def atomic_directory(target: Path, overwrite: bool = False, lock: bool = True) -> Iterator[Path]:
     """Yield a temp dir next to ``target``; when the block succeeds it takes ``target``'s place atomically.
 
     Writers of one target are serialised (:func:`target_lock`; ``lock=False`` when the caller holds it); stale temps of dead writers and a previous
@@ -295,13 +296,13 @@ def atomic_directory(
 
     Raises:
         ExportError: ``target`` is a file, is non-empty without ``overwrite``, or is being written by another
-            process; each names ``argument`` and the fix.
+            process; each names ``target`` (the error's setting) and the fix.
     """
     target = Path(target)
-    with target_lock(target, argument) if lock else contextlib.nullcontext():
+    with target_lock(target) if lock else contextlib.nullcontext():
         _recover(target)
         remove_stale(target)
-        check_target(target, overwrite, argument)
+        check_target(target, overwrite)
         tmp = _temp_name(target, "tmp")
         tmp.mkdir(mode=0o755)
         try:

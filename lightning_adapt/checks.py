@@ -43,19 +43,18 @@ _CKPT_FIX = (
 )
 
 
-def read_checkpoint(path: str | Path, argument: str = "--ckpt_path", mmap: bool = True) -> dict[str, Any]:
+def read_checkpoint(path: str | Path, mmap: bool = True) -> dict[str, Any]:
     """Load a Lightning checkpoint safely (``weights_only=True``; tensors memory-mapped) or raise one clear error.
 
     Args:
         path: the checkpoint file.
-        argument: the flag named in messages.
         mmap: map the tensors instead of reading them (a full checkpoint's frozen base is never read in).
 
     Raises:
         CheckpointError: missing, a directory, not a complete PyTorch zip archive, holding Python objects
             that would need arbitrary code to unpickle, or no ``state_dict``.
     """
-    where = f"{argument}={str(path)!r}"
+    where = f"--ckpt_path={str(path)!r}"
     file = Path(path)
     if not file.exists():
         raise CheckpointError(f"{where} does not exist.{_CKPT_FIX}")

@@ -38,7 +38,7 @@ from lightning_adapt.checks import (
     read_checkpoint,
     remove_created,
 )
-from lightning_adapt.errors import CheckpointError, ConfigError, ExportError
+from lightning_adapt.errors import CheckpointError, ConfigError, ExportError, setting_names
 from lightning_adapt.export.exporter import check_target
 from lightning_adapt.export.original import request_spill
 from lightning_adapt.export.stream_export import checkpoint_streaming_unavailable
@@ -104,38 +104,38 @@ class AdaptTrainer(Trainer):
             datamodule: the recipe's DataModule (its tokenizer is saved when the model has none; its validation
                 data measures the merges).
         """
-        check_target(Path(output), overwrite, "--output")
-        merge = MergeOnSaveCallback(
-            output, merge_base, dtype, max_shard_size, overwrite=overwrite, evaluate=evaluate, eval_batches=eval_batches,
-            format=format, gguf_type=gguf_type,
-        )  # fmt: skip
-        merge.argument = "--output"
-        merge.measure_memory = merge.reports_memory(self)
-        fix = " Fix: pass a checkpoint trained with this recipe (same model, quantize: and lora: settings)."
-        state = read_checkpoint(ckpt_path)["state_dict"]  # mapped: a full checkpoint's base is never read in
-        specs = transform_specs(self)
-        reason = checkpoint_streaming_unavailable(model, state, specs, merge_base)
-        if reason is None:  # no model is built: the adapters are merged into the source files as they stream by
-            merge.export_checkpoint(model, state, specs, datamodule, f"--ckpt_path={ckpt_path!r}")
-            if not merge.evaluates(specs):
-                return  # else the trained model is built to measure the merges
-        else:
-            rank_zero_info(f"lightning-adapt: export builds the model and merges in memory: {reason}")
-        with tempfile.TemporaryDirectory(prefix="lightning-adapt-originals-") as spill:
-            request_spill(model, Path(spill))  # a model built in full precision: its originals, until exported
-            build_model(self, model)
-            try:
-                model.load_state_dict(state)
-            except (KeyError, RuntimeError) as err:
-                raise ExportError(
-                    f"--ckpt_path={ckpt_path!r} does not match the model built from --config: {err}"
-                    f"{'' if 'Fix:' in str(err) else fix}"
-                ) from None
-            if reason is not None:
-                merge.export(None, model, datamodule, evaluate=False)
-            if merge.evaluates(specs):
-                merge.evaluate_merges(self, model, datamodule)
-            request_spill(model, None)
+        with setting_names(target="--output", dirpath="--output", ckpt_path=f"--ckpt_path={ckpt_path!r}"):
+            check_target(Path(output), overwrite)
+            merge = MergeOnSaveCallback(
+                output, merge_base, dtype, max_shard_size, overwrite=overwrite, evaluate=evaluate,
+                eval_batches=eval_batches, format=format, gguf_type=gguf_type,
+            )  # fmt: skip
+            merge.measure_memory = merge.reports_memory(self)
+            fix = " Fix: pass a checkpoint trained with this recipe (same model, quantize: and lora: settings)."
+            state = read_checkpoint(ckpt_path)["state_dict"]  # mapped: a full checkpoint's base is never read in
+            specs = transform_specs(self)
+            reason = checkpoint_streaming_unavailable(model, state, specs, merge.options.merge_base)
+            if reason is None:  # no model is built: the adapters are merged into the source files as they stream by
+                merge.export_checkpoint(model, state, specs, datamodule)
+                if not merge.evaluates(specs):
+                    return  # else the trained model is built to measure the merges
+            else:
+                rank_zero_info(f"lightning-adapt: export builds the model and merges in memory: {reason}")
+            with tempfile.TemporaryDirectory(prefix="lightning-adapt-originals-") as spill:
+                request_spill(model, Path(spill))  # a model built in full precision: its originals, until exported
+                build_model(self, model)
+                try:
+                    model.load_state_dict(state)
+                except (KeyError, RuntimeError) as err:
+                    raise ExportError(
+                        f"--ckpt_path={ckpt_path!r} does not match the model built from --config: {err}"
+                        f"{'' if 'Fix:' in str(err) else fix}"
+                    ) from None
+                if reason is not None:
+                    merge.export(None, model, datamodule, evaluate=False)
+                if merge.evaluates(specs):
+                    merge.evaluate_merges(self, model, datamodule)
+                request_spill(model, None)
 
     def chat(
         self,

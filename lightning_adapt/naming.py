@@ -10,7 +10,7 @@ An entry (of ``target_modules``, ``exclude_modules``, ``modules_to_save``, ``ski
 An entry that selects nothing is an error (:func:`check_entries`), with one message for every argument.
 
 Example:
-    >>> select(["a.q_proj", "a.k_proj", "b.q_proj"], ["q_proj"], argument="target_modules")
+    >>> select(["a.q_proj", "a.k_proj", "b.q_proj"], ["q_proj"], setting="target_modules")
     ['a.q_proj', 'b.q_proj']
 """
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
-from lightning_adapt.errors import TargetingError
+from lightning_adapt.errors import SETTING, TargetingError
 
 __all__ = ["check_entries", "matches", "select", "under"]
 
@@ -50,14 +50,15 @@ def _describe(candidates: Sequence[str]) -> str:
 
 
 def check_entries(
-    entries: Sequence[str], names: Sequence[str], argument: str, candidates: Sequence[str], what: str = "module"
+    entries: Sequence[str], names: Sequence[str], setting: str, candidates: Sequence[str], what: str = "module"
 ) -> None:
-    """Raise one :class:`TargetingError` for the entries of ``argument`` that are not valid or select no name.
+    """Raise one :class:`TargetingError` for the entries of ``setting`` that are not valid or select no name.
 
     Args:
         entries: the user's entries.
         names: every module name an entry may select.
-        argument: the configuration argument, named in the message (e.g. ``"lora.target_modules"``).
+        setting: the setting the entries come from: the error's :attr:`~lightning_adapt.errors.ConfigError.setting`
+            (e.g. ``"target_modules"``).
         candidates: the names worth suggesting (e.g. the linear layers), shown in the message.
         what: what the names are (``"module"``, ``"parameter"``), for the message.
     """
@@ -66,18 +67,20 @@ def check_entries(
             re.compile(entry)
         except re.error as err:
             raise TargetingError(
-                f"{argument}={list(entries)!r}: {entry!r} is not a valid regular expression ({err}). "
-                "Fix: use a whole dotted module name, a '.suffix', or a full-match regex."
+                f"{SETTING}={list(entries)!r}: {entry!r} is not a valid regular expression ({err}). "
+                "Fix: use a whole dotted module name, a '.suffix', or a full-match regex.",
+                setting=setting,
             ) from err
     unmatched = [entry for entry in entries if not any(matches(name, entry) for name in names)]
     if unmatched:
         raise TargetingError(
-            f"{argument}={list(entries)!r}: {unmatched!r} match no {what} in the model. Candidates: "
-            f"{_describe(candidates)}. Fix: use a whole dotted name (exact or '.suffix') or a full-match regex."
+            f"{SETTING}={list(entries)!r}: {unmatched!r} match no {what} in the model. Candidates: "
+            f"{_describe(candidates)}. Fix: use a whole dotted name (exact or '.suffix') or a full-match regex.",
+            setting=setting,
         )
 
 
-def select(names: Sequence[str], entries: Sequence[str], argument: str) -> list[str]:
+def select(names: Sequence[str], entries: Sequence[str], setting: str) -> list[str]:
     """The ``names`` selected by ``entries``, in order; an entry that selects none is an error."""
-    check_entries(entries, names, argument, names)
+    check_entries(entries, names, setting, names)
     return [name for name in names if any(matches(name, entry) for entry in entries)]

@@ -177,7 +177,7 @@ def freeze_base(model: nn.Module, modules_to_save: Sequence[str] = ()) -> None:
             for param in module.adapter_params():
                 param.requires_grad_(True)
     names = [name for name, _ in model.named_modules() if name]
-    for name in select(names, list(modules_to_save), argument="modules_to_save"):
+    for name in select(names, list(modules_to_save), "modules_to_save"):
         model.get_submodule(name).requires_grad_(True)
 
 

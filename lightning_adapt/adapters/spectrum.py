@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lightning_adapt.errors import SETTING, ConfigError
+
 __all__ = [
     "LayerSpectrum",
     "RankSuggestion",
@@ -110,13 +112,11 @@ def _scaling(r: int, alpha: float, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-def spectra_from_state(
-    state: Mapping[str, object], alpha: float, use_rslora: bool = False, argument: str = "ckpt_path"
-) -> list[LayerSpectrum]:
+def spectra_from_state(state: Mapping[str, object], alpha: float, use_rslora: bool = False) -> list[LayerSpectrum]:
     """One :class:`LayerSpectrum` per ``<layer>.lora_A.weight`` / ``<layer>.lora_B.weight`` pair of ``state``.
 
     Raises:
-        ValueError: ``state`` holds no LoRA pair (message names ``argument``).
+        ConfigError: ``state`` holds no LoRA pair (setting ``ckpt_path``).
     """
     spectra = []
     for key in sorted(state):
@@ -130,7 +130,9 @@ def spectra_from_state(
         values = update_singular_values(lora_A, lora_B, _scaling(r, alpha, use_rslora))
         spectra.append(LayerSpectrum(name, r, tuple(float(v) for v in values)))
     if not spectra:
-        raise ValueError(f"{argument}: holds no LoRA adapter weights (no '*{_A_SUFFIX}' / '*{_B_SUFFIX}' pair).")
+        raise ConfigError(
+            f"{SETTING}: holds no LoRA adapter weights (no '*{_A_SUFFIX}' / '*{_B_SUFFIX}' pair).", setting="ckpt_path"
+        )
     return spectra
 
 

@@ -19,7 +19,7 @@ from lightning_adapt.adapters.inject import LoRASpec, inject_lora, lora_plus_par
 from lightning_adapt.adapters.lora import validate_lora_args
 from lightning_adapt.adapters.prepare import changed_base_hook
 from lightning_adapt.callbacks._transform import INJECT_LORA, ModelTransformCallback, transform_specs
-from lightning_adapt.errors import ConfigError
+from lightning_adapt.errors import ConfigError, setting_names
 from lightning_adapt.export.peft_format import load_adapter_weights, read_adapter, resolve_adapter_settings
 from lightning_adapt.layers import adapter_param_ids, output_head_names
 from lightning_adapt.optim import extend_scheduler, split_lora_plus
@@ -39,7 +39,8 @@ def _read_adapter(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
             "code); only adapter_model.safetensors is read. Fix: save the adapter with safe_serialization=True."
         )
     try:
-        return read_adapter(path, _ARGUMENT)
+        with setting_names(adapter_path=_ARGUMENT):
+            return read_adapter(path)
     except (OSError, ValueError, SafetensorError) as err:
         if isinstance(err, ConfigError):
             raise
@@ -162,7 +163,8 @@ class LoRAInjectionCallback(ModelTransformCallback):
             adapter_config, self._adapter_weights = _read_adapter(adapter_path)
         explicit: dict[str, object] = {"r": r, "alpha": alpha, "target_modules": target_modules}
         explicit |= {"use_rslora": use_rslora, "use_dora": use_dora, "modules_to_save": modules_to_save}
-        settings = resolve_adapter_settings(explicit, adapter_config, _ARGUMENT)
+        with setting_names(adapter_path=_ARGUMENT):
+            settings = resolve_adapter_settings(explicit, adapter_config)
         validate_lora_args(settings["r"], settings["alpha"], dropout, init)
         _check_modes(loftq_iterations, lora_plus_ratio, dora_problem(init, settings["use_dora"]), compile=compile)
         self._spec = LoRASpec(
@@ -219,7 +221,8 @@ class LoRAInjectionCallback(ModelTransformCallback):
             )
         if self._adapter_weights is not None and module.__dict__.get(_IMPORTED) != self.adapter_path:
             # once per module: a later configure_model (validate after fit) must keep the trained weights
-            load_adapter_weights(module, self._adapter_weights, _ARGUMENT)
+            with setting_names(adapter_path=_ARGUMENT):
+                load_adapter_weights(module, self._adapter_weights)
             module.__dict__[_IMPORTED] = self.adapter_path
         if self.adapter_only_checkpoint:
             install_adapter_only_state(module)

@@ -25,7 +25,7 @@ from lightning_adapt.adapters.inject import LoRASpec
 from lightning_adapt.callbacks._merge_eval import evaluate_merges
 from lightning_adapt.callbacks._sharded_export import gather_trainable, run_on_rank_zero
 from lightning_adapt.callbacks._transform import transform_specs
-from lightning_adapt.errors import ConfigError, ExportError
+from lightning_adapt.errors import ConfigError, ExportError, setting_names
 from lightning_adapt.export.adapter_sources import adapters_from_checkpoint
 from lightning_adapt.export.exporter import (
     ExportOptions,
@@ -115,7 +115,6 @@ class MergeOnSaveCallback(L.Callback):
         self.every_checkpoint = every_checkpoint
         self.result: ExportResult | None = None
         self._probe_batch: Any = None
-        self.argument = "dirpath"
         self.measure_memory = False  # the export's peak memory: measured when the run has a memory report
 
     @staticmethod
@@ -133,7 +132,8 @@ class MergeOnSaveCallback(L.Callback):
         if stage == "fit" and self.result is None:  # refuse before training, not after it
             run_dir = Path(trainer.log_dir or trainer.default_root_dir)
             self.dirpath = self.dirpath or run_dir / "export"
-            check_target(self.dirpath, self.options.overwrite, self.argument)
+            with setting_names(target="dirpath"):
+                check_target(self.dirpath, self.options.overwrite)
             if self.options.merge_base == "original" and trainer.is_global_zero and not sharded:
                 request_spill(pl_module, run_dir)  # a module built in full precision keeps its originals on disk
 
@@ -188,7 +188,7 @@ class MergeOnSaveCallback(L.Callback):
             modules_to_save=[entry for spec in specs for entry in spec.modules_to_save],
             tokenizer=find_tokenizer(pl_module, datamodule),
             probe=make_probe(pl_module, self._probe_batch if probe_batch is None else probe_batch),
-            argument=self.argument, original=original,
+            original=original,
         )  # fmt: skip
         if self.evaluate if evaluate is None else evaluate:
             result.evaluation = evaluate_merges(
@@ -210,9 +210,8 @@ class MergeOnSaveCallback(L.Callback):
             rank_zero_info("lightning-adapt: " + evaluation.format().replace("\n", "\n  "))
 
     def export_checkpoint(
-        self, module: L.LightningModule, state_dict: dict[str, Any], specs: list[object], datamodule: Any = None,
-        ckpt_argument: str = "ckpt_path",
-    ) -> ExportResult:  # fmt: skip
+        self, module: L.LightningModule, state_dict: dict[str, Any], specs: list[object], datamodule: Any = None
+    ) -> ExportResult:
         """Export an adapter-only checkpoint's ``state_dict`` without building the model: its adapters are merged
         into the module's source files as they stream by (``specs``: the run's ``LoRASpec``, ``QuantPlan``).
         Call :func:`checkpoint_streaming_unavailable` first. With a ``QuantPlan``, the merge report compares
@@ -229,7 +228,7 @@ class MergeOnSaveCallback(L.Callback):
         keys = model_keys(read_index(path), prefix)
         adapters = adapters_from_checkpoint(
             state_dict, keys, lora,
-            modules_to_save=lora.modules_to_save, argument=ckpt_argument, fan_in_fan_out=uses_conv1d(config),
+            modules_to_save=lora.modules_to_save, fan_in_fan_out=uses_conv1d(config),
             tied_keys=["lm_head.weight"] if getattr(config, "tie_word_embeddings", False) else [],
         )  # fmt: skip
         architecture = (
@@ -237,7 +236,7 @@ class MergeOnSaveCallback(L.Callback):
         )
         gap = RequantizedGap(plan) if plan is not None else None
         result = export_streamed(
-            path, self._dirpath(), adapters, self._options(), keys=keys, on_merge=gap, argument=self.argument,
+            path, self._dirpath(), adapters, self._options(), keys=keys, on_merge=gap,
             files=ModelFiles(config, architecture or None, None, find_tokenizer(module, datamodule)),
             write_peft=peft_writer(adapters, keys, path, architecture),
         )  # fmt: skip
@@ -250,13 +249,15 @@ class MergeOnSaveCallback(L.Callback):
         state = gather_trainable(pl_module, keep=trainer.is_global_zero)
         specs = transform_specs(trainer)
         datamodule = datamodule or getattr(trainer, "datamodule", None)
-        work = partial(self.export_checkpoint, pl_module, state, specs, datamodule, "the sharded run")
+        work = setting_names(ckpt_path="the sharded run")(
+            partial(self.export_checkpoint, pl_module, state, specs, datamodule)
+        )
         result: ExportResult | None = run_on_rank_zero(trainer, work, "merge: the export")
         return result
 
     def _dirpath(self) -> Path:
         if self.dirpath is None:
-            raise ExportError(f"MergeOnSaveCallback.export: no {self.argument} set. Fix: pass dirpath=...")
+            raise ExportError("MergeOnSaveCallback.export: no dirpath set. Fix: pass dirpath=...")
         return self.dirpath
 
     def _options(self) -> ExportOptions:

@@ -23,7 +23,7 @@ import yaml
 
 from lightning_adapt.adapters.spectrum import ENERGIES, LayerSpectrum, spectra_from_state, suggest_ranks
 from lightning_adapt.compare.files import require_plots, write_json
-from lightning_adapt.errors import ConfigError
+from lightning_adapt.errors import ConfigError, setting_names
 from lightning_adapt.export.peft_format import PEFT_PREFIX, read_adapter
 
 __all__ = ["adapter_rank", "inspect_adapter", "main", "rank_report"]
@@ -44,7 +44,8 @@ def _load_state(ckpt_path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(state_dict, adapter settings found in the file)`` of a checkpoint file or PEFT directory."""
     path = Path(ckpt_path)
     if path.is_dir():
-        config, weights = read_adapter(path, "--ckpt_path")
+        with setting_names(adapter_path="--ckpt_path"):
+            config, weights = read_adapter(path)
         state = {key.removeprefix(PEFT_PREFIX): value for key, value in weights.items()}
         found = {"alpha": config.get("lora_alpha"), "use_rslora": config.get("use_rslora")}
         return state, {k: v for k, v in found.items() if v is not None}
@@ -69,7 +70,8 @@ def inspect_adapter(
     settings.update({k: v for k, v in (("alpha", alpha), ("use_rslora", use_rslora)) if v is not None})
     settings.update(found)
     try:
-        return spectra_from_state(state, float(settings["alpha"]), bool(settings["use_rslora"]), "--ckpt_path")
+        with setting_names(ckpt_path="--ckpt_path"):
+            return spectra_from_state(state, float(settings["alpha"]), bool(settings["use_rslora"]))
     except ValueError as err:
         raise ConfigError(f"{err} Fix: pass the checkpoint or adapter directory of a LoRA/QLoRA run.") from None
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any, cast, get_args
 
-from lightning_adapt.errors import ConfigError
+from lightning_adapt.errors import ConfigError, setting_names
 from lightning_adapt.memory.estimator import Assumptions, Dtype, Estimate, Method, ModelShape, estimate
 from lightning_adapt.memory.shapes import linear_shapes, load_model_shape
 
@@ -47,10 +47,8 @@ class Projection:
 
 def load_projection_shape(model: str) -> ModelShape:
     """The shape ``--project`` names (a preset, a config.json or a folder holding one); one-line error."""
-    try:
+    with setting_names(model="--project"):  # the estimator's message, naming this command's option
         return load_model_shape(model)
-    except ConfigError as err:  # the estimator's message, naming this command's argument
-        raise ConfigError(str(err).replace(f"model={model!r}", f"--project={model!r}")) from None
 
 
 def _names_by_role(shape: ModelShape) -> dict[str, list[str]]:
@@ -64,7 +62,7 @@ def _names_by_role(shape: ModelShape) -> dict[str, list[str]]:
     return by_role
 
 
-def translate(names: tuple[str, ...], shape: ModelShape, argument: str) -> tuple[tuple[str, ...], list[str]]:
+def translate(names: tuple[str, ...], shape: ModelShape, what: str) -> tuple[tuple[str, ...], list[str]]:
     """``names`` of another model's layers as the names of ``shape`` playing the same roles, and notes on
     each one without an equivalent (dropped)."""
     if names == ("all-linear",):
@@ -78,7 +76,7 @@ def translate(names: tuple[str, ...], shape: ModelShape, argument: str) -> tuple
         roles = _FUSED.get(ROLES.get(name, ""), (ROLES.get(name, ""),))
         found = [target for role in roles if role for target in by_role.get(role, [])]
         if not found:
-            notes.append(f"{argument} {name!r}: no layer of {shape.name} plays its role; left out")
+            notes.append(f"{what} {name!r}: no layer of {shape.name} plays its role; left out")
         out += [target for target in found if target not in out]
     return tuple(dict.fromkeys(out)), notes
 

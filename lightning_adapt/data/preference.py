@@ -28,7 +28,7 @@ Triple = tuple[str, str, str]
 _KEYS = ("prompt", "chosen", "rejected")
 
 
-def read_preference_jsonl(path: str, argument: str = "data.data_path") -> list[Triple]:
+def read_preference_jsonl(path: str) -> list[Triple]:
     """Every ``(prompt, chosen, rejected)`` of a JSON Lines file; every bad line is reported at once (up to 5)."""
     triples: list[Triple] = []
     problems: list[str] = []
@@ -49,7 +49,7 @@ def read_preference_jsonl(path: str, argument: str = "data.data_path") -> list[T
     if problems or not triples:
         shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} bad lines)" if len(problems) > 5 else "")
         raise DataError(
-            f"{argument}={path!r}: {shown or 'no records'}. Fix: one JSON object a line with the string keys "
+            f"data.data_path={path!r}: {shown or 'no records'}. Fix: one JSON object a line with the string keys "
             '"prompt", "chosen" and "rejected".'
         )
     return triples

@@ -24,7 +24,7 @@ from lightning_adapt.adapters.checkpoint import FINGERPRINT_KEY
 from lightning_adapt.adapters.init import original_factors
 from lightning_adapt.adapters.lora import lora_scaling
 from lightning_adapt.adapters.spec import LoRASpec
-from lightning_adapt.errors import ExportError
+from lightning_adapt.errors import SETTING, ExportError, setting_names
 from lightning_adapt.export.peft_format import PEFT_PREFIX, read_adapter, resolve_adapter_settings
 from lightning_adapt.export.safetensors_io import StoredTensor
 from lightning_adapt.export.stream_merge import Adapters, LayerAdapter
@@ -51,7 +51,12 @@ ADAPTER_SUFFIXES = {
 Keys = Mapping[str, StoredTensor]
 
 
-def _module_prefix(layer_names: Iterable[str], keys: Keys, argument: str) -> str:
+def _error(message: str) -> ExportError:
+    """An error about the checkpoint being exported (setting ``ckpt_path``; :data:`SETTING` in ``message``)."""
+    return ExportError(message, setting="ckpt_path")
+
+
+def _module_prefix(layer_names: Iterable[str], keys: Keys) -> str:
     """The shortest dotted prefix (e.g. ``model.`` of ``self.model``) whose removal maps every adapted
     layer onto a ``<layer>.weight`` of the checkpoint."""
     names = sorted(layer_names)
@@ -60,8 +65,8 @@ def _module_prefix(layer_names: Iterable[str], keys: Keys, argument: str) -> str
         prefix = ".".join(first[:i]) + ("." if i else "")
         if all(n.startswith(prefix) and n[len(prefix) :] + ".weight" in keys for n in names):
             return prefix
-    raise ExportError(
-        f"{argument}: the adapted layers ({names[:3]}) have no weight in the base checkpoint (keys such as "
+    raise _error(
+        f"{SETTING}: the adapted layers ({names[:3]}) have no weight in the base checkpoint (keys such as "
         f"{list(keys)[:3]}). Fix: export with the base model the adapter was trained on."
     )
 
@@ -100,7 +105,7 @@ def _orient(parts: dict[str, dict[str, torch.Tensor]], keys: Keys, fan_in_fan_ou
 
 
 def _layer_adapters(
-    parts: dict[str, dict[str, torch.Tensor]], keys: Keys, settings: LoRASpec, fan_in_fan_out: bool, argument: str
+    parts: dict[str, dict[str, torch.Tensor]], keys: Keys, settings: LoRASpec, fan_in_fan_out: bool
 ) -> dict[str, LayerAdapter]:
     """A checked :class:`LayerAdapter` per layer; every problem is listed in one error."""
     embeddings = {name for name, p in parts.items() if "EA" in p or "EB" in p}
@@ -110,8 +115,8 @@ def _layer_adapters(
     problems, layers = [], {}
     scaling = lora_scaling(settings.r, settings.alpha, settings.use_rslora)
     if convs := [name for name, p in parts.items() if "A" in p and p["A"].dim() != 2]:
-        raise ExportError(
-            f"{argument}: {convs[0]!r} holds a convolution adapter, which the streamed export does not merge. Fix: "
+        raise _error(
+            f"{SETTING}: {convs[0]!r} holds a convolution adapter, which the streamed export does not merge. Fix: "
             "export the trained module in memory (lightning_adapt.export.exporter.export_model), which folds it."
         )
     for name, p in parts.items():
@@ -127,20 +132,20 @@ def _layer_adapters(
         layers[name] = layer
     if problems:
         more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
-        raise ExportError(
-            f"{argument}: the adapter shapes do not fit the base model and LoRA settings ({'; '.join(problems[:3])}"
+        raise _error(
+            f"{SETTING}: the adapter shapes do not fit the base model and LoRA settings ({'; '.join(problems[:3])}"
             f"{more}). Fix: export with the base model and the lora: settings (r, use_dora) it was trained with."
         )
     return layers
 
 
-def _tied_drop(keys: Keys, tied_keys: Iterable[str], layers: Iterable[str], argument: str) -> set[str]:
+def _tied_drop(keys: Keys, tied_keys: Iterable[str], layers: Iterable[str]) -> set[str]:
     """The tied keys present in the checkpoint (``from_pretrained`` re-ties them); an adapted tied layer is an error."""
     tied = set(tied_keys)
     adapted = sorted(name for name in layers if name + ".weight" in tied)
     if adapted:
-        raise ExportError(
-            f"{argument}: the adapter adapts {adapted}, whose weight is tied to another module: the merged weight "
+        raise _error(
+            f"{SETTING}: the adapter adapts {adapted}, whose weight is tied to another module: the merged weight "
             "would be re-tied (and lost) on load. Fix: exclude it from target_modules (add it to exclude_modules)."
         )
     return {key for key in tied if key in keys}
@@ -155,7 +160,6 @@ def adapters_from_checkpoint(
     tied_keys: Iterable[str] = (),
     fan_in_fan_out: bool = False,
     prefix: str | None = None,
-    argument: str = "ckpt_path",
 ) -> Adapters:
     """The adapters of an adapter-only ``state_dict`` (trainable keys only, e.g.
     ``model.model.layers.0.self_attn.q_proj.lora_A.weight``). Every other tensor under the module prefix is
@@ -166,48 +170,41 @@ def adapters_from_checkpoint(
         ExportError: no adapter in ``state``, layers the base lacks, shapes that do not fit (all listed).
     """
     if unfolded := unfolded_adapter_keys(state):
-        raise ExportError(
-            f"{argument}: {unfolded[0]!r} is an adapter the streamed merge does not fold ({len(unfolded)} such "
+        raise _error(
+            f"{SETTING}: {unfolded[0]!r} is an adapter the streamed merge does not fold ({len(unfolded)} such "
             "tensors). Fix: merge the trained model in memory: lightning-adapt export rebuilds it for such a "
             "checkpoint (lightning_adapt.export.exporter.export_model)."
         )
     parts, other = _split_adapter_keys(state)
     if not parts:
-        raise ExportError(f"{argument}: holds no LoRA adapter weights. Fix: pass the checkpoint of a LoRA run.")
-    prefix = _module_prefix(parts, keys, argument) if prefix is None else prefix
+        raise _error(f"{SETTING}: holds no LoRA adapter weights. Fix: pass the checkpoint of a LoRA run.")
+    prefix = _module_prefix(parts, keys) if prefix is None else prefix
     parts = {name.removeprefix(prefix): p for name, p in parts.items()}
     missing = sorted(name for name in parts if name + ".weight" not in keys)
     if missing:
-        raise ExportError(f"{argument}: adapted layers without a base weight in the checkpoint: {missing[:5]}.")
+        raise _error(f"{SETTING}: adapted layers without a base weight in the checkpoint: {missing[:5]}.")
     replace = {
         key[len(prefix) :].replace(".base_layer.", "."): value
         for key, value in other.items()
         if key != FINGERPRINT_KEY and key.startswith(prefix) and isinstance(value, torch.Tensor)
     }
-    layers = _layer_adapters(parts, keys, settings, fan_in_fan_out, argument)
-    drop = _tied_drop(keys, tied_keys, parts, argument)
+    layers = _layer_adapters(parts, keys, settings, fan_in_fan_out)
+    drop = _tied_drop(keys, tied_keys, parts)
     changed = any("A0" in p for p in parts.values())
     return Adapters(layers, replace, drop, settings, list(modules_to_save), changed_base=changed)
 
 
-def adapters_from_peft(
-    path: str | Path, keys: Keys, *, tied_keys: Iterable[str] = (), argument: str = "adapter_path"
-) -> Adapters:
+def adapters_from_peft(path: str | Path, keys: Keys, *, tied_keys: Iterable[str] = ()) -> Adapters:
     """The adapters of a PEFT LoRA directory (``adapter_config.json`` + ``adapter_model.safetensors``)."""
-    config, weights = read_adapter(path, argument)
-    resolved = resolve_adapter_settings({}, config, argument)
+    config, weights = read_adapter(path)
+    resolved = resolve_adapter_settings({}, config)
     settings = LoRASpec(
         int(resolved["r"]), float(resolved["alpha"]), float(config.get("lora_dropout") or 0.0),
         use_rslora=bool(resolved["use_rslora"]), use_dora=bool(resolved["use_dora"]),
     )  # fmt: skip
     state = {key.removeprefix(PEFT_PREFIX): value for key, value in weights.items()}
-    return adapters_from_checkpoint(
-        state,
-        keys,
-        settings,
-        modules_to_save=resolved["modules_to_save"] or (),
-        tied_keys=tied_keys,
-        fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
-        prefix="",
-        argument=argument,
-    )
+    with setting_names(ckpt_path="adapter_path"):
+        return adapters_from_checkpoint(
+            state, keys, settings, modules_to_save=resolved["modules_to_save"] or (), tied_keys=tied_keys,
+            fan_in_fan_out=bool(config.get("fan_in_fan_out", False)), prefix="",
+        )  # fmt: skip

@@ -41,7 +41,7 @@ from torch import nn
 
 from lightning_adapt.adapters.delta import lora_layers
 from lightning_adapt.atomic import atomic_directory, check_free_space, check_target
-from lightning_adapt.errors import ExportError
+from lightning_adapt.errors import ExportError, setting_names
 from lightning_adapt.export.gguf_export import merged_to_gguf
 from lightning_adapt.export.merged_state import check_tied_adapters, merged_entries
 from lightning_adapt.export.options import DTypeName, ExportOptions, MergeBase
@@ -98,7 +98,6 @@ def write_merged(
     tokenizer: Any = None,
     *,
     target: Path | None = None,
-    argument: str = "dirpath",
     files_from: Path | None = None,
 ) -> list[str]:
     """Create ``out`` and write the merged model of ``root`` into it; returns the tied keys that were dropped.
@@ -111,7 +110,7 @@ def write_merged(
     dtype = DTYPES[options.dtype] if options.dtype else None
     if target is not None:
         needed = written_bytes(((e.shape, e.dtype) for e in entries), dtype)
-        check_free_space(target, needed, argument, SMALLER_DTYPE_FIX)
+        check_free_space(target, needed, SMALLER_DTYPE_FIX)
     out.mkdir(parents=True)
     write_safetensors(out, entries, dtype, parse_size(options.max_shard_size))
     if hf:
@@ -132,6 +131,7 @@ def find_tokenizer(*owners: Any) -> Any:
     return None
 
 
+@setting_names(target="dirpath")
 def export_model(
     module: nn.Module,
     dirpath: str | Path,
@@ -141,7 +141,6 @@ def export_model(
     source_path: str | Path | None = None,
     tokenizer: Any = None,
     probe: Callable[[], torch.Tensor] | None = None,
-    argument: str = "dirpath",
     original: SourceWeights | None = None,
 ) -> ExportResult:
     """Write ``<dirpath>/adapter`` (if ``module`` holds LoRA layers PEFT can load) and ``<dirpath>/merged``, atomically,
@@ -157,7 +156,6 @@ def export_model(
             HF model's ``name_or_path``); needed for ``merge_base='original'`` with quantized layers.
         tokenizer: saved next to a merged Hugging Face model.
         probe: a forward on a fixed batch, for the output difference in the merge report.
-        argument: the name of ``dirpath`` in error messages (``--output`` in the CLI).
         original: the quantized layers' original weights, found already (:func:`~.original.optional_source`,
             whose headers are then not read again); ``None``: found here.
 
@@ -166,13 +164,13 @@ def export_model(
     """
     options = options or ExportOptions()
     target = Path(dirpath)
-    check_target(target, options.overwrite, argument)
+    check_target(target, options.overwrite)
     _, root, hf = export_root(module)
     source = original or optional_source(module, root, source_path, options.merge_base)
     to_save = modules_to_save_names([name for name, _ in root.named_modules() if name], modules_to_save)
     name = source_dir(module, root, source_path)
     result = ExportResult(target)
-    with memory_meter(options.measure_memory) as meter, atomic_directory(target, options.overwrite, argument) as tmp:
+    with memory_meter(options.measure_memory) as meter, atomic_directory(target, options.overwrite) as tmp:
         if lora_layers(root) and (why := no_peft_layout(root) or no_parameter_layout(root)):
             print(f"export: no PEFT adapter written ({why}); merged/ holds the adapted weights.")
         elif lora_layers(root):
@@ -180,7 +178,7 @@ def export_model(
             to_peft_parameters(root, tmp / "adapter", PEFT_PREFIX)
             result.adapter = target / "adapter"
         result.dropped_tied = write_merged(
-            root, tmp / "merged", options, source, hf, tokenizer if hf else None, target=target, argument=argument,
+            root, tmp / "merged", options, source, hf, tokenizer if hf else None, target=target,
             files_from=Path(name) if name and Path(name).is_dir() else None,
         )  # fmt: skip
         result.merged = target / "merged"

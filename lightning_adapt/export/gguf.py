@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from lightning_adapt.atomic import atomic_file, check_free_space, target_lock
-from lightning_adapt.errors import ExportError
+from lightning_adapt.errors import ExportError, setting_names
 from lightning_adapt.export.gguf_meta import (
     ARCHITECTURES,
     add_model_metadata,
@@ -243,12 +243,13 @@ def _write(out_file: Path, writer: gguf.GGUFWriter, planned: list[_Planned], ove
             f"out_file={str(out_file)!r} exists. Fix: choose a new path, or allow replacing it (overwrite: true)."
         )
     nbytes = sum(_nbytes(p.shape, p.qtype) for p in planned)
-    check_free_space(out_file.parent, nbytes, "out_file")
+    with setting_names(target="out_file"):
+        check_free_space(out_file.parent, nbytes)
     for p in planned:  # shapes are element shapes: gguf converts them only for uint8 byte shapes
         writer.add_tensor_info(
             p.name, p.shape, np.dtype(np.float32), _nbytes(p.shape, p.qtype), g.GGMLQuantizationType(p.qtype)
         )
-    with target_lock(out_file, "out_file"), atomic_file(out_file) as handle:
+    with setting_names(target="out_file"), target_lock(out_file), atomic_file(out_file) as handle:
         try:  # the writer opens the temp file by name; atomic_file then fsyncs and renames it
             writer.write_header_to_file(Path(handle.name))
             writer.write_kv_data_to_file()

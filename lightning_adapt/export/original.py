@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from lightning_adapt.atomic import atomic_file, check_free_space
-from lightning_adapt.errors import ExportError
+from lightning_adapt.errors import SETTING, ExportError, setting_names
 from lightning_adapt.export.safetensors_io import SourceWeights, StoredTensor, TensorEntry, stream_safetensors
 from lightning_adapt.layers import quantized_layers, stored_shape
 
@@ -82,7 +82,8 @@ def spill_originals(module: nn.Module, layer_names: list[str], directory: Path) 
     entries = [TensorEntry(key, tuple(w.shape), w.dtype, functools.partial(_host, w)) for key, w in missing.items()]
     path = Path(directory) / SPILL_FILE
     needed = sum(w.numel() * w.element_size() for w in missing.values())
-    check_free_space(path, needed, "the run's original_weights", ", or merge_base='dequantized' (then no copy is kept)")
+    with setting_names(target="the run's original_weights"):
+        check_free_space(path, needed, ", or merge_base='dequantized' (then no copy is kept)")
     with atomic_file(path) as handle:
         size = stream_safetensors(handle, entries, None)
     remember_originals(module, SourceWeights(path.parent, files=[path]).tensors)
@@ -135,7 +136,7 @@ def _recorded_source(module: nn.Module, root: nn.Module) -> SourceWeights | None
     return SourceWeights(tensors[next(iter(tensors))].file.parent, tensors=tensors) if tensors else None
 
 
-def source_for(module: nn.Module, root: nn.Module, source_path: str | Path | None, argument: str) -> SourceWeights:
+def source_for(module: nn.Module, root: nn.Module, source_path: str | Path | None) -> SourceWeights:
     """The original weights for every quantized layer of ``root``, checked (names, shapes) up front.
 
     Raises:
@@ -147,9 +148,10 @@ def source_for(module: nn.Module, root: nn.Module, source_path: str | Path | Non
         return recorded
     if path and not Path(path).is_dir():
         raise ExportError(
-            f"{argument}={str(path)!r}: no such directory to re-read the full-precision weights of the quantized "
+            f"{SETTING}={str(path)!r}: no such directory to re-read the full-precision weights of the quantized "
             "layers from (merge_base='original'). Fix: point it at the safetensors directory the model was loaded "
-            "from, or use merge_base='dequantized'."
+            "from, or use merge_base='dequantized'.",
+            setting="source_path",
         )
     if not path:
         names = [name for name, _ in quantized_bases(root)]
@@ -160,7 +162,7 @@ def source_for(module: nn.Module, root: nn.Module, source_path: str | Path | Non
             "and has no Hugging Face source directory. Fix: let QuantizeBaseCallback quantize it (build it in full "
             "precision in __init__ or configure_model), load it with load_pretrained, or use merge_base='dequantized'."
         )
-    source = SourceWeights(path, str(getattr(root, "base_model_prefix", "") or ""), argument)
+    source = SourceWeights(path, str(getattr(root, "base_model_prefix", "") or ""))
     bad = []
     for name, layer in quantized_bases(root):
         want = stored_shape(layer)
@@ -171,8 +173,9 @@ def source_for(module: nn.Module, root: nn.Module, source_path: str | Path | Non
         return recorded
     if bad:
         raise ExportError(
-            f"{argument}={str(path)!r} does not hold this model's weights ({'; '.join(bad[:3])}). Fix: point it at "
-            "the checkpoint the model was loaded from, or use merge_base='dequantized'."
+            f"{SETTING}={str(path)!r} does not hold this model's weights ({'; '.join(bad[:3])}). Fix: point it at "
+            "the checkpoint the model was loaded from, or use merge_base='dequantized'.",
+            setting="source_path",
         )
     return source
 
@@ -185,7 +188,7 @@ def optional_source(
     if not quantized_layers(root):
         return None
     try:
-        return source_for(module, root, source_path, "source_path")
+        return source_for(module, root, source_path)
     except ExportError:
         if merge_base == "original":
             raise

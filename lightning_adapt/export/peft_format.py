@@ -41,7 +41,7 @@ from torch import nn
 from lightning_adapt.adapters.delta import lora_layers
 from lightning_adapt.adapters.lora import LoRALinear, lora_modules
 from lightning_adapt.adapters.spec import LoRASpec
-from lightning_adapt.errors import ConfigError, ExportError
+from lightning_adapt.errors import SETTING, ConfigError, ExportError
 from lightning_adapt.layers import adapter_param_ids, is_conv1d
 from lightning_adapt.naming import select
 
@@ -309,9 +309,7 @@ def _same(ours: object, theirs: object) -> bool:
     return ours == theirs
 
 
-def resolve_adapter_settings(
-    explicit: dict[str, object], adapter_config: dict[str, Any] | None, argument: str = "adapter_path"
-) -> dict[str, Any]:
+def resolve_adapter_settings(explicit: dict[str, object], adapter_config: dict[str, Any] | None) -> dict[str, Any]:
     """Fill the settings the user left ``None`` from ``adapter_config`` (else the defaults); a setting the
     user gave that disagrees with the adapter is an error (all listed at once)."""
     resolved: dict[str, Any] = {}
@@ -328,28 +326,33 @@ def resolve_adapter_settings(
         problems.append(f"the adapter trains biases (bias={adapter_config['bias']!r}); only bias='none' is supported")
     if problems:
         raise ConfigError(
-            f"{argument}: " + "; ".join(problems) + ". Fix: leave these settings unset to take the adapter's values."
+            f"{SETTING}: " + "; ".join(problems) + ". Fix: leave these settings unset to take the adapter's values.",
+            setting="adapter_path",
         )
     return resolved
 
 
-def read_adapter(path: str | Path, argument: str = "adapter_path") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(adapter_config.json, weights)`` of a PEFT LoRA adapter directory (safetensors only)."""
     directory = Path(path)
     config_file, weights = directory / "adapter_config.json", directory / "adapter_model.safetensors"
     if not (config_file.is_file() and weights.is_file()):
         raise ExportError(
-            f"{argument}={str(path)!r}: expected a PEFT adapter directory with adapter_config.json and "
-            "adapter_model.safetensors. Fix: pass the directory PeftModel.save_pretrained (or export) wrote."
+            f"{SETTING}={str(path)!r}: expected a PEFT adapter directory with adapter_config.json and "
+            "adapter_model.safetensors. Fix: pass the directory PeftModel.save_pretrained (or export) wrote.",
+            setting="adapter_path",
         )
     config: dict[str, Any] = json.loads(config_file.read_text())
     if config.get("peft_type", "LORA") != "LORA":
-        raise ExportError(f"{argument}={str(path)!r}: peft_type={config.get('peft_type')!r}; only LORA is supported.")
+        raise ExportError(
+            f"{SETTING}={str(path)!r}: peft_type={config.get('peft_type')!r}; only LORA is supported.",
+            setting="adapter_path",
+        )
     return config, load_file(str(weights))
 
 
 @torch.no_grad()
-def load_adapter_weights(module: nn.Module, weights: dict[str, torch.Tensor], argument: str = "adapter_path") -> None:
+def load_adapter_weights(module: nn.Module, weights: dict[str, torch.Tensor]) -> None:
     """Copy PEFT-keyed adapter weights into the injected ``module``; every adapter weight must be covered."""
     prefix, root, _ = export_root(module)
     own = dict(module.named_parameters())
@@ -365,8 +368,9 @@ def load_adapter_weights(module: nn.Module, weights: dict[str, torch.Tensor], ar
     missing = sorted(adapter_keys - set(mapped))
     if unknown or shapes or missing:
         raise ExportError(
-            f"{argument}: the adapter does not fit the injected model (unknown keys {unknown[:3]}, shape mismatches "
-            f"{shapes[:3]}, missing {missing[:3]}). Fix: use the base model and r/target_modules it was trained with."
+            f"{SETTING}: the adapter does not fit the injected model (unknown keys {unknown[:3]}, shape mismatches "
+            f"{shapes[:3]}, missing {missing[:3]}). Fix: use the base model and r/target_modules it was trained with.",
+            setting="adapter_path",
         )
     for key, value in mapped.items():
         own[key].copy_(value)

@@ -37,7 +37,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from lightning_adapt.errors import ExportError
+from lightning_adapt.errors import SETTING, ExportError
 
 __all__ = [
     "DTYPE_OF_NAME",
@@ -337,7 +337,7 @@ class SourceWeights:
     """
 
     def __init__(
-        self, path: str | Path, base_model_prefix: str = "", argument: str = "source_path", *,
+        self, path: str | Path, base_model_prefix: str = "", *,
         files: list[Path] | None = None, tensors: dict[str, StoredTensor] | None = None,
     ) -> None:  # fmt: skip
         self.path = Path(path)
@@ -351,9 +351,10 @@ class SourceWeights:
             return
         if not safetensors_files(self.path):
             raise ExportError(
-                f"{argument}={str(path)!r}: no model.safetensors (or index) to re-read the original weights from "
+                f"{SETTING}={str(path)!r}: no model.safetensors (or index) to re-read the original weights from "
                 "(pickled .bin checkpoints are not read). Fix: point it at the safetensors directory the model "
-                "was loaded from, or use merge_base='dequantized' to merge into the dequantized weights."
+                "was loaded from, or use merge_base='dequantized' to merge into the dequantized weights.",
+                setting="source_path",
             )
         self.tensors = read_index(self.path)
 

@@ -26,7 +26,7 @@ import torch
 from lightning_adapt.adapters.checkpoint import FINGERPRINT_KEY
 from lightning_adapt.adapters.spec import LoRASpec
 from lightning_adapt.atomic import atomic_directory, check_free_space, check_target
-from lightning_adapt.errors import ExportError
+from lightning_adapt.errors import ExportError, setting_names
 from lightning_adapt.export.adapter_sources import unfolded_adapter_keys
 from lightning_adapt.export.gguf_export import merged_to_gguf
 from lightning_adapt.export.options import ExportOptions
@@ -80,6 +80,7 @@ def base_model_prefix_of(config: Any) -> str:
         return ""
 
 
+@setting_names(target="dirpath")
 def export_streamed(
     source_path: str | Path,
     dirpath: str | Path,
@@ -90,7 +91,6 @@ def export_streamed(
     files: ModelFiles | None = None,
     write_peft: Callable[[Path], None] | None = None,
     on_merge: OnMerge | None = None,
-    argument: str = "dirpath",
 ) -> ExportResult:
     """Write ``<dirpath>/merged`` tensor by tensor from the safetensors files of ``source_path`` (see
     :mod:`lightning_adapt.export.stream_merge`) and, with ``write_peft``, ``<dirpath>/adapter``; atomically.
@@ -106,23 +106,22 @@ def export_streamed(
         files: config, generation config and tokenizer to write (default: copied from the source).
         write_peft: writes the PEFT adapter directory it is given.
         on_merge: per adapted layer, see :func:`~lightning_adapt.export.stream_merge.stream_merge`.
-        argument: the name of ``dirpath`` in error messages.
     """
     options = options or ExportOptions()
     target, source = Path(dirpath), Path(source_path)
-    check_target(target, options.overwrite, argument)
+    check_target(target, options.overwrite)
     keys = keys if keys is not None else model_keys(read_index(source))
     dtype = DTYPES[options.dtype] if options.dtype else None
     kept = ((stored.shape, stored.dtype) for key, stored in keys.items() if key not in adapters.drop)
-    check_free_space(target, written_bytes(kept, dtype), argument, SMALLER_DTYPE_FIX)
+    check_free_space(target, written_bytes(kept, dtype), SMALLER_DTYPE_FIX)
     result = ExportResult(target, streamed=True)
-    with memory_meter(options.measure_memory) as meter, atomic_directory(target, options.overwrite, argument) as tmp:
+    with memory_meter(options.measure_memory) as meter, atomic_directory(target, options.overwrite) as tmp:
         if write_peft is not None:
             write_peft(tmp / "adapter")
             result.adapter = target / "adapter"
         (tmp / "merged").mkdir()
         shard = parse_size(options.max_shard_size)
-        stats = stream_merge(keys, tmp / "merged", adapters, dtype, shard, on_merge=on_merge, argument=argument)
+        stats = stream_merge(keys, tmp / "merged", adapters, dtype, shard, on_merge=on_merge)
         write_model_files(tmp / "merged", files or ModelFiles(), dtype or stats.first_float_dtype, source)
         result.merged = target / "merged"
         if options.format == "gguf":  # llama.cpp's files from the merged ones, which they replace

@@ -35,7 +35,7 @@ import torch
 
 from lightning_adapt.adapters.lora import merged_weight
 from lightning_adapt.adapters.spec import LoRASpec
-from lightning_adapt.errors import ExportError
+from lightning_adapt.errors import SETTING, ExportError
 from lightning_adapt.export.safetensors_io import StoredTensor, TensorEntry, write_safetensors, written_bytes
 
 __all__ = [
@@ -113,9 +113,7 @@ class StreamStats:
 OnMerge = Callable[[str, torch.Tensor, LayerAdapter, torch.Tensor], None]
 
 
-def _entries(
-    keys: Mapping[str, StoredTensor], adapters: Adapters, on_merge: OnMerge | None, argument: str
-) -> list[TensorEntry]:
+def _entries(keys: Mapping[str, StoredTensor], adapters: Adapters, on_merge: OnMerge | None) -> list[TensorEntry]:
     """One entry per tensor to write, in checkpoint order, then the trained tensors the checkpoint lacks."""
     entries: list[TensorEntry] = []
     for key, stored in keys.items():
@@ -135,7 +133,9 @@ def _entries(
             entries.append(_value_entry(key, value))
     missing = sorted(name for name in adapters.layers if name + ".weight" not in keys)
     if missing:
-        raise ExportError(f"{argument}: adapted layers without a base weight in the checkpoint: {missing[:5]}.")
+        raise ExportError(
+            f"{SETTING}: adapted layers without a base weight in the checkpoint: {missing[:5]}.", setting="source_path"
+        )
     return entries
 
 
@@ -166,7 +166,6 @@ def stream_merge(
     max_shard: int,
     *,
     on_merge: OnMerge | None = None,
-    argument: str = "source_path",
 ) -> StreamStats:
     """Write the merged checkpoint into the existing directory ``out`` (see the module docstring).
 
@@ -178,7 +177,7 @@ def stream_merge(
         max_shard: shard size in bytes.
         on_merge: called as ``on_merge(layer, stored W, adapter, merged W')`` for each adapted layer.
     """
-    entries = _entries(keys, adapters, on_merge, argument)
+    entries = _entries(keys, adapters, on_merge)
     files = write_safetensors(out, entries, dtype, max_shard)
     largest = max(keys, key=lambda k: math.prod(keys[k].shape), default="")
     floats = [e.dtype for e in entries if e.dtype.is_floating_point]

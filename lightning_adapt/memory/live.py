@@ -161,11 +161,11 @@ def _saved(modules: Sequence[str], shape: ModelShape) -> tuple[str, ...]:
     return tuple("embed_tokens" if name == "lm_head" and name not in names else name for name in known)
 
 
-def _known(entry: str, names: Sequence[str], argument: str) -> str | None:
+def _known(entry: str, names: Sequence[str], setting: str) -> str | None:
     """The longest dotted suffix of ``entry`` that is, or ends, one of ``names``; ``None`` if none does."""
     parts = entry.split(".")
     if not re.fullmatch(r"[\w.]+", entry) or any(part.isdigit() for part in parts):
-        raise ValueError(f"{argument} entry {entry!r} is a regex or selects single layers; the estimator needs names")
+        raise ValueError(f"{setting} entry {entry!r} is a regex or selects single layers; the estimator needs names")
     suffixes = (".".join(parts[i:]) for i in range(len(parts)))
     return next((x for x in suffixes if any(n == x or n.endswith("." + x) for n in names)), None)
 

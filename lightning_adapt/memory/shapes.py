@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lightning_adapt.errors import ConfigError
+from lightning_adapt.errors import SETTING, ConfigError
 from lightning_adapt.naming import matches
 
 _LLAMA_FIELDS: tuple[str, ...] = ("hidden_size", "intermediate_size", "num_hidden_layers")
@@ -88,12 +88,15 @@ class ModelShape:
         missing = [f for f in need if cfg.get(f) is None]
         if missing:
             raise ConfigError(
-                f"model={name!r}: config lacks {', '.join(missing)}, needed for a {family} shape "
+                f"{SETTING}={name!r}: config lacks {', '.join(missing)}, needed for a {family} shape "
                 f"(requires {', '.join(need)}). Fix: pass a Hugging Face config.json of a "
-                f"Llama/Mistral/Qwen2, GPT-2 or BERT model, or a preset: {', '.join(PRESETS)}."
+                f"Llama/Mistral/Qwen2, GPT-2 or BERT model, or a preset: {', '.join(PRESETS)}.",
+                setting="model",
             )
         if cfg.get("num_local_experts") or cfg.get("num_experts"):
-            raise ConfigError(f"model={name!r}: mixture-of-experts configs are not supported; use a dense one.")
+            raise ConfigError(
+                f"{SETTING}={name!r}: mixture-of-experts configs are not supported; use a dense one.", setting="model"
+            )
         return _BUILDERS[family](cfg, name, _task(cfg, family, name))
 
 
@@ -124,9 +127,10 @@ def _task(cfg: Mapping[str, Any], family: str, name: str) -> str:
     if task not in tasks:
         modeled = ", ".join(f"*{suffix}" for suffix, t in _TASK_SUFFIXES if t in tasks)
         raise ConfigError(
-            f"model={name!r}: architectures={list(archs)!r} is not modeled for a "
+            f"{SETTING}={name!r}: architectures={list(archs)!r} is not modeled for a "
             f"{cfg.get('model_type', family)} config (modeled: {modeled}). Fix: name one of those in "
-            f"architectures, or drop the field to estimate the default ({_TASK_WORDS[tasks[0]]})."
+            f"architectures, or drop the field to estimate the default ({_TASK_WORDS[tasks[0]]}).",
+            setting="model",
         )
     return task
 
@@ -206,8 +210,9 @@ def load_model_shape(name_or_path: str) -> ModelShape:
         path = path / "config.json"
     if not path.is_file():
         raise ConfigError(
-            f"model={name_or_path!r} is neither a preset nor a config.json (or a folder holding one). "
-            f"Presets: {', '.join(PRESETS)}. Fix: pick a preset or pass a Hugging Face config.json path."
+            f"{SETTING}={name_or_path!r} is neither a preset nor a config.json (or a folder holding one). "
+            f"Presets: {', '.join(PRESETS)}. Fix: pick a preset or pass a Hugging Face config.json path.",
+            setting="model",
         )
     return ModelShape.from_config(json.loads(path.read_text()), name_or_path)
 

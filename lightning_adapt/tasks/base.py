@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_adapt.errors import ConfigError, LoadError
+from lightning_adapt.errors import ConfigError, LoadError, setting_names
 from lightning_adapt.loading import (
     LoadReport,
     WeightSource,
@@ -48,7 +48,8 @@ class TaskModule(L.LightningModule):
         if problems:
             raise ConfigError("; ".join(problems))
         self.model_name_or_path = model_name_or_path
-        self.source_path: Path = resolve_model(model_name_or_path, "model.model_name_or_path")
+        with setting_names(model_name_or_path="model.model_name_or_path"):
+            self.source_path: Path = resolve_model(model_name_or_path)
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.warmup_steps = warmup_steps
@@ -82,9 +83,10 @@ class TaskModule(L.LightningModule):
                     f"model from this config.json ({str(err).splitlines()[0]}). Fix: use a model of an architecture "
                     "transformers has that head for."
                 ) from None
-        source = WeightSource(self.source_path, prefix="model", argument="model.model_name_or_path")
+        source = WeightSource(self.source_path, prefix="model")
         plan = quant_plan(self)  # on error the loader resets self.model to None: a later call tries again
-        report = load_pretrained(self, source, plan=plan, dtype=dtype, device=device, init_missing=init_missing, baseline_rss=baseline)  # fmt: skip
+        with setting_names(source="model.model_name_or_path"):
+            report = load_pretrained(self, source, plan=plan, dtype=dtype, device=device, init_missing=init_missing, baseline_rss=baseline)  # fmt: skip
         self.load_report = report
         self.model.train()  # Lightning keeps submodule modes
         rank_zero_info(

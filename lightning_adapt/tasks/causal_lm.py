@@ -9,7 +9,7 @@ import torch
 from torchmetrics.text import Perplexity
 from typing_extensions import override
 
-from lightning_adapt.errors import ConfigError
+from lightning_adapt.errors import ConfigError, setting_names
 from lightning_adapt.models import read_hf_config
 from lightning_adapt.tasks.base import TaskModule
 
@@ -51,7 +51,8 @@ class CausalLMTask(TaskModule):
         self.save_hyperparameters()
         from transformers import AutoTokenizer
 
-        self.hf_config = read_hf_config(self.source_path, "model.model_name_or_path")
+        with setting_names(model_name_or_path="model.model_name_or_path"):
+            self.hf_config = read_hf_config(self.source_path)
         self.tokenizer = AutoTokenizer.from_pretrained(self.source_path, local_files_only=True, trust_remote_code=False)
         self.max_new_tokens = max_new_tokens
         self.activation_checkpointing = activation_checkpointing

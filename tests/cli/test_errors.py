@@ -251,3 +251,28 @@ def test_every_from_pretrained_refuses_code_from_the_directory() -> None:
                 if given.get("trust_remote_code", True) is not False:
                     unsafe.append(f"{source.relative_to(package)}:{node.lineno}")
     assert [u for u in unsafe if u.split(":")[0] not in VETTED] == []
+
+
+def test_an_error_names_its_setting_as_the_layer_that_took_it_renames_it() -> None:
+    """Core code raises with its own parameter's name; ``setting_names`` renames it on the way out (inner first),
+    the name survives pickling (a rank's error broadcast to the others), and a message that names a setting
+    without giving one is refused when it is raised."""
+    import pickle
+
+    from lightning_adapt.errors import SETTING, ExportError, setting_names
+
+    def check(target: str) -> None:
+        raise ExportError(f"{SETTING}={target!r} is a file. Fix: choose another {SETTING}.", setting="target")
+
+    with pytest.raises(ExportError) as plain:
+        check("x")
+    assert str(plain.value) == "target='x' is a file. Fix: choose another target."
+    with pytest.raises(ExportError) as renamed, setting_names(dirpath="--output"), setting_names(target="dirpath"):
+        check("x")
+    assert str(renamed.value) == "--output='x' is a file. Fix: choose another --output."
+    assert str(pickle.loads(pickle.dumps(renamed.value))) == str(renamed.value)
+    with pytest.raises(ExportError) as untouched, setting_names(other="--other"):
+        check("x")
+    assert untouched.value.setting == "target"
+    with pytest.raises(TypeError, match="names its setting"):
+        ExportError(f"{SETTING}='x' is a file.")

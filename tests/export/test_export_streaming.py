@@ -23,7 +23,7 @@ from lightning_adapt.adapters.inject import LoRASpec
 from lightning_adapt.adapters.lora import lora_modules
 from lightning_adapt.callbacks.lora import LoRAInjectionCallback
 from lightning_adapt.callbacks.merge import MergeOnSaveCallback
-from lightning_adapt.errors import ExportError
+from lightning_adapt.errors import ExportError, setting_names
 from lightning_adapt.export.adapter_sources import adapters_from_checkpoint, adapters_from_peft
 from lightning_adapt.export.exporter import ExportOptions, export_model
 from lightning_adapt.export.safetensors_io import (
@@ -131,7 +131,7 @@ def test_requantized_gap_equals_the_live_report_on_adapted_layers(tmp_path: Path
     targets = ["q_proj", "v_proj", "up_proj"]
     holder, specs = _adapted("llama", tmp_path / "base", {"target_modules": targets}, quantize=True)
     result = MergeOnSaveCallback(str(tmp_path / "ckpt")).export_checkpoint(holder, holder.state_dict(), specs)
-    source = source_for(holder, holder.model, None, "source_path")
+    source = source_for(holder, holder.model, None)
     expected = max(
         float(
             (layer.merged_weight(source.get(name.removeprefix("model.") + ".weight")) - layer.merged_weight())
@@ -170,8 +170,9 @@ def test_mismatched_adapters_fail_before_writing(tmp_path: Path) -> None:
     holder, _ = _adapted("llama", tmp_path / "base", {})
     state = holder.state_dict()
     keys = model_keys(read_index(tmp_path / "base"))
-    with pytest.raises(ExportError, match=r"--ckpt_path='x': the adapter shapes do not fit.*r=8.*Fix:"):
-        adapters_from_checkpoint(state, keys, LoRASpec(8, 16.0), argument="--ckpt_path='x'")
+    shapes = r"--ckpt_path='x': the adapter shapes do not fit.*r=8.*Fix:"
+    with pytest.raises(ExportError, match=shapes), setting_names(ckpt_path="--ckpt_path='x'"):  # as the CLI names it
+        adapters_from_checkpoint(state, keys, LoRASpec(8, 16.0))
     with pytest.raises(ExportError, match=r"use_dora=True"):
         adapters_from_checkpoint(state, keys, LoRASpec(4, 8.0, use_dora=True))
     other = {k.replace("layers.0", "layers.9"): v for k, v in state.items()}

@@ -78,7 +78,7 @@ def random_adapters(
 
 
 def merged(source: Path, adapters: Adapters) -> list[TensorEntry]:
-    return _entries(model_keys(read_index(source)), adapters, None, "source_path")
+    return _entries(model_keys(read_index(source)), adapters, None)
 
 
 def llama_cpp_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -387,7 +387,7 @@ def test_peak_memory_is_a_few_tensors_not_the_model(tokenizer: Any, tmp_path: Pa
         layers = {{f"model.layers.{{i}}.self_attn.q_proj": LayerAdapter(torch.randn(8, 256), torch.randn(256, 8), 2.0)
                   for i in range(4)}}
         for quant in ("f16", "q8_0", "f32"):
-            entries = _entries(keys, Adapters(layers), None, "source_path")
+            entries = _entries(keys, Adapters(layers), None)
             reset_peak_rss()
             start = current_rss_bytes()
             write_gguf(source.parent / (quant + ".gguf"), source, entries, quant)

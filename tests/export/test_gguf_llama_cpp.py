@@ -72,8 +72,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             shutil.copy(base / name, tmp / "merged" / name)
     files = {"merged": tmp / "merged", "base": base}
     for quant in ("f32", "f16", "bf16", "q8_0"):
-        files[quant] = write_gguf(tmp / f"{quant}.gguf", base, _entries(keys, adapters, None, "x"), quant).path
-    files["base_f32"] = write_gguf(tmp / "base.gguf", base, _entries(keys, Adapters({}), None, "x"), "f32").path
+        files[quant] = write_gguf(tmp / f"{quant}.gguf", base, _entries(keys, adapters, None), quant).path
+    files["base_f32"] = write_gguf(tmp / "base.gguf", base, _entries(keys, Adapters({}), None), "f32").path
     files["adapter"] = write_gguf_adapter(tmp / "adapter.gguf", base, adapters, "f32").path
     return files
 
@@ -181,7 +181,7 @@ def test_a_qwen2_file_runs_in_llama_cpp(tmp_path: Path) -> None:
     (tmp_path / "merged").mkdir()
     stream_merge(keys, tmp_path / "merged", adapters, None, parse_size("5GB"))
     shutil.copy(source / "config.json", tmp_path / "merged" / "config.json")
-    write_gguf(tmp_path / "qwen2.gguf", source, _entries(keys, adapters, None, "x"), "f32")
+    write_gguf(tmp_path / "qwen2.gguf", source, _entries(keys, adapters, None), "f32")
     qwen_tokenizer = AutoTokenizer.from_pretrained(source)
     llm = cpp_model(tmp_path / "qwen2.gguf")
     for prompt in PROMPTS:

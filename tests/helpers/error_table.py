@@ -196,7 +196,7 @@ def _output_being_written(p: Paths) -> None:
     """Another export to the same folder is in progress: this process holds its lock."""
     from lightning_adapt.atomic import target_lock
 
-    holder = target_lock(p.tmp / "export", "--output")
+    holder = target_lock(p.tmp / "export")
     holder.__enter__()
     _HELD.append(holder)
 

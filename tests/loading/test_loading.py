@@ -276,7 +276,7 @@ def _rewrite(src: Path, dst: Path, edit: Any) -> Path:
 
 
 def test_a_missing_file_is_one_error_naming_it(tiny_llama_dir: Path, tmp_path: Path, monkeypatch: Any) -> None:
-    with pytest.raises(LoadError, match=r"WeightSource.path=.*empty.*no model.safetensors"):
+    with pytest.raises(LoadError, match=r"source=.*empty.*no model.safetensors"):
         load_pretrained(_empty(tiny_llama_dir), WeightSource(tmp_path / "empty"))
     path = _resave(tiny_llama_dir, tmp_path / "sharded", shard="200KB")
     index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]

@@ -9,6 +9,7 @@ import pytest
 from lightning_adapt.data import ChatDataModule, TweetSentimentDataModule
 from lightning_adapt.data._common import DataError
 from lightning_adapt.data.chat import IGNORE_INDEX
+from lightning_adapt.errors import setting_names
 from lightning_adapt.models import PACKAGED_MODELS, ModelNotFoundError, resolve_model
 
 
@@ -24,9 +25,12 @@ def test_packaged_models_resolve_to_local_hf_dirs() -> None:
     [("no-such-model", "does not exist"), ("org/hub-model", "does not exist")],
 )
 def test_unknown_model_names_the_argument_and_the_fix(value: str, expected: str) -> None:
-    with pytest.raises(ModelNotFoundError) as info:
-        resolve_model(value, "model.model_name_or_path")
+    with pytest.raises(ModelNotFoundError) as info, setting_names(model_name_or_path="model.model_name_or_path"):
+        resolve_model(value)
     message = str(info.value)
+    assert info.value.setting == "model.model_name_or_path" and message.startswith(
+        f"model.model_name_or_path={value!r}"
+    )
     assert "model.model_name_or_path" in message and value in message and expected in message
     assert "minilm" in message and "smollm2-135m-instruct" in message
 

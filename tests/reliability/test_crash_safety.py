@@ -24,7 +24,7 @@ from helpers.hf import llama_dir, read_tensors
 
 from lightning_adapt import atomic
 from lightning_adapt.adapters.inject import LoRASpec
-from lightning_adapt.errors import ExportError
+from lightning_adapt.errors import ExportError, setting_names
 from lightning_adapt.export.safetensors_io import model_keys, read_index
 from lightning_adapt.export.stream_export import export_streamed
 
@@ -179,8 +179,8 @@ def test_temps_of_dead_writers_go_and_those_of_live_ones_stay(tmp_path: Path) ->
 
 def test_the_lock_refuses_a_second_writer_and_is_gone_after(tmp_path: Path) -> None:
     target = tmp_path / "export"
-    with atomic.target_lock(target, "--output"):
-        with pytest.raises(ExportError) as err, atomic.target_lock(target, "--output"):
+    with atomic.target_lock(target):
+        with pytest.raises(ExportError) as err, setting_names(target="--output"), atomic.target_lock(target):
             pass
         assert f"--output={str(target)!r} is being written by another process (pid {os.getpid()}" in str(err.value)
     assert list(tmp_path.iterdir()) == [], "the lock file is removed on release"
@@ -191,13 +191,13 @@ def test_the_lock_refuses_a_second_writer_and_is_gone_after(tmp_path: Path) -> N
 
 def test_the_free_space_check_names_sizes_and_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(atomic.shutil, "disk_usage", lambda path: _Usage(10**9))
-    with pytest.raises(ExportError) as err:
-        atomic.check_free_space(tmp_path / "new" / "export", 2_200_000_000, "--output", ", or write bf16")
+    with pytest.raises(ExportError) as err, setting_names(target="--output"):
+        atomic.check_free_space(tmp_path / "new" / "export", 2_200_000_000, ", or write bf16")
     assert str(err.value) == (
         f"--output={str(tmp_path / 'new' / 'export')!r}: the export needs about 2.20 GB but only 1.00 GB is free "
         f"on that file system ({tmp_path}). Fix: free some space there or choose another --output, or write bf16."
     )
-    atomic.check_free_space(tmp_path / "new", 999_999_999, "--output")  # fits: no error
+    atomic.check_free_space(tmp_path / "new", 999_999_999)  # fits: no error
 
 
 class _Usage:
