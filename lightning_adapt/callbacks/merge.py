@@ -26,7 +26,6 @@ from lightning_adapt.callbacks._merge_eval import evaluate_merges
 from lightning_adapt.callbacks._sharded_export import gather_trainable, run_on_rank_zero
 from lightning_adapt.callbacks._transform import transform_specs
 from lightning_adapt.errors import ConfigError, ExportError, setting_names
-from lightning_adapt.export.adapter_sources import adapters_from_checkpoint
 from lightning_adapt.export.exporter import (
     ExportOptions,
     ExportResult,
@@ -38,16 +37,10 @@ from lightning_adapt.export.exporter import (
 from lightning_adapt.export.gguf_export import check_gguf
 from lightning_adapt.export.merged_state import check_tied_adapters
 from lightning_adapt.export.original import optional_source, request_spill
-from lightning_adapt.export.peft_format import ModelFiles, export_root
-from lightning_adapt.export.report import RequantizedGap
-from lightning_adapt.export.safetensors_io import model_keys, read_index
+from lightning_adapt.export.peft_format import export_root
 from lightning_adapt.export.stream_export import (
-    base_model_prefix_of,
-    checkpoint_source,
     checkpoint_streaming_unavailable,
-    export_streamed,
-    peft_writer,
-    uses_conv1d,
+    export_checkpoint_streamed,
 )
 from lightning_adapt.quantize import QuantPlan
 
@@ -218,29 +211,8 @@ class MergeOnSaveCallback(L.Callback):
         original and dequantized merges of the adapted layers, each re-quantized as it streams by."""
         lora = next(spec for spec in specs if isinstance(spec, LoRASpec))
         plan = next((spec for spec in specs if isinstance(spec, QuantPlan)), None)
-        path = str(checkpoint_source(module))
-        found = export_root(module)
-        built = found[1] if found[2] else None  # a task that builds its model in __init__: its config, its class
-        config = getattr(built, "config", None) or getattr(module, "hf_config", None) or _hf_config(path)
-        if self.options.format == "gguf":
-            check_gguf(config)  # before the merge: an architecture GGUF cannot hold is refused first
-        prefix = base_model_prefix_of(config) or str(getattr(built, "base_model_prefix", "") or "")
-        keys = model_keys(read_index(path), prefix)
-        adapters = adapters_from_checkpoint(
-            state_dict, keys, lora,
-            modules_to_save=lora.modules_to_save, fan_in_fan_out=uses_conv1d(config),
-            tied_keys=["lm_head.weight"] if getattr(config, "tie_word_embeddings", False) else [],
-        )  # fmt: skip
-        architecture = (
-            type(built).__name__ if built is not None else (getattr(config, "architectures", None) or [""])[0]
-        )
-        gap = RequantizedGap(plan) if plan is not None else None
-        result = export_streamed(
-            path, self._dirpath(), adapters, self._options(), keys=keys, on_merge=gap,
-            files=ModelFiles(config, architecture or None, None, find_tokenizer(module, datamodule)),
-            write_peft=peft_writer(adapters, keys, path, architecture),
-        )  # fmt: skip
-        result.report = gap.report() if gap is not None and gap.count else None
+        tokenizer = find_tokenizer(module, datamodule)
+        result = export_checkpoint_streamed(module, state_dict, lora, plan, self._dirpath(), self._options(), tokenizer)
         return self._announce(result)
 
     def _export_sharded(self, trainer: L.Trainer, pl_module: L.LightningModule, datamodule: Any) -> ExportResult | None:
@@ -299,9 +271,3 @@ def _check_sharded_export(module: Any, specs: list[object], merge_base: str) -> 
             "and export the saved checkpoint afterwards in one process: lightning-adapt export --config <recipe> "
             "--ckpt_path <ckpt> --output <dir>."
         )
-
-
-def _hf_config(path: str) -> Any:
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)

@@ -27,19 +27,20 @@ from lightning_adapt.adapters.checkpoint import FINGERPRINT_KEY
 from lightning_adapt.adapters.spec import LoRASpec
 from lightning_adapt.atomic import atomic_directory, check_free_space, check_target
 from lightning_adapt.errors import ExportError, setting_names
-from lightning_adapt.export.adapter_sources import unfolded_adapter_keys
-from lightning_adapt.export.gguf_export import merged_to_gguf
+from lightning_adapt.export.adapter_sources import adapters_from_checkpoint, unfolded_adapter_keys
+from lightning_adapt.export.gguf_export import check_gguf, merged_to_gguf
 from lightning_adapt.export.options import ExportOptions
 from lightning_adapt.export.peft_format import (
     PEFT_PREFIX,
     ModelFiles,
     changed_base_settings,
+    export_root,
     modules_to_save_names,
     peft_config,
     write_adapter_files,
     write_model_files,
 )
-from lightning_adapt.export.report import ExportResult, memory_meter
+from lightning_adapt.export.report import ExportResult, RequantizedGap, memory_meter
 from lightning_adapt.export.safetensors_io import (
     SMALLER_DTYPE_FIX,
     StoredTensor,
@@ -57,6 +58,7 @@ __all__ = [
     "base_model_prefix_of",
     "checkpoint_source",
     "checkpoint_streaming_unavailable",
+    "export_checkpoint_streamed",
     "export_streamed",
     "is_hf_safetensors_dir",
     "peft_writer",
@@ -197,3 +199,48 @@ def checkpoint_streaming_unavailable(
     if unfolded := unfolded_adapter_keys(state_dict):
         return f"{unfolded[0]!r} is an adapter only the live model's merge folds (target_parameters)"
     return None
+
+
+def export_checkpoint_streamed(
+    module: Any,
+    state_dict: Mapping[str, Any],
+    lora: LoRASpec,
+    plan: QuantPlan | None,
+    dirpath: str | Path,
+    options: ExportOptions,
+    tokenizer: Any = None,
+) -> ExportResult:
+    """Export an adapter-only checkpoint's ``state_dict`` without building the model: its adapters are merged into
+    ``module``'s source files as they stream by (check :func:`checkpoint_streaming_unavailable` first). ``lora``:
+    the run's settings; with a ``plan`` (QLoRA) the merge report compares original and dequantized merges of the
+    adapted layers, each re-quantized as it streams by. ``module`` may be unbuilt: a task that builds its model in
+    ``__init__`` gives its config and class, else its ``hf_config``, else the source's ``config.json``.
+    """
+    path = str(checkpoint_source(module))
+    _, root, hf = export_root(module)
+    built = root if hf else None
+    config = getattr(built, "config", None) or getattr(module, "hf_config", None) or _hf_config(path)
+    if options.format == "gguf":
+        check_gguf(config)  # before the merge: an architecture GGUF cannot hold is refused first
+    prefix = base_model_prefix_of(config) or str(getattr(built, "base_model_prefix", "") or "")
+    keys = model_keys(read_index(path), prefix)
+    adapters = adapters_from_checkpoint(
+        state_dict, keys, lora,
+        modules_to_save=lora.modules_to_save, fan_in_fan_out=uses_conv1d(config),
+        tied_keys=["lm_head.weight"] if getattr(config, "tie_word_embeddings", False) else [],
+    )  # fmt: skip
+    architecture = type(built).__name__ if built is not None else (getattr(config, "architectures", None) or [""])[0]
+    gap = RequantizedGap(plan) if plan is not None else None
+    result = export_streamed(
+        path, dirpath, adapters, options, keys=keys, on_merge=gap,
+        files=ModelFiles(config, architecture or None, None, tokenizer),
+        write_peft=peft_writer(adapters, keys, path, architecture),
+    )  # fmt: skip
+    result.report = gap.report() if gap is not None and gap.count else None
+    return result
+
+
+def _hf_config(path: str) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
