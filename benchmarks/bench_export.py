@@ -77,7 +77,7 @@ def _generate(args: argparse.Namespace, base: Path, adapter: Path) -> int:
 
 def _ours(base: Path, adapter: Path, out: Path) -> dict[str, Any]:
     from lightning_adapt.export.adapter_sources import adapters_from_peft
-    from lightning_adapt.export.options import ExportOptions
+    from lightning_adapt.export.exporter import ExportOptions
     from lightning_adapt.export.safetensors_io import model_keys, read_index
     from lightning_adapt.export.stream_export import export_streamed
 

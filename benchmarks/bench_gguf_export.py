@@ -35,7 +35,7 @@ def _worker(base: Path, adapter: Path, out: Path, gguf_type: str) -> None:
     import torch
 
     from lightning_adapt.export.adapter_sources import adapters_from_peft
-    from lightning_adapt.export.options import ExportOptions
+    from lightning_adapt.export.exporter import ExportOptions
     from lightning_adapt.export.safetensors_io import model_keys, read_index
     from lightning_adapt.export.stream_export import export_streamed
     from lightning_adapt.resources import current_rss_bytes, peak_rss_bytes

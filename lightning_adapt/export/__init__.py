@@ -1,11 +1,12 @@
 """Export: the PEFT-format adapter and the merged model, written as safetensors. Pure torch + safetensors.
 
-* :mod:`.exporter`: :func:`export_model` (the in-memory merge), :func:`make_probe`, re-exports (the entry point);
+* :mod:`.exporter`: :class:`ExportOptions`, :func:`export_model` (a live model merged), :func:`make_probe`, re-exports
+  (the entry point);
 * :mod:`.stream_export`: :func:`export_streamed`, a checkpoint's adapters merged into the base model's safetensors
   files as they stream by, with no model built, and when that applies;
 * :mod:`.stream_merge`: its engine, the per-tensor merge loop and the :class:`Adapters` it folds in;
 * :mod:`.adapter_sources`: the same adapters read from an adapter-only Lightning checkpoint or a PEFT directory;
-* :mod:`.options`, :mod:`.original`, :mod:`.report`: export options; the original weights a model was loaded
+* :mod:`.original`, :mod:`.report`: the original weights a model was loaded
   from; the QLoRA merge report, the memory report and :class:`ExportResult`;
 * :mod:`.merged_state`: the in-memory merged tensors, computed lazily, under the original keys;
 * :mod:`.peft_format`: PEFT's adapter layout, written and read back;

@@ -28,8 +28,8 @@ from lightning_adapt.adapters.spec import LoRASpec
 from lightning_adapt.atomic import atomic_directory, check_free_space, check_target
 from lightning_adapt.errors import ExportError, setting_names
 from lightning_adapt.export.adapter_sources import adapters_from_checkpoint, unfolded_adapter_keys
+from lightning_adapt.export.exporter import ExportOptions
 from lightning_adapt.export.gguf_export import check_gguf, merged_to_gguf
-from lightning_adapt.export.options import ExportOptions
 from lightning_adapt.export.peft_format import (
     PEFT_PREFIX,
     ModelFiles,

@@ -279,7 +279,7 @@ def test_peak_memory_is_a_few_tensors_not_the_model(tmp_path: Path) -> None:
     script = textwrap.dedent(f"""
         import torch
         from lightning_adapt.export.adapter_sources import adapters_from_checkpoint
-        from lightning_adapt.export.options import ExportOptions
+        from lightning_adapt.export.exporter import ExportOptions
         from lightning_adapt.export.safetensors_io import read_index
         from lightning_adapt.export.stream_export import export_streamed
         from lightning_adapt.adapters.inject import LoRASpec
