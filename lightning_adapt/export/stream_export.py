@@ -187,8 +187,11 @@ def checkpoint_streaming_unavailable(
 ) -> str | None:
     """Why ``lightning-adapt export`` must rebuild the model and merge in memory; ``None`` when the checkpoint
     can be merged into the module's source files as they stream by."""
-    if not any(isinstance(spec, LoRASpec) for spec in specs):
+    loras = [spec for spec in specs if isinstance(spec, LoRASpec)]
+    if not loras:
         return "the recipe has no lora: (full fine-tuning): there is no adapter to merge into the source files"
+    if any(spec.target_parameters for spec in loras):
+        return "lora: target_parameters adapts parameters (fused experts) only the live model's merge folds"
     if merge_base == "dequantized" and any(isinstance(spec, QuantPlan) for spec in specs):
         return "merge_base='dequantized' merges into the live 4-bit layers"
     path = checkpoint_source(module)

@@ -144,6 +144,9 @@ def test_in_memory_export_reloads_and_peft_loads_the_adapter(adapted: tuple[nn.M
     state = {FINGERPRINT_KEY: "x", **{f"model.{n}": p for n, p in model.named_parameters() if p.requires_grad}}
     why = checkpoint_streaming_unavailable(Holder(model, base), state, [_spec()], "original")
     assert why is not None and "target_parameters" in why, "lightning-adapt export rebuilds the model instead"
+    plain = LoRASpec(r=4, alpha=8.0, target_modules=["q_proj"])  # the same checkpoint, recipe without the key
+    why = checkpoint_streaming_unavailable(Holder(model, base), state, [plain], "original")
+    assert why is not None and "experts.lora_A." in why, "the adapter keys alone say so too"
     export_model(model, tmp_path / "out")
     merged = load_file(tmp_path / "out/merged/model.safetensors")
     assert "model.layers.0.mlp.experts.gate_up_proj" in merged and not any("lora_" in k for k in merged)
