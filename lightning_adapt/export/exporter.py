@@ -20,8 +20,8 @@ QLoRA: by default the merge uses the original full-precision weights re-read (te
 the checkpoint the model was loaded from, not the dequantized NF4 copy; the merged model is never
 re-quantized. :class:`MergeReport` says how far the two choices differ.
 
-The parts: this module (:class:`ExportOptions`, :func:`export_model`), :mod:`.original` (the source of the original weights),
-:mod:`.peft_format` (adapter layout, HF model lookup), :mod:`.merged_state` (the in-memory merged tensors),
+The parts: this module (:class:`ExportOptions`, :func:`export_model`), :mod:`.original` (the source of the
+original weights), :mod:`.peft_format` (adapter layout, HF model lookup), :mod:`.merged_state` (the in-memory merged tensors),
 :mod:`.stream_merge` (the streaming merge), :mod:`.report` (merge report, memory, :class:`ExportResult`),
 :mod:`.safetensors_io` (streaming sharded writer, plain-read reader, atomic directories).
 

@@ -52,6 +52,7 @@ from lightning_adapt.export.safetensors_io import (
 )
 from lightning_adapt.export.stream_merge import Adapters, OnMerge, stream_merge
 from lightning_adapt.layers import DTYPES
+from lightning_adapt.models import read_hf_config
 from lightning_adapt.quantize import QuantPlan
 
 __all__ = [
@@ -222,7 +223,7 @@ def export_checkpoint_streamed(
     path = str(checkpoint_source(module))
     _, root, hf = export_root(module)
     built = root if hf else None
-    config = getattr(built, "config", None) or getattr(module, "hf_config", None) or _hf_config(path)
+    config = getattr(built, "config", None) or getattr(module, "hf_config", None) or read_hf_config(Path(path))
     if options.format == "gguf":
         check_gguf(config)  # before the merge: an architecture GGUF cannot hold is refused first
     prefix = base_model_prefix_of(config) or str(getattr(built, "base_model_prefix", "") or "")
@@ -241,9 +242,3 @@ def export_checkpoint_streamed(
     )  # fmt: skip
     result.report = gap.report() if gap is not None and gap.count else None
     return result
-
-
-def _hf_config(path: str) -> Any:
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)

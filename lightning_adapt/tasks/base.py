@@ -23,6 +23,11 @@ from lightning_adapt.loading import (
 from lightning_adapt.models import resolve_model
 from lightning_adapt.resources import current_rss_bytes
 
+#: The tasks' errors about their weights name the recipe key: what resolves, configures or loads
+#: ``model_name_or_path`` (setting ``model_name_or_path``, or the ``source`` of ``load_pretrained``) reads
+#: ``model.model_name_or_path``.
+AS_RECIPE = setting_names(model_name_or_path="model.model_name_or_path", source="model.model_name_or_path")
+
 
 class TaskModule(L.LightningModule):
     """Base of the ready tasks. ``self.model`` (a Hugging Face model) is ``None`` until ``configure_model`` builds it
@@ -48,7 +53,7 @@ class TaskModule(L.LightningModule):
         if problems:
             raise ConfigError("; ".join(problems))
         self.model_name_or_path = model_name_or_path
-        with setting_names(model_name_or_path="model.model_name_or_path"):
+        with AS_RECIPE:
             self.source_path: Path = resolve_model(model_name_or_path)
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
@@ -85,7 +90,7 @@ class TaskModule(L.LightningModule):
                 ) from None
         source = WeightSource(self.source_path, prefix="model")
         plan = quant_plan(self)  # on error the loader resets self.model to None: a later call tries again
-        with setting_names(source="model.model_name_or_path"):
+        with AS_RECIPE:
             report = load_pretrained(self, source, plan=plan, dtype=dtype, device=device, init_missing=init_missing, baseline_rss=baseline)  # fmt: skip
         self.load_report = report
         self.model.train()  # Lightning keeps submodule modes

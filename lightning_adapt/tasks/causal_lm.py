@@ -9,9 +9,9 @@ import torch
 from torchmetrics.text import Perplexity
 from typing_extensions import override
 
-from lightning_adapt.errors import ConfigError, setting_names
+from lightning_adapt.errors import ConfigError
 from lightning_adapt.models import read_hf_config
-from lightning_adapt.tasks.base import TaskModule
+from lightning_adapt.tasks.base import AS_RECIPE, TaskModule
 
 
 class CausalLMTask(TaskModule):
@@ -51,7 +51,7 @@ class CausalLMTask(TaskModule):
         self.save_hyperparameters()
         from transformers import AutoTokenizer
 
-        with setting_names(model_name_or_path="model.model_name_or_path"):
+        with AS_RECIPE:
             self.hf_config = read_hf_config(self.source_path)
         self.tokenizer = AutoTokenizer.from_pretrained(self.source_path, local_files_only=True, trust_remote_code=False)
         self.max_new_tokens = max_new_tokens

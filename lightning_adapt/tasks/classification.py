@@ -9,9 +9,9 @@ import torch
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from typing_extensions import override
 
-from lightning_adapt.errors import ConfigError, setting_names
+from lightning_adapt.errors import ConfigError
 from lightning_adapt.models import read_hf_config
-from lightning_adapt.tasks.base import TaskModule
+from lightning_adapt.tasks.base import AS_RECIPE, TaskModule
 
 
 class SequenceClassificationTask(TaskModule):
@@ -43,7 +43,7 @@ class SequenceClassificationTask(TaskModule):
             raise ConfigError(f"model.num_labels={num_labels} must be >= 2. Fix: set it to the number of classes.")
         super().__init__(model_name_or_path, learning_rate, weight_decay, warmup_steps)
         self.save_hyperparameters()
-        with setting_names(model_name_or_path="model.model_name_or_path"):
+        with AS_RECIPE:
             self.hf_config = read_hf_config(self.source_path, num_labels=num_labels)
         self.val_acc = MulticlassAccuracy(num_classes=num_labels, average="micro")
         self.val_f1 = MulticlassF1Score(num_classes=num_labels, average="macro")

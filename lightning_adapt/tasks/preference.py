@@ -29,9 +29,10 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_adapt.adapters.switch import adapters_disabled, base_is_original, has_adapters
-from lightning_adapt.errors import ConfigError, setting_names
+from lightning_adapt.errors import ConfigError
 from lightning_adapt.layers import adapter_param_ids
 from lightning_adapt.loading import WeightSource, empty_weights, load_pretrained
+from lightning_adapt.tasks.base import AS_RECIPE
 from lightning_adapt.tasks.causal_lm import CausalLMTask
 from lightning_adapt.tasks.reference_cache import ReferenceCache, pair_keys, reference_fingerprint
 
@@ -241,7 +242,7 @@ class PreferenceTask(CausalLMTask):
             reference: nn.Module = AutoModelForCausalLM.from_config(copy.deepcopy(self.hf_config), dtype=dtype)
         holder.model = reference
         source = WeightSource(self.source_path, prefix="model")
-        with setting_names(source="model.model_name_or_path"):
+        with AS_RECIPE:
             load_pretrained(holder, source, dtype=dtype, device=self.device)
         reference = holder.model.requires_grad_(False).eval()
         self.__dict__["_reference"] = reference
