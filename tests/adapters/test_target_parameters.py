@@ -141,6 +141,8 @@ def test_in_memory_export_reloads_and_peft_loads_the_adapter(adapted: tuple[nn.M
 
     from lightning_adapt.adapters.checkpoint import FINGERPRINT_KEY
 
+    setup = checkpoint_streaming_unavailable(Holder(model, base), {FINGERPRINT_KEY: None}, [_spec()], "original")
+    assert setup is not None and "lora: target_parameters" in setup, "FSDP2's merge: is refused at setup (no keys yet)"
     state = {FINGERPRINT_KEY: "x", **{f"model.{n}": p for n, p in model.named_parameters() if p.requires_grad}}
     why = checkpoint_streaming_unavailable(Holder(model, base), state, [_spec()], "original")
     assert why is not None and "target_parameters" in why, "lightning-adapt export rebuilds the model instead"
