@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from lightning_adapt.adapters.lora import LoRALinear, merged_weight
-from lightning_adapt.export.merge_eval import MergeEvaluation
+from lightning_adapt.export.merge_eval import MergeEvaluation, available_bytes
 from lightning_adapt.export.original import quantized_bases
 from lightning_adapt.export.safetensors_io import SourceWeights
 from lightning_adapt.layers import OUTPUT_HEAD_NAMES, as_stored, base_weight
@@ -78,6 +78,12 @@ def _device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+def _quantized(root: nn.Module, name: str) -> nn.Module:
+    """The quantized layer ``name`` of ``root``: the layer itself, or the base of the adapter wrapping it."""
+    layer = root.get_submodule(name)
+    return layer.base_layer if isinstance(layer, LoRALinear) else layer
+
+
 def _dense_dtype(layer: nn.Module) -> torch.dtype:
     """The dtype the quantized layer computes in (bitsandbytes' ``compute_dtype``), else fp32."""
     dtype = getattr(layer, "compute_dtype", None)
@@ -101,6 +107,14 @@ def merged_weights(root: nn.Module, source: SourceWeights | None) -> Iterator[tu
             yield name, (base if base is not None else base_weight(layer)).float()
 
 
+class _Dense(nn.Linear):
+    """A quantized layer's dense stand-in: computes in its weight's dtype (the layer's compute dtype) and returns the
+    input's dtype, as bitsandbytes' layers do (an fp32-compute layer in a bf16-true run gets and gives bf16)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype)).to(x.dtype)
+
+
 @contextmanager
 def dense_layers(root: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[None]:
     """Replace each named layer of ``root`` (an adapter wrapper included) by an ``nn.Linear`` holding the given
@@ -109,10 +123,9 @@ def dense_layers(root: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -
     saved: dict[str, nn.Module] = {}
     try:
         for name, weight in weights:
-            layer = root.get_submodule(name)
-            base = layer.base_layer if isinstance(layer, LoRALinear) else layer
+            layer, base = root.get_submodule(name), _quantized(root, name)
             bias = getattr(base, "bias", None)
-            dense = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+            dense = _Dense(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
             dtype = _dense_dtype(base)
             dense.weight = nn.Parameter(weight.to(_device(layer), dtype), requires_grad=False)
             if bias is not None:
@@ -161,8 +174,16 @@ def merge_report(
     root: nn.Module, source: SourceWeights, probe: Callable[[], torch.Tensor] | None = None
 ) -> MergeReport:
     """Max ``|W'_original - W'_dequantized|`` over quantized layers and, with ``probe`` (a forward on a
-    fixed batch), the max output difference. The probe holds both dense copies of the quantized layers
-    for a moment: pass it only when that memory is available. ``root`` is restored (modules and modes)."""
+    fixed batch), the max output difference. The probe holds both dense copies of the quantized layers (in their
+    compute dtype) for a moment: without that memory free it is skipped, and the report says so. ``root`` is
+    restored (modules and modes)."""
+    need, free = 2 * dense_bytes(root), available_bytes(_device(root))
+    note = None
+    if probe is not None and free and need > 0.9 * free:
+        probe, note = (
+            None,
+            f"probe skipped: both merges of the quantized layers need {need / 1e9:.2f} GB, {free / 1e9:.2f} GB free",
+        )
     worst, worst_name, count = 0.0, "", 0
     originals: dict[str, torch.Tensor] = {}
     dequantized: dict[str, torch.Tensor] = {}
@@ -170,10 +191,11 @@ def merge_report(
         count += 1
         diff = float((original - dequant).abs().max())
         worst, worst_name = (diff, name) if diff >= worst else (worst, worst_name)
-        if probe is not None:
-            originals[name], dequantized[name] = original, dequant
+        if probe is not None:  # held in the dense layers' dtype, as dense_layers would convert them
+            dtype = _dense_dtype(_quantized(root, name))
+            originals[name], dequantized[name] = original.to(dtype), dequant.to(dtype)
     output = _probe_difference(root, probe, originals, dequantized) if probe is not None and count else None
-    return MergeReport(count, worst, worst_name, output)
+    return MergeReport(count, worst, worst_name, output, probe_note=note)
 
 
 class RequantizedGap:

@@ -375,3 +375,24 @@ def test_cli_export_end_to_end(
     assert exit_info.value.code == 2 and not (tmp_path / "other").exists()
     err = capsys.readouterr().err
     assert "--ckpt_path=" in err and "adapter shapes" in err and "Fix:" in err
+
+
+def test_the_qlora_probe_runs_in_a_bf16_true_model_and_is_skipped_without_memory(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bf16-true casts the model to bf16 while the 4-bit layers compute in fp32 (``compute_dtype``): the probe's
+    dense stand-ins take and give bf16 as bitsandbytes' layers do. Without the memory for both dense copies of the
+    quantized layers the probe is skipped and the report says why (a 1.17B model's would need 8.8 GB in fp32)."""
+    import lightning_adapt.export.report as report
+
+    task = _qlora(tiny_llama_dir).to(torch.bfloat16)
+    batch = {"input_ids": IDS, "attention_mask": torch.ones_like(IDS)}
+    result = MergeOnSaveCallback(str(tmp_path / "bf16"), evaluate=False).export(None, task, probe_batch=batch)
+    assert result is not None and result.report is not None
+    assert result.report.output_max_abs_diff is not None and result.report.output_max_abs_diff > 0
+    need = 2 * report.dense_bytes(task.model)
+    monkeypatch.setattr(report, "available_bytes", lambda device: need)  # 0.9 of it is not enough
+    result = MergeOnSaveCallback(str(tmp_path / "tight"), evaluate=False).export(None, task, probe_batch=batch)
+    assert result is not None and result.report is not None and result.report.output_max_abs_diff is None
+    assert result.report.probe_note is not None and "probe skipped" in result.report.format()
+    assert result.report.max_abs_dw > 0, "the weight comparison is still made"
