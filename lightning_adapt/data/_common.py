@@ -38,11 +38,13 @@ def load_tokenizer(name_or_path: str, setting: str) -> Any:
 
 
 def tokenizer_source(datamodule: Any) -> str:
-    """The tokenizer to load: the DataModule's own setting, else the trained model's source."""
+    """The tokenizer to load: the DataModule's own setting, else the trained model's (its resolved local folder,
+    so that a Hub id and its ``revision`` are resolved once)."""
     if datamodule.tokenizer_name is not None:
         return str(datamodule.tokenizer_name)
     trainer = getattr(datamodule, "trainer", None)
-    source = getattr(trainer.lightning_module, "model_name_or_path", None) if trainer is not None else None
+    module = trainer.lightning_module if trainer is not None else None
+    source = getattr(module, "source_path", None) or getattr(module, "model_name_or_path", None)
     if source is None:
         raise DataError(
             "data.tokenizer is not set and the model has no `model_name_or_path` to take it from. "
@@ -146,7 +148,7 @@ class SplitDataModule(L.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.tokenizer: Any = None
-        self._splits: dict[str, list[dict[str, Any]]] = {}
+        self._splits: dict[str, Any] = {}  # split -> rows (a list, or a tokenized table's Rows)
 
     @override
     def setup(self, stage: str) -> None:

@@ -185,8 +185,14 @@ def _padded(rows: Any, batch_size: int, max_length: int, seed: int, collate: Any
     return ResumableDataLoader(rows, batch_size, shuffle=True, seed=seed, collate_fn=collate, num_workers=workers)
 
 
+def _lengths(rows: Any) -> list[int]:
+    """Each row's tokens (a tokenized table keeps them in a column: no row is decoded)."""
+    lengths = getattr(rows, "lengths", None)
+    return list(lengths) if lengths is not None else [len(r["input_ids"]) for r in rows]
+
+
 def _grouped(rows: Any, batch_size: int, max_length: int, seed: int, collate: Any, workers: int) -> ResumableDataLoader:
-    lengths = [len(r["input_ids"]) for r in rows]
+    lengths = _lengths(rows)
     sampler = LengthGroupedBatchSampler(SeededShuffleSampler(rows, True, seed), batch_size, False, lengths, seed)
     return ResumableDataLoader(
         rows, batch_sampler=sampler, shuffle=True, seed=seed, collate_fn=collate, num_workers=workers
@@ -194,7 +200,7 @@ def _grouped(rows: Any, batch_size: int, max_length: int, seed: int, collate: An
 
 
 def _packed(rows: Any, batch_size: int, max_length: int, seed: int, collate: Any, workers: int) -> ResumableDataLoader:
-    bins = first_fit([len(r["input_ids"]) for r in rows], batch_size * max_length, seed)
+    bins = first_fit(_lengths(rows), batch_size * max_length, seed)
     packs = [[rows[i] for i in b] for b in bins]
     return ResumableDataLoader(packs, 1, shuffle=True, seed=seed, collate_fn=_collate_one_pack, num_workers=workers)  # type: ignore[arg-type]
 

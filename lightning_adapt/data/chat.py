@@ -1,19 +1,25 @@
-"""Instruction-tuning data: prompt/response pairs from ``chatterbot-corpus`` (BSD), in a chat template."""
+"""Instruction-tuning data in a chat template: your conversations in the field's formats, or prompt/response pairs
+from ``chatterbot-corpus`` (BSD)."""
 
 from __future__ import annotations
 
+import functools
 import itertools
+from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_adapt.data._common import (
     SplitDataModule,
     check_readable,
+    load_tokenizer,
     packaged_path,
     shared_arguments_doc,
+    split_indices,
+    tokenizer_source,
 )
 from lightning_adapt.data.batching import IGNORE_INDEX, Batching, check_batching, training_loader
 from lightning_adapt.data.conversation import (
@@ -23,8 +29,18 @@ from lightning_adapt.data.conversation import (
     no_conversations,
     read_chat_conversations,
 )
+from lightning_adapt.data.formats import (
+    FORMAT_COLUMNS,
+    BadRecord,
+    ChatFormat,
+    choose_format,
+    format_problem,
+    to_conversation,
+)
 from lightning_adapt.data.resumable import ResumableDataLoader
-from lightning_adapt.errors import DataError
+from lightning_adapt.data.sources import column_names, train_val_tables
+from lightning_adapt.data.tokenized import Rows, map_cached, tokenizer_key
+from lightning_adapt.errors import SETTING, DataError
 
 __all__ = [
     "IGNORE_INDEX",
@@ -64,13 +80,23 @@ def encode_pair(tokenizer: Any, prompt: str, response: str, max_length: int) -> 
 
 
 class ChatDataModule(SplitDataModule):
-    """Prompt/response pairs rendered with the tokenizer's chat template, for causal-LM tuning.
+    """Conversations rendered with the tokenizer's chat template, for causal-LM tuning, from your data or the
+    packaged demo corpus.
+
+    ``source`` takes a file, a folder or a Hub dataset (:mod:`lightning_adapt.data.sources`) in any chat format of
+    :mod:`lightning_adapt.data.formats`: OpenAI ``messages``, ShareGPT ``conversations``, TRL
+    ``prompt``/``completion`` or Alpaca ``instruction``/``input``/``output`` (``format: auto`` picks it from the
+    columns and says which). Without ``source``, prompt/response pairs of ``chatterbot-corpus`` (BSD) are used.
+    The loss is on assistant tokens only: every assistant turn of a conversation (a TRL completion's only).
+    Tokenization runs through ``datasets.map`` (``num_proc`` processes) and is cached on disk, so a second run of
+    a recipe reads it back (:mod:`lightning_adapt.data.tokenized`). Every bad record is reported at once, before
+    any training.
 
     Training/validation batches hold ``input_ids``, ``attention_mask`` and ``labels`` (prompt tokens and
     padding set to -100). Prediction batches hold left-padded prompts (``input_ids``, ``attention_mask``)
-    and the ``prompt`` / ``reference`` strings, for generation. An example whose response ``max_length``
-    truncates away entirely would train nothing: it is dropped, with one :class:`NoResponseLeftWarning`.
-    With ``multi_turn=True`` an example is a whole conversation, labelled on every assistant turn.
+    and the ``prompt`` / ``reference`` strings (the last exchange), for generation. An example whose response
+    ``max_length`` truncates away entirely would train nothing: it is dropped, with one
+    :class:`NoResponseLeftWarning`.
 
     ``batching`` lays out the training batches (validation stays padded); every layout trains on the same
     tokens with the same per-token loss, they differ in padding (chatterbot-corpus with SmolLM2's template,
@@ -93,6 +119,15 @@ class ChatDataModule(SplitDataModule):
     def __init__(
         self,
         tokenizer: str | None = None,
+        source: str | None = None,
+        format: ChatFormat = "auto",
+        columns: dict[str, str] | None = None,
+        chat_template: str | None = None,
+        split: str | None = None,
+        subset: str | None = None,
+        revision: str | None = None,
+        val_source: str | None = None,
+        val_split: str | None = None,
         data_dir: str | None = None,
         categories: list[str] | None = None,
         max_length: int = 96,
@@ -101,27 +136,50 @@ class ChatDataModule(SplitDataModule):
         val_size: int = 64,
         seed: int = 42,
         num_workers: int = 0,
+        num_proc: int | None = None,
         batching: Batching = "pad",
         multi_turn: bool = False,
     ) -> None:
         """
         Args:
-            data_dir: a folder of chatterbot-style ``*.yml`` files; ``None`` uses the English corpus of
-                ``chatterbot-corpus``.
-            categories: file stems to keep (e.g. ``[greetings, science]``); ``None`` keeps all.
+            source: your conversations: a ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` / ``.arrow`` file, a
+                folder of them, a ``save_to_disk`` folder or a Hub dataset id (``org/name``); ``None``: the packaged
+                demo corpus (``data_dir`` / ``categories``).
+            format: the chat format of ``source``: ``messages`` (OpenAI), ``sharegpt``, ``prompt_completion`` (TRL),
+                ``alpaca``, or ``auto`` (chosen from the columns, and printed).
+            columns: the format's field names mapped to your columns, e.g. ``{messages: dialogue}``.
+            chat_template: a Jinja chat template (the text, or a path to a ``.jinja`` file) for a tokenizer that has
+                none, or to replace its own.
+            split: the split of ``source`` to train on (``None``: ``train``).
+            subset: the subset (configuration) of a folder or Hub dataset that has several.
+            revision: with a Hub dataset id: the branch, tag or commit sha.
+            val_source: validation data in the same format (a file, folder or Hub id); ``None``: ``val_split`` of
+                ``source``, else ``val_size`` examples held out of the training split (seeded).
+            val_split: the split to validate on (of ``val_source``, else of ``source``).
+            data_dir: the demo data only: a folder of chatterbot-style ``*.yml`` files; ``None`` uses the English
+                corpus of ``chatterbot-corpus``.
+            categories: the demo data only: file stems to keep (e.g. ``[greetings, science]``); ``None`` keeps all.
+            num_proc: processes that tokenize (``datasets.map``); ``None``: this one.
             batching: how training examples form batches: ``pad`` (padded to the longest), ``group_by_length``
                 (examples of similar length together) or ``pack`` (concatenated into one row of up to
                 ``batch_size × max_length`` tokens, attention kept inside each example; no padding).
-            multi_turn: each conversation is one example of alternating user / assistant turns, with the loss on
-                every assistant turn and none on user or system turns (:mod:`lightning_adapt.data.conversation`);
-                ``False``: each consecutive pair of turns is one prompt/response example.
+            multi_turn: the demo data only: each conversation is one example of alternating user / assistant turns,
+                with the loss on every assistant turn (:mod:`lightning_adapt.data.conversation`); ``False``: each
+                consecutive pair of turns is one prompt/response example. Your ``source`` is always read whole.
         """
         check_readable(data_dir, "data.data_dir", "directory")
-        problem = check_batching(batching)
-        if problem is not None:
-            raise DataError(problem)
+        checks = (
+            check_batching(batching),
+            format_problem(format),
+            _check_source_settings(source, data_dir, categories),
+        )
+        if problems := [p for p in checks if p]:
+            raise DataError("; ".join(problems))
         super().__init__(tokenizer, max_length, batch_size, train_size, val_size, seed, num_workers)
         self.save_hyperparameters()
+        self.source, self.format, self.columns, self.chat_template = source, format, dict(columns or {}), chat_template
+        self.split, self.subset, self.revision = split, subset, revision
+        self.val_source, self.val_split, self.num_proc = val_source, val_split, num_proc
         self.data_dir = data_dir
         self.categories = categories
         self.batching = batching
@@ -131,9 +189,62 @@ class ChatDataModule(SplitDataModule):
     def setup(self, stage: str) -> None:
         if self._splits:
             return
-        super().setup(stage)
+        self.tokenizer = load_tokenizer(tokenizer_source(self), "data.tokenizer")
+        apply_chat_template(self.tokenizer, self.chat_template, self.tokenizer_name)
+        if self.source is None:
+            train, val = self._demo_tables()
+        else:
+            train, val = train_val_tables(
+                self.source,
+                split=self.split,
+                subset=self.subset,
+                revision=self.revision,
+                val_source=self.val_source,
+                val_split=self.val_split,
+                val_size=self.val_size,
+                train_size=self.train_size,
+                seed=self.seed,
+                prepare=self._encode_table,
+            )
+        self._splits = {"train": Rows(train), "val": Rows(val)}
         if stage != "predict":  # generation needs only the prompt; a truncated reference is still shown
             self._splits = drop_responseless(self._splits, self.max_length)
+
+    def _demo_tables(self) -> tuple[Any, Any]:
+        """The packaged corpus as ``messages`` records, split as before (:func:`split_indices`)."""
+        import datasets
+
+        folder = self.data_dir or str(
+            packaged_path("chatterbot_corpus", "chatterbot-corpus==1.3.3", "data/english", "data.data_dir")
+        )
+        if self.multi_turn:
+            conversations = [as_messages(turns) for turns in read_chat_conversations(folder, self.categories)]
+        else:
+            conversations = [as_messages([a, b]) for a, b in read_chat_pairs(folder, self.categories)]
+        table = self._encode_table(datasets.Dataset.from_list([{"messages": c} for c in conversations]), folder, "")
+        train_idx, val_idx = split_indices(len(table), self.val_size, self.train_size, self.seed)
+        return table.select(train_idx), table.select(val_idx)
+
+    def _encode_table(self, table: Any, source: str, setting: str) -> Any:
+        """``table``'s records tokenized (cached); every record that is not a usable conversation is reported."""
+        renames = {theirs: ours for ours, theirs in self.columns.items() if theirs != ours}
+        if missing := [c for c in renames if c not in column_names(table)]:
+            raise DataError(
+                f"data.columns={self.columns}: {source!r} has no column {', '.join(missing)} (columns found: "
+                f"{', '.join(column_names(table))}). Fix: map each format field to a column the data has.",
+            )
+        table = table.rename_columns(renames) if renames else table
+        chosen = choose_format(self.format, column_names(table), source)
+        if self.format == "auto" and self.source is not None:
+            rank_zero_info(f"lightning-adapt: data.format=auto read {source!r} as {chosen!r}")
+        table = table.select_columns(list(_present(chosen, column_names(table))))
+        encode = functools.partial(
+            encode_chat_batch, tokenizer=self.tokenizer, format=chosen, max_length=self.max_length
+        )
+        key = (tokenizer_key(self.tokenizer), chosen, self.max_length)
+        encoded = map_cached(table, encode, key=key, num_proc=self.num_proc, desc=f"tokenize {Path(source).name}")
+        raise_bad_records(encoded["problem"], source, chosen, setting or "data.source")
+        return encoded.remove_columns("problem")
 
     @override
     def train_dataloader(self) -> ResumableDataLoader:
@@ -149,32 +260,6 @@ class ChatDataModule(SplitDataModule):
             collate=self.collate,
             num_workers=self.num_workers,
         )
-
-    @override
-    def read_examples(self) -> list[tuple[str, str]] | list[list[str]]:
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            raise DataError(f"data.tokenizer={self.tokenizer_name!r} has no chat template. Fix: use a chat model.")
-        folder = self.data_dir or str(
-            packaged_path("chatterbot_corpus", "chatterbot-corpus==1.3.3", "data/english", "data.data_dir")
-        )
-        if self.multi_turn:
-            return read_chat_conversations(folder, self.categories)
-        return read_chat_pairs(folder, self.categories)
-
-    @override
-    def encode(self, examples: list[Any]) -> list[dict[str, Any]]:
-        if self.multi_turn:
-            return [self._encode_conversation(turns) for turns in examples]
-        return [
-            {**encode_pair(self.tokenizer, prompt, reply, self.max_length), "prompt": prompt, "reference": reply}
-            for prompt, reply in examples
-        ]
-
-    def _encode_conversation(self, turns: list[str]) -> dict[str, Any]:
-        """One conversation's row; ``prompt`` / ``reference``: its last exchange (what predict generates and shows)."""
-        messages = as_messages(turns)
-        encoded = encode_conversation(self.tokenizer, messages, self.max_length)
-        return {**encoded, "prompt": messages[-2]["content"], "reference": messages[-1]["content"]}
 
     @override
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -197,6 +282,75 @@ class ChatDataModule(SplitDataModule):
         return left_padded_prompts(rows, self.tokenizer.pad_token_id)
 
 
+def _check_source_settings(source: str | None, data_dir: str | None, categories: list[str] | None) -> str | None:
+    if source is None or (data_dir is None and categories is None):
+        return None
+    return (
+        f"data.source={source!r} is set, so data.data_dir / data.categories (the demo corpus's settings) would be "
+        "ignored. Fix: leave them out (null) with a source"
+    )
+
+
+def _present(format: str, columns: list[str]) -> list[str]:
+    return [c for c in (*FORMAT_COLUMNS[format], "input") if c in columns]
+
+
+def apply_chat_template(tokenizer: Any, template: str | None, name: str | None) -> None:
+    """Set ``template`` (text, or a path to a file holding it) on ``tokenizer``; refuse a tokenizer left without one."""
+    if template is not None:
+        path = Path(template).expanduser()
+        is_file = "{" not in template and path.is_file()
+        tokenizer.chat_template = path.read_text(encoding="utf-8") if is_file else template
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(
+            f"data.tokenizer={name!r} has no chat template. Fix: use a chat model, or set data.chat_template to a "
+            "Jinja template (its text, or a .jinja file)."
+        )
+
+
+def encode_chat_batch(
+    batch: dict[str, list[Any]], *, tokenizer: Any, format: str, max_length: int
+) -> dict[str, list[Any]]:
+    """A batch of records in ``format`` -> rows of ``input_ids``, ``labels``, ``prompt_ids``, ``prompt``,
+    ``reference``, ``length`` and ``problem`` (the reason a record is unusable, else empty)."""
+    out: dict[str, list[Any]] = {
+        k: [] for k in ("input_ids", "labels", "prompt_ids", "prompt", "reference", "length", "problem")
+    }
+    size = len(next(iter(batch.values())))
+    for i in range(size):
+        try:
+            messages, first = to_conversation({k: v[i] for k, v in batch.items()}, format)
+            row = encode_conversation(tokenizer, messages, max_length, first)
+        except BadRecord as bad:
+            row, messages, problem = {"input_ids": [], "labels": [], "prompt_ids": []}, [], str(bad)
+        else:
+            problem = ""
+        last = max((j for j, m in enumerate(messages) if m["role"] == "assistant"), default=0)
+        out["prompt"].append(messages[last - 1]["content"] if last else "")
+        out["reference"].append(messages[last]["content"] if messages else "")
+        out["length"].append(len(row["input_ids"]))
+        out["problem"].append(problem)
+        for k in ("input_ids", "labels", "prompt_ids"):
+            out[k].append(row[k])
+    return out
+
+
+def raise_bad_records(problems: list[str], source: str, format: str, setting: str) -> None:
+    """One :class:`DataError` for every record with a problem (the first few quoted, all counted)."""
+    bad = [(i, p) for i, p in enumerate(problems) if p]
+    if not bad:
+        return
+    shown = "; ".join(f"record {i + 1}: {p}" for i, p in bad[:3]) + (
+        f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
+    )
+    raise DataError(
+        f"{SETTING}={source!r}: {len(bad)} of {len(problems)} records are not usable {format} conversations ({shown}). "
+        "Fix: correct or drop those records (an optional system message, then user and assistant taking turns, "
+        "non-empty text, at least one assistant reply).",
+        setting=setting,
+    )
+
+
 def left_padded_prompts(rows: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     """Generation batch of rows with ``prompt_ids``, ``prompt`` and ``reference``: the prompts left-padded."""
     width = max(len(r["prompt_ids"]) for r in rows)
@@ -214,10 +368,18 @@ def left_padded_prompts(rows: list[dict[str, Any]], pad_id: int) -> dict[str, An
     }
 
 
-def drop_responseless(splits: dict[str, list[dict[str, Any]]], max_length: int) -> dict[str, list[dict[str, Any]]]:
-    """``splits`` without the examples that have no response token left (one warning counts them all); a split
-    left empty is refused."""
-    kept = {name: [r for r in rows if any(x != IGNORE_INDEX for x in r["labels"])] for name, rows in splits.items()}
+def drop_responseless(splits: dict[str, Any], max_length: int) -> dict[str, Any]:
+    """``splits`` (:class:`Rows` or lists of rows) without the examples that have no response token left (one
+    warning counts them all); a split left empty is refused."""
+
+    def learned(rows: Any) -> Any:
+        labels = rows.table["labels"] if isinstance(rows, Rows) else [r["labels"] for r in rows]
+        keep = [i for i, row in enumerate(labels) if any(x != IGNORE_INDEX for x in row)]
+        if len(keep) == len(rows):
+            return rows
+        return Rows(rows.table.select(keep)) if isinstance(rows, Rows) else [rows[i] for i in keep]
+
+    kept = {name: learned(rows) for name, rows in splits.items()}
     dropped = {name: len(splits[name]) - len(rows) for name, rows in kept.items() if len(rows) < len(splits[name])}
     if not dropped:
         return splits

@@ -47,9 +47,12 @@ def _count(tokenizer: Any, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def encode_conversation(tokenizer: Any, messages: list[dict[str, str]], max_length: int) -> dict[str, list[int]]:
-    """Token ids of the whole conversation (cut at ``max_length``), labels on every assistant turn only, and the
-    ``prompt_ids`` of the last assistant turn (everything before it, with the generation prompt).
+def encode_conversation(
+    tokenizer: Any, messages: list[dict[str, str]], max_length: int, learned_from: int = 0
+) -> dict[str, list[int]]:
+    """Token ids of the whole conversation (cut at ``max_length``), labels on every assistant turn from message
+    ``learned_from`` on (earlier ones are context, as a TRL prompt's), and the ``prompt_ids`` of the last assistant
+    turn (everything before it, with the generation prompt).
 
     Raises:
         DataError: a role outside :data:`ROLES`, no assistant turn, or a template that is not prefix-stable.
@@ -57,7 +60,7 @@ def encode_conversation(tokenizer: Any, messages: list[dict[str, str]], max_leng
     roles = [m.get("role") for m in messages]
     if bad := sorted({str(r) for r in roles if r not in ROLES}):
         raise DataError(f"conversation roles {bad} are not allowed; allowed: {list(ROLES)}. Fix: rename them.")
-    turns = [i for i, role in enumerate(roles) if role == "assistant"]
+    turns = [i for i, role in enumerate(roles) if role == "assistant" and i >= learned_from]
     if not turns:
         raise DataError("a conversation has no assistant turn, so nothing to learn. Fix: drop it or add a reply.")
     full = _render(tokenizer, messages)

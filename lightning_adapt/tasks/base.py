@@ -39,7 +39,14 @@ class TaskModule(L.LightningModule):
     after training, and where the logs and checkpoints are.
     """
 
-    def __init__(self, model_name_or_path: str, learning_rate: float, weight_decay: float, warmup_steps: int) -> None:
+    def __init__(
+        self,
+        model_name_or_path: str,
+        learning_rate: float,
+        weight_decay: float,
+        warmup_steps: int,
+        revision: str | None = None,
+    ) -> None:
         super().__init__()
         problems = []
         if learning_rate <= 0:
@@ -54,7 +61,7 @@ class TaskModule(L.LightningModule):
             raise ConfigError("; ".join(problems))
         self.model_name_or_path = model_name_or_path
         with AS_RECIPE:
-            self.source_path: Path = resolve_model(model_name_or_path)
+            self.source_path: Path = resolve_model(model_name_or_path, revision)
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.warmup_steps = warmup_steps

@@ -33,21 +33,23 @@ class CausalLMTask(TaskModule):
         warmup_steps: int = 0,
         max_new_tokens: int = 32,
         activation_checkpointing: bool = False,
+        revision: str | None = None,
     ) -> None:
         """
         Args:
-            model_name_or_path: a packaged model (``smollm2-135m-instruct``) or a local Hugging Face
-                directory (no downloads).
+            model_name_or_path: a Hugging Face Hub id (``org/name``, e.g. ``HuggingFaceTB/SmolLM2-135M-Instruct``),
+                a local Hugging Face directory or a packaged model (``smollm2-135m-instruct``).
             learning_rate: AdamW learning rate (typical: 2e-5 full fine-tuning, 2e-4 LoRA).
             weight_decay: AdamW weight decay.
             warmup_steps: linear learning-rate warmup steps, then constant.
             max_new_tokens: tokens generated per prompt in ``predict``.
             activation_checkpointing: recompute activations in the backward pass (non-reentrant, so it
                 works with a frozen base) to save memory.
+            revision: with a Hub id: the branch, tag or commit sha to load (``None``: the default branch).
         """
         if max_new_tokens < 1:
             raise ConfigError(f"model.max_new_tokens={max_new_tokens} must be >= 1. Fix: max_new_tokens=32.")
-        super().__init__(model_name_or_path, learning_rate, weight_decay, warmup_steps)
+        super().__init__(model_name_or_path, learning_rate, weight_decay, warmup_steps, revision)
         self.save_hyperparameters()
         from transformers import AutoTokenizer
 

@@ -139,10 +139,12 @@ class PreferenceTask(CausalLMTask):
         max_new_tokens: int = 32,
         activation_checkpointing: bool = False,
         reference_cache: str | None = None,
+        revision: str | None = None,
     ) -> None:
         """
         Args:
-            model_name_or_path: a packaged model (``smollm2-135m-instruct``) or a local Hugging Face directory.
+            model_name_or_path: a Hugging Face Hub id (``org/name``), a local Hugging Face directory or a packaged
+                model (``smollm2-135m-instruct``).
             loss: ``sigmoid`` (DPO), ``ipo`` or ``orpo`` (odds ratio plus the chosen responses' NLL; no reference).
             beta: DPO/IPO: the strength of the tie to the reference (higher: closer); ORPO: the odds-ratio weight.
             label_smoothing: ``sigmoid`` only: the assumed share of wrong labels (conservative DPO); 0 <= it < 0.5.
@@ -154,9 +156,18 @@ class PreferenceTask(CausalLMTask):
             reference_cache: a directory where each pair's reference log-probabilities are kept once computed
                 (:mod:`lightning_adapt.tasks.reference_cache`): later epochs, a resumed run and a rerun skip its
                 reference forward; ``None``: computed every step.
+            revision: with a Hub id: the branch, tag or commit sha to load (``None``: the default branch).
         """
         _check(loss, beta, label_smoothing)
-        super().__init__(model_name_or_path, learning_rate, weight_decay, warmup_steps, max_new_tokens, activation_checkpointing)  # fmt: skip
+        super().__init__(
+            model_name_or_path,
+            learning_rate,
+            weight_decay,
+            warmup_steps,
+            max_new_tokens,
+            activation_checkpointing,
+            revision,
+        )
         self.save_hyperparameters()
         self.loss, self.beta, self.label_smoothing = loss, beta, label_smoothing
         self._val: list[dict[str, torch.Tensor]] = []
