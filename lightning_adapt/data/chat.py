@@ -39,6 +39,7 @@ from lightning_adapt.data.formats import (
 )
 from lightning_adapt.data.resumable import ResumableDataLoader
 from lightning_adapt.data.sources import column_names, train_val_tables
+from lightning_adapt.data.streaming import StreamingLoader
 from lightning_adapt.data.tokenized import Rows, map_cached, tokenizer_key
 from lightning_adapt.errors import SETTING, DataError
 
@@ -137,6 +138,7 @@ class ChatDataModule(SplitDataModule):
         seed: int = 42,
         num_workers: int = 0,
         num_proc: int | None = None,
+        streaming: bool = False,
         batching: Batching = "pad",
         multi_turn: bool = False,
     ) -> None:
@@ -160,6 +162,9 @@ class ChatDataModule(SplitDataModule):
                 corpus of ``chatterbot-corpus``.
             categories: the demo data only: file stems to keep (e.g. ``[greetings, science]``); ``None`` keeps all.
             num_proc: processes that tokenize (``datasets.map``); ``None``: this one.
+            streaming: read ``source`` as it trains (data larger than memory; :mod:`lightning_adapt.data.streaming`):
+                tokenized on the fly, shuffled through a buffer, validation = the first ``val_size`` records (unless
+                ``val_source`` / ``val_split``); a resumed run re-reads its epoch up to where it stopped.
             batching: how training examples form batches: ``pad`` (padded to the longest), ``group_by_length``
                 (examples of similar length together) or ``pack`` (concatenated into one row of up to
                 ``batch_size × max_length`` tokens, attention kept inside each example; no padding).
@@ -179,7 +184,7 @@ class ChatDataModule(SplitDataModule):
         self.save_hyperparameters()
         self.source, self.format, self.columns, self.chat_template = source, format, dict(columns or {}), chat_template
         self.split, self.subset, self.revision = split, subset, revision
-        self.val_source, self.val_split, self.num_proc = val_source, val_split, num_proc
+        self.val_source, self.val_split, self.num_proc, self.streaming = val_source, val_split, num_proc, streaming
         self.data_dir = data_dir
         self.categories = categories
         self.batching = batching
@@ -204,8 +209,12 @@ class ChatDataModule(SplitDataModule):
                 val_size=self.val_size,
                 train_size=self.train_size,
                 seed=self.seed,
+                streaming=self.streaming,
                 prepare=self._encode_table,
             )
+        if self.streaming:  # validation: a few records, held whole; training: read as it trains
+            self._splits = {"train": train, "val": list(val)}
+            return
         self._splits = {"train": Rows(train), "val": Rows(val)}
         if stage != "predict":  # generation needs only the prompt; a truncated reference is still shown
             self._splits = drop_responseless(self._splits, self.max_length)
@@ -242,15 +251,29 @@ class ChatDataModule(SplitDataModule):
             encode_chat_batch, tokenizer=self.tokenizer, format=chosen, max_length=self.max_length
         )
         key = (tokenizer_key(self.tokenizer), chosen, self.max_length)
+        if self.streaming:  # the first records checked now, every later one as it is read
+            first = list(table.take(_CHECKED_FIRST))
+            sample = encode({name: [record[name] for record in first] for name in (first[0] if first else {})})
+            raise_bad_records(sample["problem"], source, chosen, setting or "data.source")
+            return table.map(encode, batched=True, remove_columns=column_names(table)).filter(_learnable)
         encoded = map_cached(table, encode, key=key, num_proc=self.num_proc, desc=f"tokenize {Path(source).name}")
         raise_bad_records(encoded["problem"], source, chosen, setting or "data.source")
         return encoded.remove_columns("problem")
 
     @override
-    def train_dataloader(self) -> ResumableDataLoader:
+    def train_dataloader(self) -> ResumableDataLoader | StreamingLoader:
         """Shuffled per epoch from ``seed`` in the ``batching`` layout; resumes exactly from any checkpoint."""
         if "train" not in self._splits:
             raise DataError(f"{type(self).__name__}.setup() must run before asking for a dataloader.")
+        if self.streaming:
+            return StreamingLoader(
+                self._splits["train"],
+                batching=self.batching,
+                batch_size=self.batch_size,
+                max_length=self.max_length,
+                seed=self.seed,
+                collate=self.collate,
+            )
         return training_loader(
             self.batching,
             self._splits["train"],
@@ -289,6 +312,16 @@ def _check_source_settings(source: str | None, data_dir: str | None, categories:
         f"data.source={source!r} is set, so data.data_dir / data.categories (the demo corpus's settings) would be "
         "ignored. Fix: leave them out (null) with a source"
     )
+
+
+_CHECKED_FIRST = 64  # records of a stream checked before training
+
+
+def _learnable(row: dict[str, Any]) -> bool:
+    """A streamed row to train on: one with a learned token (a bad record stops the run with its reason)."""
+    if row["problem"]:
+        raise DataError(f"data.source: a streamed record is not a usable conversation ({row['problem']}).")
+    return any(x != IGNORE_INDEX for x in row["labels"])
 
 
 def _present(format: str, columns: list[str]) -> list[str]:

@@ -50,6 +50,7 @@ def load_table(
     streaming: bool = False,
     setting: str = "data.source",
     encoding: str | None = None,
+    split_setting: str = "data.split",
 ) -> Any:
     """One split of ``source`` (see the module docstring) as a ``datasets`` table.
 
@@ -60,6 +61,7 @@ def load_table(
         revision: with a Hub id: the branch, tag or commit sha.
         streaming: an :class:`~datasets.IterableDataset` read as it is iterated (data larger than memory).
         setting: the name errors give ``source``.
+        split_setting: the name errors give ``split``.
         encoding: the text encoding of CSV / TSV / text files (``None``: UTF-8).
 
     Raises:
@@ -68,12 +70,12 @@ def load_table(
     split = split or "train"
     path = Path(source).expanduser()
     if path.is_file():
-        return _load_file(path, source, split, streaming, setting, encoding)
+        return _load_file(path, source, (split, split_setting), streaming, setting, encoding)
     if path.is_dir():
-        return _load_folder(path, source, split, subset, streaming, setting)
+        return _load_folder(path, source, (split, split_setting), subset, streaming, setting)
     if is_hub_id(source):
         folder = resolve_hub(source, repo_type="dataset", revision=revision, setting=setting)
-        return _load_folder(folder, source, split, subset, streaming, setting)
+        return _load_folder(folder, source, (split, split_setting), subset, streaming, setting)
     raise DataError(
         f"{SETTING}={source!r} is not an existing file or folder, nor a Hub dataset id (org/name). Fix: point "
         f"{SETTING} at a data file ({', '.join(BUILDERS)}), a folder of them, a save_to_disk folder or a Hub dataset.",
@@ -109,14 +111,14 @@ def train_val_tables(
 
     common: dict[str, Any] = {"subset": subset, "revision": revision, "streaming": streaming, "encoding": encoding}
 
-    def load(name: str, which: str | None, setting: str) -> Any:
-        table = load_table(name, split=which, setting=setting, **common)
+    def load(name: str, which: str | None, setting: str, split_setting: str = "data.split") -> Any:
+        table = load_table(name, split=which, setting=setting, split_setting=split_setting, **common)
         return prepare(table, name, setting) if prepare is not None else table
 
     train = load(source, split, "data.source")
     if val_source is not None or val_split is not None:
         setting = "data.val_source" if val_source is not None else "data.source"
-        val = load(val_source or source, val_split, setting)
+        val = load(val_source or source, val_split, setting, "data.val_split")
         if train_size is not None:
             train = train.take(train_size) if streaming else train.select(range(min(train_size, len(train))))
         _check_rows(train, source, "data.source")
@@ -146,9 +148,12 @@ def column_names(table: Any) -> list[str]:
     return list(names)
 
 
-def _load_file(path: Path, source: str, split: str, streaming: bool, setting: str, encoding: str | None) -> Any:
+def _load_file(
+    path: Path, source: str, split_named: tuple[str, str], streaming: bool, setting: str, encoding: str | None
+) -> Any:
     import datasets
 
+    split, split_setting = split_named
     suffix = path.suffix.lower()
     if suffix not in BUILDERS:
         raise DataError(
@@ -158,8 +163,8 @@ def _load_file(path: Path, source: str, split: str, streaming: bool, setting: st
         )
     if split != "train":
         raise DataError(
-            f"data.split={split!r}: {source!r} is a single file, whose one split is 'train'. Fix: leave data.split "
-            "out, or point the source at a folder or Hub dataset that has that split.",
+            f"{split_setting}={split!r}: {source!r} is a single file, whose one split is 'train'. Fix: leave "
+            f"{split_setting} out, or point the source at a folder or Hub dataset that has that split.",
             setting=setting,
         )
     _check_not_empty(path, source, setting)
@@ -186,19 +191,22 @@ def _load_file(path: Path, source: str, split: str, streaming: bool, setting: st
         ) from None
 
 
-def _load_folder(folder: Path, source: str, split: str, subset: str | None, streaming: bool, setting: str) -> Any:
+def _load_folder(
+    folder: Path, source: str, split_named: tuple[str, str], subset: str | None, streaming: bool, setting: str
+) -> Any:
     import datasets
 
+    split, split_setting = split_named
     if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
-        return _load_saved(folder, source, split, streaming, setting)
+        return _load_saved(folder, source, split_named, streaming, setting)
     try:
         return datasets.load_dataset(str(folder), name=subset, split=split, streaming=streaming)
     except ValueError as err:
         text = str(err)
         if "Unknown split" in text:
             raise DataError(
-                f"data.split={split!r} is not a split of {source!r} ({_first_line(err)}). Fix: set data.split to one of "
-                "those.",
+                f"{split_setting}={split!r} is not a split of {source!r} ({_first_line(err)}). Fix: set {split_setting} "
+                "to one of those.",
                 setting=setting,
             ) from None
         if "Config name is missing" in text or "BuilderConfig" in text:
@@ -212,21 +220,22 @@ def _load_folder(folder: Path, source: str, split: str, subset: str | None, stre
         raise _unreadable_folder(source, err, setting) from None
 
 
-def _load_saved(folder: Path, source: str, split: str, streaming: bool, setting: str) -> Any:
+def _load_saved(folder: Path, source: str, split_named: tuple[str, str], streaming: bool, setting: str) -> Any:
     import datasets
 
+    split, split_setting = split_named
     saved = datasets.load_from_disk(str(folder))
     if isinstance(saved, datasets.DatasetDict):
         if split not in saved:
             raise DataError(
-                f"data.split={split!r} is not a split of {source!r} (it has {sorted(saved)}). Fix: set data.split to "
-                "one of those.",
+                f"{split_setting}={split!r} is not a split of {source!r} (it has {sorted(saved)}). Fix: set "
+                f"{split_setting} to one of those.",
                 setting=setting,
             )
         saved = saved[split]
     elif split != "train":
         raise DataError(
-            f"data.split={split!r}: {source!r} is one saved Dataset, with no splits. Fix: leave data.split out.",
+            f"{split_setting}={split!r}: {source!r} is one saved Dataset, with no splits. Fix: leave {split_setting} out.",
             setting=setting,
         )
     return saved.to_iterable_dataset() if streaming else saved

@@ -9,67 +9,11 @@ from typing import Any
 
 import pytest
 import torch
+from helpers.own_data import MULTI_TURN, SYSTEMLESS, as_format, write
 
 from lightning_adapt.data import ChatDataModule
 from lightning_adapt.data.batching import IGNORE_INDEX
 from lightning_adapt.errors import DataError
-
-SYSTEMLESS = [
-    [("user", "Hello there"), ("assistant", "Hi! How can I help?")],
-    [("user", "What is the boiling point of water?"), ("assistant", "100 degrees Celsius at sea level.")],
-    [("user", "Tell me a joke"), ("assistant", "Why did the chicken cross the road?")],
-    [("user", "Who wrote Hamlet?"), ("assistant", "William Shakespeare.")],
-    [("user", "Name a prime number"), ("assistant", "Seven.")],
-    [("user", "Translate cat to French"), ("assistant", "Chat.")],
-]
-MULTI_TURN = [
-    [
-        ("system", "Be brief."),
-        ("user", "Hi"),
-        ("assistant", "Hello."),
-        ("user", "How are you?"),
-        ("assistant", "Fine."),
-    ],
-    [("user", "2+2?"), ("assistant", "4"), ("user", "and 3+3?"), ("assistant", "6")],
-    [("user", "Capital of France?"), ("assistant", "Paris."), ("user", "Of Italy?"), ("assistant", "Rome.")],
-    [("system", "You are kind."), ("user", "Thanks"), ("assistant", "You're welcome!")],
-    [("user", "Color of the sky?"), ("assistant", "Blue."), ("user", "At night?"), ("assistant", "Black.")],
-]
-SHAREGPT = {"system": "system", "user": "human", "assistant": "gpt"}
-
-
-def as_format(conversation: list[tuple[str, str]], fmt: str) -> dict[str, Any]:
-    """One conversation as a record of ``fmt``."""
-    if fmt == "messages":
-        return {"messages": [{"role": r, "content": c} for r, c in conversation]}
-    if fmt == "sharegpt":
-        return {"conversations": [{"from": SHAREGPT[r], "value": c} for r, c in conversation]}
-    if fmt == "prompt_completion":
-        (_, prompt), (_, completion) = conversation
-        return {"prompt": prompt, "completion": completion}
-    if fmt == "prompt_completion_messages":
-        *prompt, last = conversation
-        return {
-            "prompt": [{"role": r, "content": c} for r, c in prompt],
-            "completion": [{"role": last[0], "content": last[1]}],
-        }
-    assert fmt == "alpaca"
-    (_, prompt), (_, output) = conversation
-    return {"instruction": prompt, "input": "", "output": output}
-
-
-def write(path: Path, records: list[dict[str, Any]]) -> Path:
-    if path.suffix == ".jsonl":
-        path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    elif path.suffix == ".json":
-        path.write_text(json.dumps(records))
-    elif path.suffix == ".parquet":
-        import datasets
-
-        datasets.Dataset.from_list(records).to_parquet(str(path))
-    else:
-        raise AssertionError(path)
-    return path
 
 
 def encoded(tokenizer: Path, source: Path, **kwargs: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

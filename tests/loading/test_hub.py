@@ -4,29 +4,14 @@ is ever fetched (``HF_HUB_OFFLINE=1``)."""
 from __future__ import annotations
 
 import fnmatch
-import shutil
 from pathlib import Path
 
 import pytest
+from helpers.own_data import OTHER_SHA, hub_snapshot
 
 from lightning_adapt.errors import ModelNotFoundError
 from lightning_adapt.hub import MODEL_FILES, is_hub_id, resolve_hub
 from lightning_adapt.models import resolve_model
-
-SHA = "0123456789abcdef0123456789abcdef01234567"
-OTHER_SHA = "89abcdef0123456789abcdef0123456789abcdef"
-
-
-def hub_snapshot(
-    home: Path, repo_id: str, files_from: Path, sha: str = SHA, ref: str = "main", kind: str = "models"
-) -> Path:
-    """``files_from``'s files as the snapshot ``sha`` of ``repo_id`` in the Hub cache under ``home`` (``refs/<ref>``)."""
-    repo = home / "hub" / f"{kind}--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / sha
-    shutil.copytree(files_from, snapshot)
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / ref).write_text(sha)
-    return snapshot
 
 
 @pytest.fixture
