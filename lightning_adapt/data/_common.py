@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_adapt.data.resumable import ResumableDataLoader
+from lightning_adapt.data.sources import split_indices as split_indices  # re-exported: the demo paths split with it
 from lightning_adapt.errors import SETTING, DataError, setting_names
 from lightning_adapt.models import resolve_model
 
@@ -84,16 +84,6 @@ def check_sizes(**sizes: int | None) -> None:
     bad = [f"data.{name}={value}" for name, value in sizes.items() if value is not None and value < 1]
     if bad:
         raise DataError(f"{', '.join(bad)}: sizes must be >= 1. Fix: use a positive count (train_size: null = all).")
-
-
-def split_indices(n: int, val_size: int, train_size: int | None, seed: int) -> tuple[list[int], list[int]]:
-    """A deterministic shuffled split: the first ``val_size`` items validate, the next ``train_size`` train."""
-    if val_size >= n:
-        raise DataError(f"data.val_size={val_size} leaves no training data out of {n} examples. Fix: lower it.")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    val = order[:val_size]
-    rest = order[val_size:]
-    return rest[: train_size if train_size is not None else len(rest)], val
 
 
 _SHARED_ARGUMENTS = """

@@ -23,10 +23,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lightning_adapt.errors import SETTING, DataError
 from lightning_adapt.hub import is_hub_id, resolve_hub
 
-__all__ = ["BUILDERS", "column_names", "load_table", "train_val_tables"]
+__all__ = ["BUILDERS", "column_names", "load_table", "split_indices", "train_val_tables"]
 
 #: File extension -> (the ``datasets`` builder, its options).
 BUILDERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -102,13 +104,11 @@ def train_val_tables(
 
     Validation comes from ``val_source`` (its ``val_split``, else ``train``), else from ``val_split`` of ``source``,
     else ``val_size`` examples held out of the training split: a seeded shuffle
-    (:func:`~lightning_adapt.data._common.split_indices`), or with ``streaming`` the stream's first ``val_size``
+    (:func:`split_indices`), or with ``streaming`` the stream's first ``val_size``
     records. ``train_size`` keeps that many training examples (``None``: all). ``prepare(table, source, setting)``,
     where given, maps each table as it is loaded, before the split (tokenize the whole split once, so that its cache
     serves any ``val_size`` and its errors count records in the source's own order).
     """
-    from lightning_adapt.data._common import split_indices
-
     common: dict[str, Any] = {"subset": subset, "revision": revision, "streaming": streaming, "encoding": encoding}
 
     def load(name: str, which: str | None, setting: str, split_setting: str = "data.split") -> Any:
@@ -130,6 +130,16 @@ def train_val_tables(
     _check_rows(train, source, "data.source")
     train_idx, val_idx = split_indices(len(train), val_size, train_size, seed)
     return train.select(train_idx), train.select(val_idx)
+
+
+def split_indices(n: int, val_size: int, train_size: int | None, seed: int) -> tuple[list[int], list[int]]:
+    """A deterministic shuffled split: the first ``val_size`` items validate, the next ``train_size`` train."""
+    if val_size >= n:
+        raise DataError(f"data.val_size={val_size} leaves no training data out of {n} examples. Fix: lower it.")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    val = order[:val_size]
+    rest = order[val_size:]
+    return rest[: train_size if train_size is not None else len(rest)], val
 
 
 def _check_rows(table: Any, source: str, setting: str) -> None:
