@@ -45,7 +45,7 @@ from lightning_adapt.atomic import atomic_directory, check_free_space, check_tar
 from lightning_adapt.errors import ExportError, setting_names
 from lightning_adapt.export.gguf_export import merged_to_gguf
 from lightning_adapt.export.merged_state import check_tied_adapters, merged_entries
-from lightning_adapt.export.original import optional_source, source_dir, source_for
+from lightning_adapt.export.original import base_model_name, optional_source, source_dir, source_for
 from lightning_adapt.export.peft_format import (
     PEFT_PREFIX,
     ModelFiles,
@@ -232,7 +232,7 @@ def export_model(
         if lora_layers(root) and (why := no_peft_layout(root) or no_parameter_layout(root)):
             print(f"export: no PEFT adapter written ({why}); merged/ holds the adapted weights.")
         elif lora_layers(root):
-            write_adapter(root, tmp / "adapter", to_save, str(name) if name else None)
+            write_adapter(root, tmp / "adapter", to_save, base_model_name(module, str(name) if name else None))
             to_peft_parameters(root, tmp / "adapter", PEFT_PREFIX)
             result.adapter = target / "adapter"
         result.dropped_tied = write_merged(

@@ -28,6 +28,7 @@ from torch import nn
 from lightning_adapt.atomic import atomic_file, check_free_space
 from lightning_adapt.errors import SETTING, ExportError, setting_names
 from lightning_adapt.export.safetensors_io import SourceWeights, StoredTensor, TensorEntry, stream_safetensors
+from lightning_adapt.hub import is_hub_id
 from lightning_adapt.layers import quantized_layers, stored_shape
 
 __all__ = [
@@ -118,6 +119,13 @@ def _known_shapes(module: nn.Module) -> Callable[[str], tuple[int, ...] | None]:
 def _is_hf(module: nn.Module) -> bool:
     pretrained = getattr(sys.modules.get("transformers"), "PreTrainedModel", None)  # never imported here (seconds)
     return isinstance(pretrained, type) and isinstance(module, pretrained)
+
+
+def base_model_name(module: nn.Module, fallback: str | None) -> str | None:
+    """What a PEFT adapter names as its base (``base_model_name_or_path``): the Hub id the module was loaded from
+    (``PeftModel.from_pretrained`` and ``from_pretrained`` resolve it on any machine), else ``fallback``."""
+    name = (getattr(module, "hparams", None) or {}).get("model_name_or_path")
+    return name if isinstance(name, str) and is_hub_id(name) else fallback
 
 
 def source_dir(module: nn.Module, root: nn.Module, source_path: str | Path | None) -> str | Path | None:

@@ -30,6 +30,7 @@ from lightning_adapt.errors import ExportError, setting_names
 from lightning_adapt.export.adapter_sources import adapters_from_checkpoint, unfolded_adapter_keys
 from lightning_adapt.export.exporter import ExportOptions
 from lightning_adapt.export.gguf_export import check_gguf, merged_to_gguf
+from lightning_adapt.export.original import base_model_name
 from lightning_adapt.export.peft_format import (
     PEFT_PREFIX,
     ModelFiles,
@@ -238,7 +239,7 @@ def export_checkpoint_streamed(
     result = export_streamed(
         path, dirpath, adapters, options, keys=keys, on_merge=gap,
         files=ModelFiles(config, architecture or None, None, tokenizer),
-        write_peft=peft_writer(adapters, keys, path, architecture),
+        write_peft=peft_writer(adapters, keys, base_model_name(module, path), architecture),
     )  # fmt: skip
     result.report = gap.report() if gap is not None and gap.count else None
     return result

@@ -57,4 +57,4 @@ def test_the_chat_recipe_trains_on_your_file_and_your_hub_model(
     merged = next((tmp_path / "runs").rglob("export/merged/config.json"))
     assert json.loads(merged.read_text())["model_type"] == "llama"
     adapter = json.loads((merged.parents[1] / "adapter" / "adapter_config.json").read_text())
-    assert "tiny-chat-model" in adapter["base_model_name_or_path"] or adapter["base_model_name_or_path"]
+    assert adapter["base_model_name_or_path"] == "someone/tiny-chat-model", "PEFT resolves the base by its Hub id"
