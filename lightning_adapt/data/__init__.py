@@ -5,11 +5,13 @@ from lightning_adapt.data.chat import ChatDataModule
 from lightning_adapt.data.preference import PreferenceDataModule
 from lightning_adapt.data.resumable import ResumableDataLoader, SeededShuffleSampler
 from lightning_adapt.data.sentiment import TweetSentimentDataModule
+from lightning_adapt.data.text import TextDataModule
 
 __all__ = [
     "ChatDataModule",
     "PreferenceDataModule",
     "ResumableDataLoader",
     "SeededShuffleSampler",
+    "TextDataModule",
     "TweetSentimentDataModule",
 ]
