@@ -2,9 +2,9 @@
 loader they use (:class:`ResumableDataLoader`), which any module can use too."""
 
 from lightning_adapt.data.chat import ChatDataModule
+from lightning_adapt.data.classification import TextClassificationDataModule, TweetSentimentDataModule
 from lightning_adapt.data.preference import PreferenceDataModule
 from lightning_adapt.data.resumable import ResumableDataLoader, SeededShuffleSampler
-from lightning_adapt.data.sentiment import TweetSentimentDataModule
 from lightning_adapt.data.text import TextDataModule
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "PreferenceDataModule",
     "ResumableDataLoader",
     "SeededShuffleSampler",
+    "TextClassificationDataModule",
     "TextDataModule",
     "TweetSentimentDataModule",
 ]

@@ -21,38 +21,81 @@ class SequenceClassificationTask(TaskModule):
     per validation epoch. ``predict`` returns text, predicted label, class probabilities and gold label
     per example. ``self.model`` is ``None`` until
     ``configure_model`` (see :class:`TaskModule`).
+
+    The class names come from the DataModule's ``label_names`` where it has them (read in ``configure_model``,
+    which Lightning runs after ``DataModule.setup``): they give ``num_labels`` and the model config's
+    ``id2label``/``label2id``, so the exported ``config.json`` names the classes.
     """
 
     def __init__(
         self,
         model_name_or_path: str = "minilm",
-        num_labels: int = 3,
+        num_labels: int | None = None,
         learning_rate: float = 5e-5,
         weight_decay: float = 0.01,
         warmup_steps: int = 0,
+        revision: str | None = None,
     ) -> None:
         """
         Args:
-            model_name_or_path: a packaged model (``minilm``) or a local Hugging Face directory (no downloads).
-            num_labels: number of classes of the new head (must equal the data's labels).
+            model_name_or_path: a Hugging Face Hub id (``org/name``, e.g. ``sentence-transformers/all-MiniLM-L6-v2``),
+                a local Hugging Face directory or a packaged model (``minilm``).
+            num_labels: number of classes of the new head; ``None``: the number of the DataModule's
+                ``label_names`` (given, it must equal it).
             learning_rate: AdamW learning rate (typical: 5e-5 full fine-tuning, 5e-4 LoRA).
             weight_decay: AdamW weight decay.
             warmup_steps: linear learning-rate warmup steps, then constant.
+            revision: with a Hub id: the branch, tag or commit sha to load (``None``: the default branch).
         """
-        if num_labels < 2:
+        if num_labels is not None and num_labels < 2:
             raise ConfigError(f"model.num_labels={num_labels} must be >= 2. Fix: set it to the number of classes.")
-        super().__init__(model_name_or_path, learning_rate, weight_decay, warmup_steps)
+        super().__init__(model_name_or_path, learning_rate, weight_decay, warmup_steps, revision)
         self.save_hyperparameters()
         with AS_RECIPE:
-            self.hf_config = read_hf_config(self.source_path, num_labels=num_labels)
+            self.hf_config = read_hf_config(self.source_path, **({"num_labels": num_labels} if num_labels else {}))
+        self.num_labels = num_labels
+        self.label_names: list[str] | None = None
+        if num_labels is not None:
+            self._make_metrics(num_labels)
+
+    def _make_metrics(self, num_labels: int) -> None:
         self.val_acc = MulticlassAccuracy(num_classes=num_labels, average="micro")
         self.val_f1 = MulticlassF1Score(num_classes=num_labels, average="macro")
 
+    def _take_label_names(self) -> None:
+        """``num_labels`` and the config's ``id2label``/``label2id`` from the DataModule's ``label_names``."""
+        try:
+            names = getattr(getattr(self.trainer, "datamodule", None), "label_names", None)
+        except RuntimeError:  # not attached to a trainer
+            names = None
+        if names is None:
+            if self.num_labels is None:
+                raise ConfigError(
+                    "model.num_labels is not set and the DataModule has no label_names to take it from. Fix: set "
+                    "model.num_labels to the number of classes, or use a DataModule that names its labels."
+                )
+            return
+        names = [str(n) for n in names]
+        if self.num_labels is not None and self.num_labels != len(names):
+            raise ConfigError(
+                f"model.num_labels={self.num_labels} but the data has {len(names)} labels ({names}). Fix: set "
+                f"model.num_labels to {len(names)}, or leave it out to take it from the data."
+            )
+        if self.num_labels is None:
+            self._make_metrics(len(names))
+        self.num_labels = self.hparams["num_labels"] = len(names)  # a checkpoint rebuilds the same head
+        self.label_names = names
+        self.hf_config.id2label = dict(enumerate(names))
+        self.hf_config.label2id = {name: i for i, name in enumerate(names)}
+
     @override
     def configure_model(self) -> None:
-        """Build the encoder and its new head on meta, stream the encoder's checkpoint in and initialise the head,
-        once (:meth:`TaskModule.build_pretrained`)."""
+        """Take the class names from the DataModule, then build the encoder and its new head on meta, stream the
+        encoder's checkpoint in and initialise the head, once (:meth:`TaskModule.build_pretrained`)."""
         from transformers import AutoModelForSequenceClassification
+
+        if self.model is None:
+            self._take_label_names()
 
         def build(dtype: torch.dtype) -> Any:
             return AutoModelForSequenceClassification.from_config(copy.deepcopy(self.hf_config), dtype=dtype)

@@ -185,6 +185,12 @@ def _csv(p: Paths, text: str) -> None:
     _write(p.tmp / "tweets.csv", text)
 
 
+def _own_csv(p: Paths, header: str = "text,label") -> None:
+    """A ``text,label`` file of the general classification module (``--data=TextClassificationDataModule``)."""
+    rows = [f"tweet number {i} is {label},{label}" for i, label in enumerate(["negative", "neutral", "positive"] * 4)]
+    _write(p.tmp / "own.csv", header + "\n" + "\n".join(rows) + "\n")
+
+
 def _output_not_empty(p: Paths) -> None:
     _write(p.tmp / "export" / "keep.txt", "a file the user keeps")
 
@@ -243,6 +249,7 @@ MODEL_FIX = (
 )
 DATA_FIX = "Fix: point data.csv_path at such a file."
 MODEL = "--model.init_args.model_name_or_path={tmp}/model"
+OWN_DATA = ["--data=lightning_adapt.data.TextClassificationDataModule", "--data.init_args.source={tmp}/own.csv"]
 
 # fmt: off
 CASES: list[Case] = [
@@ -419,12 +426,18 @@ CASES: list[Case] = [
          "data.csv_path='{tmp}/none.csv' is not an existing file. Fix: point data.csv_path at a readable file."),
     Case("data-columns", "dataset", "a CSV without the `sentiment,confidence,text` columns",
          [*FIT, "--data.init_args.csv_path={tmp}/tweets.csv"], "data.csv_path='{tmp}/tweets.csv' has no column sentiment, confidence, text (its header: label,tweet). Fix: give it a sentiment,confidence,text header row.", setup=lambda p: _csv(p, "label,tweet\npositive,great\n")),
-    Case("data-empty", "dataset", "an empty CSV (header only)", [*FIT, "--data.init_args.csv_path={tmp}/tweets.csv"], "data.csv_path='{tmp}/tweets.csv' holds no rows with a label in data.labels=['negative', 'neutral', 'positive']. Fix: set data.labels to the labels the file uses.",
+    Case("data-empty", "dataset", "an empty CSV (header only)", [*FIT, "--data.init_args.csv_path={tmp}/tweets.csv"], "data.csv_path='{tmp}/tweets.csv' holds no examples. Fix: point data.csv_path at a file that holds examples.",
          setup=lambda p: _csv(p, "sentiment,confidence,text\n")),
     Case("data-labels", "dataset", "`data: labels` the file does not use", [*FIT, "--data.init_args.labels=[joy,anger]"], "data.csv_path='{shared}/tweets.csv' holds no rows with a label in data.labels=['joy', 'anger']. Fix: set data.labels to the labels the file uses."),
     Case("data-too-short", "dataset", "fewer examples than `val_size` (too short for the split)",
          [*FIT, "--data.init_args.csv_path={tmp}/tweets.csv"], "data.val_size=4 leaves no training data out of 2 examples. Fix: lower it.",
          setup=lambda p: _csv(p, "sentiment,confidence,text\npositive,1,good\nnegative,1,bad\n")),
+    Case("data-label-column", "dataset", "your own CSV without the label column (`text,sentiment`; `data.label_column: label`)",
+         [*FIT, *OWN_DATA], "data.label_column='label' is not a column of data.source='{tmp}/own.csv' (columns found: text, sentiment). Fix: set data.label_column to the column that holds the labels.",
+         setup=lambda p: _own_csv(p, "text,sentiment")),
+    Case("data-unknown-label", "dataset", "your own CSV with a label that `data: labels` does not list",
+         [*FIT, *OWN_DATA, "--data.init_args.labels=[negative,positive]"], "data.label_column='label': 4 of 12 records of data.source='{tmp}/own.csv' have a label not in data.labels=['negative', 'positive']: 'neutral'. Fix: add the missing names to data.labels (in class-id order), leave data.labels out to take every label the data has, or remove those records.",
+         setup=_own_csv),
     Case("data-val-size", "dataset", "`data: val_size: -3`", [*FIT, "--data.init_args.val_size=-3"],
          "data.val_size=-3: sizes must be >= 1. Fix: use a positive count (train_size: null = all)."),
     Case("data-batch-size", "dataset", "`data: batch_size: 0`", [*FIT, "--data.init_args.batch_size=0"],
