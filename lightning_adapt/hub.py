@@ -18,7 +18,6 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from lightning_adapt.atomic import target_lock
 from lightning_adapt.errors import SETTING, ModelNotFoundError
 
 __all__ = ["MODEL_FILES", "hub_cache_dir", "is_hub_id", "resolve_hub"]
@@ -70,6 +69,7 @@ def resolve_hub(repo_id: str, *, repo_type: RepoType, revision: str | None, sett
         ModelNotFoundError: not cached while offline (naming the cache folder and the fix), not on the Hub, gated,
             no such revision, or the Hub unreachable with nothing cached.
     """
+    from filelock import FileLock  # huggingface_hub's own lock library
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -84,7 +84,7 @@ def resolve_hub(repo_id: str, *, repo_type: RepoType, revision: str | None, sett
     patterns = MODEL_FILES if repo_type == "model" else DATASET_FILES
     what = f"{SETTING}={repo_id!r}" + (f" (revision {revision!r})" if revision else "")
     # one process of a node downloads; the others wait here, then find the snapshot cached
-    with target_lock(cache / f"lightning-adapt-{repo_type}s--{repo_id.replace('/', '--')}", wait=True):
+    with FileLock(cache / f".lightning-adapt-{repo_type}s--{repo_id.replace('/', '--')}.lock"):
         try:
             path = snapshot_download(
                 repo_id,

@@ -39,6 +39,7 @@ __all__ = [
     "LengthGroupedBatchSampler",
     "check_batching",
     "first_fit",
+    "left_padded_prompts",
     "pack_collate",
     "token_counts",
     "training_loader",
@@ -157,6 +158,23 @@ def pack_collate(rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
 
 def _collate_one_pack(batch: list[list[dict[str, Any]]]) -> dict[str, torch.Tensor]:
     return pack_collate(batch[0])  # a module-level function: worker processes may need to pickle it
+
+
+def left_padded_prompts(rows: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Generation batch of rows with ``prompt_ids``, ``prompt`` and ``reference``: the prompts left-padded."""
+    width = max(len(r["prompt_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["prompt_ids"])
+        ids[i, width - n :] = torch.tensor(r["prompt_ids"])
+        mask[i, width - n :] = 1
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "prompt": [r["prompt"] for r in rows],
+        "reference": [r["reference"] for r in rows],
+    }
 
 
 def token_counts(batch: dict[str, torch.Tensor]) -> tuple[int, int]:

@@ -21,7 +21,7 @@ from lightning_adapt.data._common import (
     split_indices,
     tokenizer_source,
 )
-from lightning_adapt.data.batching import IGNORE_INDEX, Batching, check_batching, training_loader
+from lightning_adapt.data.batching import IGNORE_INDEX, Batching, check_batching, left_padded_prompts, training_loader
 from lightning_adapt.data.conversation import (
     as_messages,
     chat_turn_texts,
@@ -40,8 +40,8 @@ from lightning_adapt.data.formats import (
 from lightning_adapt.data.resumable import ResumableDataLoader
 from lightning_adapt.data.sources import column_names, train_val_tables
 from lightning_adapt.data.streaming import StreamingLoader
-from lightning_adapt.data.tokenized import Rows, map_cached, tokenizer_key
-from lightning_adapt.errors import SETTING, DataError
+from lightning_adapt.data.tokenized import Rows, bad_records_error, map_cached, tokenizer_key
+from lightning_adapt.errors import DataError
 
 __all__ = [
     "IGNORE_INDEX",
@@ -254,10 +254,10 @@ class ChatDataModule(SplitDataModule):
         if self.streaming:  # the first records checked now, every later one as it is read
             first = list(table.take(_CHECKED_FIRST))
             sample = encode({name: [record[name] for record in first] for name in (first[0] if first else {})})
-            raise_bad_records(sample["problem"], source, chosen, setting or "data.source")
+            _raise_bad(sample["problem"], source, chosen, setting)
             return table.map(encode, batched=True, remove_columns=column_names(table)).filter(_learnable)
         encoded = map_cached(table, encode, key=key, num_proc=self.num_proc, desc=f"tokenize {Path(source).name}")
-        raise_bad_records(encoded["problem"], source, chosen, setting or "data.source")
+        _raise_bad(encoded["problem"], source, chosen, setting)
         return encoded.remove_columns("problem")
 
     @override
@@ -314,6 +314,16 @@ def _check_source_settings(source: str | None, data_dir: str | None, categories:
     )
 
 
+def _raise_bad(problems: list[str], source: str, format: str, setting: str) -> None:
+    """One error for every record that is not a usable conversation (the first few quoted, all counted)."""
+    fix = (
+        "correct or drop those records (an optional system message, then user and assistant taking turns, "
+        "non-empty text, at least one assistant reply)."
+    )
+    if error := bad_records_error(problems, source, setting or "data.source", f"usable {format} conversations", fix):
+        raise error
+
+
 _CHECKED_FIRST = 64  # records of a stream checked before training
 
 
@@ -366,39 +376,6 @@ def encode_chat_batch(
         for k in ("input_ids", "labels", "prompt_ids"):
             out[k].append(row[k])
     return out
-
-
-def raise_bad_records(problems: list[str], source: str, format: str, setting: str) -> None:
-    """One :class:`DataError` for every record with a problem (the first few quoted, all counted)."""
-    bad = [(i, p) for i, p in enumerate(problems) if p]
-    if not bad:
-        return
-    shown = "; ".join(f"record {i + 1}: {p}" for i, p in bad[:3]) + (
-        f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
-    )
-    raise DataError(
-        f"{SETTING}={source!r}: {len(bad)} of {len(problems)} records are not usable {format} conversations ({shown}). "
-        "Fix: correct or drop those records (an optional system message, then user and assistant taking turns, "
-        "non-empty text, at least one assistant reply).",
-        setting=setting,
-    )
-
-
-def left_padded_prompts(rows: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
-    """Generation batch of rows with ``prompt_ids``, ``prompt`` and ``reference``: the prompts left-padded."""
-    width = max(len(r["prompt_ids"]) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["prompt_ids"])
-        ids[i, width - n :] = torch.tensor(r["prompt_ids"])
-        mask[i, width - n :] = 1
-    return {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "prompt": [r["prompt"] for r in rows],
-        "reference": [r["reference"] for r in rows],
-    }
 
 
 def drop_responseless(splits: dict[str, Any], max_length: int) -> dict[str, Any]:

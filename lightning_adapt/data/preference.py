@@ -34,12 +34,11 @@ from lightning_adapt.data._common import (
     split_indices,
     tokenizer_source,
 )
-from lightning_adapt.data.batching import IGNORE_INDEX
-from lightning_adapt.data.chat import NoResponseLeftWarning, left_padded_prompts, read_chat_pairs
+from lightning_adapt.data.batching import IGNORE_INDEX, left_padded_prompts
+from lightning_adapt.data.chat import NoResponseLeftWarning, read_chat_pairs
 from lightning_adapt.data.conversation import ROLES, encode_conversation
 from lightning_adapt.data.sources import column_names, train_val_tables
-from lightning_adapt.data.text import bad_records_error
-from lightning_adapt.data.tokenized import Rows, map_cached, tokenizer_key
+from lightning_adapt.data.tokenized import Rows, bad_records_error, map_cached, tokenizer_key
 from lightning_adapt.errors import DataError
 
 __all__ = [

@@ -19,29 +19,12 @@ from torch.utils.data import Dataset
 from typing_extensions import override
 
 from lightning_adapt.data._common import SplitDataModule, load_tokenizer, tokenizer_source
-from lightning_adapt.data.batching import IGNORE_INDEX
-from lightning_adapt.data.chat import left_padded_prompts
+from lightning_adapt.data.batching import IGNORE_INDEX, left_padded_prompts
 from lightning_adapt.data.sources import column_names, train_val_tables
-from lightning_adapt.data.tokenized import map_cached, tokenizer_key
-from lightning_adapt.errors import SETTING, DataError
+from lightning_adapt.data.tokenized import bad_records_error, map_cached, tokenizer_key
+from lightning_adapt.errors import DataError
 
-__all__ = ["PackedRows", "TextDataModule", "bad_records_error"]
-
-_SHOWN = 3  # bad records quoted in an error (all are counted)
-
-
-def bad_records_error(problems: list[str], source: str, setting: str, what: str, fix: str) -> DataError | None:
-    """One :class:`DataError` for the records whose ``problems`` entry is not empty (numbered from 1 in the
-    source's order; the first few quoted, all counted), or ``None`` when there are none."""
-    bad = [(number, p) for number, p in enumerate(problems, start=1) if p]
-    if not bad:
-        return None
-    shown = "; ".join(f"record {number}: {p}" for number, p in bad[:_SHOWN])
-    more = f"; and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else ""
-    return DataError(
-        f"{SETTING}={source!r}: {len(bad)} of {len(problems)} records are not {what} ({shown}{more}). Fix: {fix}",
-        setting=setting,
-    )
+__all__ = ["PackedRows", "TextDataModule"]
 
 
 class PackedRows(Dataset[dict[str, list[int]]]):

@@ -20,9 +20,26 @@ from typing import Any, overload
 
 from lightning.pytorch.utilities import rank_zero_info
 
-__all__ = ["Rows", "map_cached", "tokenizer_key"]
+from lightning_adapt.errors import SETTING, DataError
 
+__all__ = ["Rows", "bad_records_error", "map_cached", "tokenizer_key"]
+
+_SHOWN = 3  # bad records quoted in an error (all are counted)
 _ENCODING_CODE = ("conversation.py", "formats.py", "tokenized.py", "text.py", "classification.py", "preference.py")
+
+
+def bad_records_error(problems: list[str], source: str, setting: str, what: str, fix: str) -> DataError | None:
+    """One :class:`DataError` for the records whose ``problems`` entry is not empty (numbered from 1 in the
+    source's order; the first few quoted, all counted), or ``None`` when there are none."""
+    bad = [(number, p) for number, p in enumerate(problems, start=1) if p]
+    if not bad:
+        return None
+    shown = "; ".join(f"record {number}: {p}" for number, p in bad[:_SHOWN])
+    more = f"; and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else ""
+    return DataError(
+        f"{SETTING}={source!r}: {len(bad)} of {len(problems)} records are not {what} ({shown}{more}). Fix: {fix}",
+        setting=setting,
+    )
 
 
 def tokenizer_key(tokenizer: Any) -> str:

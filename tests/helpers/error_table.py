@@ -181,6 +181,20 @@ def _adapter_truncated(p: Paths) -> None:
     weights.write_bytes(weights.read_bytes()[:100])
 
 
+def _bad_chats(p: Paths) -> None:
+    def record(*turns: tuple[str, object]) -> str:
+        return json.dumps({"messages": [{"role": role, "content": content} for role, content in turns]})
+
+    lines = [
+        record(("user", "hi"), ("assistant", "hello")),
+        record(("user", "hi"), ("user", "again")),
+        record(("user", "hi")),
+        record(("user", "hi"), ("assistant", "")),
+        record(("user", 3), ("assistant", "x")),
+    ]
+    _write(p.tmp / "chats.jsonl", "\n".join(lines) + "\n")
+
+
 def _csv(p: Paths, text: str) -> None:
     _write(p.tmp / "tweets.csv", text)
 
@@ -240,6 +254,8 @@ LORA, QLORA, FULL, CHAT = (
     "--config={shared}/chat.yaml",
 )
 FIT = ["fit", LORA]
+CHAT_SOURCE = ["fit", CHAT, "--data.init_args.categories=null"]  # the shared chat recipe keeps the demo's categories
+CHAT_LINE = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}'
 HELP_FIT = HELP.format(sub="fit")
 USE_ALLOWED = "Fix: use one of the allowed values; " + HELP_FIT
 CONFIG_FIX = "Fix: pass an existing recipe YAML, e.g. --config recipes/sentiment/lora.yaml; " + HELP_FIT
@@ -336,9 +352,11 @@ CASES: list[Case] = [
     # ---- model directories
     Case("model-missing", "model directory", "`model_name_or_path` that does not exist",
          [*FIT, "--model.init_args.model_name_or_path={tmp}/nowhere"],
-         "model.model_name_or_path='{tmp}/nowhere': the directory does not exist, and it is not a packaged model (packaged: minilm, smollm2-135m-instruct). Fix: pass one of those names or a local Hugging Face directory containing config.json and weights (hub downloads are not attempted)."),
+         "model.model_name_or_path='{tmp}/nowhere': the directory does not exist, it is not a packaged model (packaged: minilm, smollm2-135m-instruct) and not a Hub id (org/name). Fix: pass one of those names, a local Hugging Face directory containing config.json and weights, or a Hub id such as HuggingFaceTB/SmolLM2-135M-Instruct."),
+    Case("hub-model-offline", "model directory", "a Hub model id that is not cached, offline (`HF_HUB_OFFLINE=1`)", [*FIT, "--model.init_args.model_name_or_path=someone/not-cached-model"],
+         "model.model_name_or_path='someone/not-cached-model': the model is not in the Hub cache '…' and HF_HUB_OFFLINE=1 is set. Fix: download it once with network access (unset HF_HUB_OFFLINE), point HF_HOME / HF_HUB_CACHE at a cache that holds it, or pass a local folder."),
     Case("model-no-config", "model directory", "a model directory without `config.json`", [*FIT, MODEL],
-         "model.model_name_or_path='{tmp}/model': the directory has no config.json, and it is not a packaged model (packaged: minilm, smollm2-135m-instruct). Fix: pass one of those names or a local Hugging Face directory containing config.json and weights (hub downloads are not attempted).",
+         "model.model_name_or_path='{tmp}/model': the directory has no config.json, it is not a packaged model (packaged: minilm, smollm2-135m-instruct) and not a Hub id (org/name). Fix: pass one of those names, a local Hugging Face directory containing config.json and weights, or a Hub id such as HuggingFaceTB/SmolLM2-135M-Instruct.",
          setup=lambda p: (_copy_model(p) / "config.json").unlink()),
     Case("model-config-json", "model directory", "`config.json` that is not JSON", [*FIT, MODEL],
          "model.model_name_or_path='{tmp}/model': its config.json cannot be used (…). " + MODEL_FIX,
@@ -445,7 +463,48 @@ CASES: list[Case] = [
     Case("data-chat-dir", "dataset", "`data: data_dir` that does not exist", ["fit", CHAT, "--data.init_args.data_dir={tmp}/none"],
          "data.data_dir='{tmp}/none' is not an existing directory. Fix: point data.data_dir at a readable directory."),
     Case("data-no-template", "dataset", "a chat recipe with a tokenizer that has no chat template",
-         ["fit", CHAT, "--data.init_args.tokenizer={shared}/bert"], "data.tokenizer='{shared}/bert' has no chat template. Fix: use a chat model."),
+         ["fit", CHAT, "--data.init_args.tokenizer={shared}/bert"], "data.tokenizer='{shared}/bert' has no chat template. Fix: use a chat model, or set data.chat_template to a Jinja template (its text, or a .jinja file)."),
+    Case("chat-source-missing", "dataset", "`data: source` that is no file, folder or Hub id", [*CHAT_SOURCE, "--data.init_args.source={tmp}/none.jsonl"],
+         "data.source='{tmp}/none.jsonl' is not an existing file or folder, nor a Hub dataset id (org/name). Fix: point data.source at a data file (.jsonl, .json, .csv, .tsv, .parquet, .txt, .arrow), a folder of them, a save_to_disk folder or a Hub dataset."),
+    Case("chat-extension", "dataset", "a data file in a format `datasets` is not asked to read (`.xlsx`)", [*CHAT_SOURCE, "--data.init_args.source={tmp}/chats.xlsx"],
+         "data.source='{tmp}/chats.xlsx': files ending in '.xlsx' are not read; allowed: .jsonl, .json, .csv, .tsv, .parquet, .txt, .arrow. Fix: convert the file to one of them (JSON Lines is the usual choice).",
+         setup=lambda p: _write(p.tmp / "chats.xlsx", b"PK\x03\x04")),
+    Case("chat-empty-file", "dataset", "an empty data file", [*CHAT_SOURCE, "--data.init_args.source={tmp}/chats.jsonl"],
+         "data.source='{tmp}/chats.jsonl' is empty. Fix: point data.source at a file that holds examples.", setup=lambda p: _write(p.tmp / "chats.jsonl", "\n")),
+    Case("chat-bad-json", "dataset", "JSON Lines with malformed lines", [*CHAT_SOURCE, "--data.init_args.source={tmp}/chats.jsonl"],
+         "data.source='{tmp}/chats.jsonl': 2 lines of chats.jsonl are not a JSON object (line 2: Expecting property name enclosed in double quotes at column 2; line 4: a JSON list, not an object). Fix: one JSON object a line.",
+         setup=lambda p: _write(p.tmp / "chats.jsonl", f"{CHAT_LINE}\n{{role: user}}\n{CHAT_LINE}\n[1, 2]\n")),
+    Case("chat-no-format", "dataset", "chat data whose columns fit no chat format", [*CHAT_SOURCE, "--data.init_args.source={tmp}/chats.jsonl"],
+         "data.source='{tmp}/chats.jsonl' has the columns of no chat format (columns found: question, answer; each format's columns: messages: messages; sharegpt: conversations; prompt_completion: prompt, completion; alpaca: instruction, output). Fix: set data.format to the format of the data, or map its columns with data.columns (e.g. {messages: dialogue}).",
+         setup=lambda p: _write(p.tmp / "chats.jsonl", '{"question": "hi", "answer": "hello"}\n')),
+    Case("chat-two-formats", "dataset", "chat data that `format: auto` cannot decide (columns of two formats)", [*CHAT_SOURCE, "--data.init_args.source={tmp}/chats.jsonl"],
+         "data.source='{tmp}/chats.jsonl' fits several chat formats (prompt_completion, alpaca), so format 'auto' cannot decide (columns found: prompt, completion, instruction, output; each format's columns: messages: messages; sharegpt: conversations; prompt_completion: prompt, completion; alpaca: instruction, output). Fix: set data.format to the format of the data, or map its columns with data.columns (e.g. {messages: dialogue}).",
+         setup=lambda p: _write(p.tmp / "chats.jsonl", '{"prompt": "a", "completion": "b", "instruction": "a", "output": "b"}\n')),
+    Case("chat-format-column", "dataset", "`data: format: sharegpt` for data without its column", [*CHAT_SOURCE, "--data.init_args.source={tmp}/chats.jsonl", "--data.init_args.format=sharegpt"],
+         "data.source='{tmp}/chats.jsonl' is missing the column conversations that format 'sharegpt' reads (columns found: messages; each format's columns: messages: messages; sharegpt: conversations; prompt_completion: prompt, completion; alpaca: instruction, output). Fix: set data.format to the format of the data, or map its columns with data.columns (e.g. {messages: dialogue}).",
+         setup=lambda p: _write(p.tmp / "chats.jsonl", CHAT_LINE + "\n")),
+    Case("chat-columns", "dataset", "`data: columns` naming a column the data does not have", [*CHAT_SOURCE, "--data.init_args.source={tmp}/chats.jsonl", "--data.init_args.columns={messages: dialogue}"],
+         "data.columns={'messages': 'dialogue'}: '{tmp}/chats.jsonl' has no column dialogue (columns found: messages). Fix: map each format field to a column the data has.",
+         setup=lambda p: _write(p.tmp / "chats.jsonl", CHAT_LINE + "\n")),
+    Case("chat-bad-records", "dataset", "conversations with roles out of order, no assistant turn, an empty or non-string message", [*CHAT_SOURCE, "--data.init_args.source={tmp}/chats.jsonl"],
+         "data.source='{tmp}/chats.jsonl': 4 of 5 records are not usable messages conversations (record 2: roles out of order at turn 1 (user -> user): an optional system message first, then user and assistant taking turns, the user first; record 3: no assistant turn to learn; record 4: 'messages[1].content' is empty; and 1 more). Fix: correct or drop those records (an optional system message, then user and assistant taking turns, non-empty text, at least one assistant reply).",
+         setup=_bad_chats),
+    Case("chat-split", "dataset", "`data: split` that a single file does not have", [*CHAT_SOURCE, "--data.init_args.source={tmp}/chats.jsonl", "--data.init_args.split=validation"],
+         "data.split='validation': '{tmp}/chats.jsonl' is a single file, whose one split is 'train'. Fix: leave data.split out, or point the source at a folder or Hub dataset that has that split.",
+         setup=lambda p: _write(p.tmp / "chats.jsonl", CHAT_LINE + "\n")),
+    Case("chat-folder-split", "dataset", "`data: val_split` that a folder of split files does not have", [*CHAT_SOURCE, "--data.init_args.source={tmp}/chats", "--data.init_args.val_split=validation"],
+         "data.val_split='validation' is not a split of '{tmp}/chats' (Unknown split \"validation\". Should be one of ['train']). Fix: set data.val_split to one of those.",
+         setup=lambda p: _write(p.tmp / "chats" / "train.jsonl", CHAT_LINE + "\n")),
+    Case("hub-dataset-offline", "dataset", "a Hub dataset id that is not cached, offline (`HF_HUB_OFFLINE=1`)", [*CHAT_SOURCE, "--data.init_args.source=someone/not-cached-chats"],
+         "data.source='someone/not-cached-chats': the dataset is not in the Hub cache '…' and HF_HUB_OFFLINE=1 is set. Fix: download it once with network access (unset HF_HUB_OFFLINE), point HF_HOME / HF_HUB_CACHE at a cache that holds it, or pass a local folder."),
+    Case("data-text-column", "dataset", "`TextDataModule` documents without the `text` column (`data: text_column`)",
+         ["fit", CHAT, "--data=lightning_adapt.data.TextDataModule", "--data.init_args.source={tmp}/docs.jsonl"],
+         "data.text_column='text' is not a column of '{tmp}/docs.jsonl' (columns found: body). Fix: set data.text_column to the column that holds the documents' text.",
+         setup=lambda p: _write(p.tmp / "docs.jsonl", '{"body": "one document"}\n{"body": "another"}\n')),
+    Case("data-pair-rejected", "dataset", "a preference record without `rejected`",
+         ["fit", CHAT, "--data=lightning_adapt.data.PreferenceDataModule", "--data.init_args.categories=null", "--data.init_args.source={tmp}/pairs.jsonl"],
+         "data.source='{tmp}/pairs.jsonl': 1 of 2 records are not preference pairs (record 2: no 'rejected' (keys found: prompt, chosen)). Fix: each record needs \"prompt\", \"chosen\" and \"rejected\": three non-empty strings, or (TRL's conversational form) lists of {\"role\", \"content\"} messages, the prompt's roles system/user/assistant, chosen and rejected holding the assistant reply.",
+         setup=lambda p: _write(p.tmp / "pairs.jsonl", '{"prompt": "hi", "chosen": "hello", "rejected": "bye"}\n{"prompt": "hi", "chosen": "hello"}\n')),
     # ---- incompatible combinations
     Case("paged-deepspeed", "combination", "`paged_optimizer` with `trainer.strategy: deepspeed`",
          ["fit", QLORA, "--trainer.strategy=deepspeed"],
