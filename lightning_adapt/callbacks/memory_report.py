@@ -13,7 +13,7 @@ from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
 from lightning_adapt.callbacks._transform import transform_specs
-from lightning_adapt.callbacks.shard import ShardSpec
+from lightning_adapt.callbacks.shard import estimate_sharding
 from lightning_adapt.errors import ConfigError
 from lightning_adapt.layers import adapter_param_ids, dtype_name, quant_storage_bytes, quantized_layers
 from lightning_adapt.memory.estimator import Estimate, format_bytes, format_params
@@ -144,7 +144,9 @@ class MemoryReportCallback(L.Callback):
     def _report(self, stage: str, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         specs = transform_specs(trainer)
-        self.estimate, self.no_estimate_reason = predict(pl_module, specs, optimizer, self._tokens, _sharding(trainer))
+        self.estimate, self.no_estimate_reason = predict(
+            pl_module, specs, optimizer, self._tokens, estimate_sharding(trainer)
+        )
         predicted = _predicted(self.estimate, optimizer is not None) if self.estimate else {}
         measured = _measure(pl_module, optimizer, self._grad_bytes, self._peak(pl_module)[0])
         if "reference copy" in measured and self.estimate is not None:  # the base once more, frozen
@@ -183,17 +185,6 @@ def _nbytes(tensor: torch.Tensor) -> int:
     """Bytes this rank holds: an FSDP2-sharded tensor counts its local shard."""
     local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
     return local.numel() * local.element_size()
-
-
-def _sharding(trainer: L.Trainer) -> dict[str, Any]:
-    """The estimator's per-rank settings: FSDP2 when the model is sharded (``shard:``), else replicated."""
-    shard = next((spec for spec in transform_specs(trainer) if isinstance(spec, ShardSpec)), None)
-    strategy = "ddp" if shard is None else "fsdp"
-    return {
-        "world_size": trainer.world_size,
-        "strategy": strategy,
-        "shard_quantized": shard is None or shard.quantized == "shard",
-    }
 
 
 def _measure(
