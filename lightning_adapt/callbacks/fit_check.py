@@ -100,8 +100,11 @@ _ANOTHER_RANK = (
 )
 
 
-def plan_fit(trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[FitCheck | None, str | None]:
-    """The verdict on ``trainer.fit(pl_module)`` before any weight is read, or ``(None, why it cannot be given)``."""
+def plan_fit(
+    trainer: L.Trainer, pl_module: L.LightningModule, datamodule: L.LightningDataModule | None = None
+) -> tuple[FitCheck | None, str | None]:
+    """The verdict on ``trainer.fit(pl_module, datamodule)`` before any weight is read, or ``(None, why it cannot be
+    given)``; ``datamodule`` (default: the trainer's) gives the batch size and sequence length."""
     if (problem := _strategy_problem(trainer)) is not None:
         return None, problem
     device = trainer.strategy.root_device
@@ -130,9 +133,8 @@ def plan_fit(trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[FitCheck
                 return None, "configure_optimizers returned no optimizer before the model was built"
         if held and trainer.precision in _CAST:
             settings["base_dtype"] = _CAST[trainer.precision]
-        run, why = describe_run(
-            pl_module, transform_specs(trainer), optimizer, _tokens(trainer), settings, planned=True
-        )
+        tokens = _tokens(datamodule or trainer.datamodule)  # type: ignore[attr-defined]
+        run, why = describe_run(pl_module, transform_specs(trainer), optimizer, tokens, settings, planned=True)
         built = sum(p.numel() * p.element_size() for p in pl_module.parameters() if p.device == device)
     if run is None:
         return None, why
@@ -164,9 +166,8 @@ def _strategy_problem(trainer: L.Trainer) -> str | None:
     return f"{type(strategy).__name__} shards or offloads in ways the estimator does not model (shard: does)"
 
 
-def _tokens(trainer: L.Trainer) -> tuple[int, int] | None:
+def _tokens(data: L.LightningDataModule | None) -> tuple[int, int] | None:
     """``(batch_size, max_length)`` of the data module, where it has both (the longest batch it can make)."""
-    data = getattr(trainer, "datamodule", None)
     batch, length = getattr(data, "batch_size", None), getattr(data, "max_length", None)
     if isinstance(batch, int) and isinstance(length, int) and batch > 0 and length > 0:
         return batch, length

@@ -89,7 +89,7 @@ def describe_run(
         shape = ModelShape.from_config({**model.config.to_dict(), "architectures": [name]}, name=name)
         _check_accounted(module, model, shape)
         method, options = _method_options(specs, model, shape)
-        options["activation_checkpointing"] = bool(getattr(model, "is_gradient_checkpointing", False))
+        options["activation_checkpointing"] = _checkpointing(model)
         if tokens is not None:
             options["batch_size"], options["seq_len"] = tokens
         options.update(settings or {})
@@ -111,6 +111,16 @@ def predict(
     """The estimator's prediction for a live run, or ``(None, why not)``; the arguments of :func:`describe_run`."""
     run, why = describe_run(module, specs, optimizer, tokens, settings)
     return (run.estimate if run is not None else None), why
+
+
+def _checkpointing(model: Any) -> bool:
+    """Whether the Hugging Face model recomputes its blocks' activations (transformers 5 renamed the flag)."""
+    name = (
+        "is_activation_checkpointing"
+        if hasattr(type(model), "is_activation_checkpointing")
+        else "is_gradient_checkpointing"
+    )
+    return bool(getattr(model, name, False))
 
 
 def _check_accounted(module: nn.Module, model: nn.Module, shape: ModelShape) -> None:
