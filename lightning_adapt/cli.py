@@ -61,7 +61,7 @@ RECIPE_KEYS: dict[str, str] = {
 FIT_CHECK_HELP = (
     "Before the base is read, estimate the run's weights, gradients, optimizer state and activations on its device: "
     "error refuses a run whose weights, gradients and optimizer state alone exceed the free memory (GPU memory, or "
-    "the available RAM on CPU), naming the changes that would fit; warn only warns; off skips the check."
+    "the available RAM on CPU) by over 5%, naming the changes that would fit; warn only warns; off skips the check."
 )
 #: ``--ckpt_path`` values Lightning resolves itself (``last``: the newest checkpoint of the run's folder).
 _SPECIAL_CKPT = ("last", "best", "hpc")

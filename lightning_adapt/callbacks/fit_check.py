@@ -43,9 +43,9 @@ class FitCheckCallback(L.Callback):
     precision, its optimizer (``configure_optimizers`` over the meta parameters) and the data module's
     ``batch_size`` and ``max_length``, and estimated (:mod:`lightning_adapt.memory.fit`): weights + gradients +
     optimizer state, which runs measure equal to the estimate and the first optimizer step holds at once, against
-    the device's free memory (a GPU's, or the available RAM on CPU). When they alone exceed it the run cannot fit:
-    ``error`` stops it with one message (the estimate by component, the memory available and each change that would
-    fit, with its estimate); when only the activations (an approximation) take it over, a warning. A run the
+    the device's free memory (a GPU's, or the available RAM on CPU). When they alone exceed it by over 5% the run
+    cannot fit: ``error`` stops it with one message (the estimate by component, the memory available and each change
+    that would fit, with its estimate); when only the activations (an approximation) take it over, a warning. A run the
     estimator cannot describe (no Hugging Face model, an optimizer other than AdamW, FSDP1 or DeepSpeed) is not
     checked, and says why. Every rank checks its own device; one refusing stops them all.
 
@@ -62,8 +62,8 @@ class FitCheckCallback(L.Callback):
         """
         Args:
             mode: ``error``: refuse a run whose weights, gradients and optimizer state alone exceed the device's
-                free memory (a run only its activations take over gets a warning); ``warn``: a warning in both
-                cases, the run goes on; ``off``: no check.
+                free memory by more than 5% (a run only its activations take over gets a warning); ``warn``: a
+                warning in both cases, the run goes on; ``off``: no check.
         """
         super().__init__()
         if mode not in get_args(FitMode):
@@ -111,7 +111,8 @@ def plan_fit(
     room = available_memory_bytes(str(device))
     if room is None:
         return None, f"the free memory of {device} cannot be read"
-    plugin = next((cb for cb in trainer.callbacks if isinstance(cb, PagedOptimizerPlugin)), None)  # type: ignore[attr-defined]
+    callbacks = trainer.callbacks  # type: ignore[attr-defined]
+    plugin = next((cb for cb in callbacks if isinstance(cb, PagedOptimizerPlugin)), None)
     settings = estimate_sharding(trainer)
     if plugin is not None:
         if "Lion" in plugin.optimizer:
