@@ -16,6 +16,7 @@ from lightning_adapt.callbacks._transform import transform_specs
 from lightning_adapt.callbacks.paged_optimizer import PagedOptimizerPlugin
 from lightning_adapt.callbacks.shard import ShardSpec, estimate_sharding
 from lightning_adapt.errors import ConfigError
+from lightning_adapt.memory.estimator import format_bytes
 from lightning_adapt.memory.fit import Device, FitCheck, check_fit
 from lightning_adapt.memory.live import describe_run
 from lightning_adapt.optim import OPTIMIZERS
@@ -79,19 +80,20 @@ class FitCheckCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or self.mode == "off":
             return
-        self.check, self.skipped = plan_fit(trainer, pl_module)
-        if self.check is None:
-            rank_zero_info(f"lightning-adapt: fit check skipped: {self.skipped}")
-            return
-        refuse = self.check.verdict == "does not fit" and self.mode == "error"
+        check, self.skipped = plan_fit(trainer, pl_module)
+        self.check = check
+        unfit = check is not None and check.verdict == "does not fit"
+        refuse = unfit and self.mode == "error"
         if trainer.world_size > 1:  # every rank stops, or none: one rank leaving alone would hang the others
             refuse = trainer.strategy.reduce_boolean_decision(refuse, all=False)
         if refuse:
-            raise ConfigError(self.check.message() if self.check.verdict == "does not fit" else _ANOTHER_RANK)
-        if self.check.verdict != "fits":
-            rank_zero_warn(self.check.message())
+            raise ConfigError(check.message() if check is not None and unfit else _ANOTHER_RANK)
+        if check is None:
+            rank_zero_info(f"lightning-adapt: fit check skipped: {self.skipped}")
+        elif check.verdict != "fits":
+            rank_zero_warn(check.message())
         else:
-            rank_zero_info(f"lightning-adapt: fit check: {self.check.summary()}")
+            rank_zero_info(f"lightning-adapt: fit check: {check.summary()}")
 
 
 _ANOTHER_RANK = (
@@ -139,7 +141,7 @@ def plan_fit(
         built = sum(p.numel() * p.element_size() for p in pl_module.parameters() if p.device == device)
     if run is None:
         return None, why
-    where = room[1] + (f" + the {built / 1e9:.2f} GB of weights built already" if built else "")
+    where = room[1] + (f" + the {format_bytes(built)} of weights built already" if built else "")
     target = Device(str(device), room[0] + built, where, pages=device.type == "cuda")
     paged = plugin is not None and OPTIMIZERS[plugin.optimizer].paged
     return check_fit(run.shape, run.method, run.assumptions, target, paged), None
