@@ -149,7 +149,8 @@ def _changes(shape: ModelShape, method: Method, a: Assumptions, device: Device, 
         options.append(_smaller_batch(shape, method, a, device, paged))
     if a.batch_size is not None and not a.activation_checkpointing:
         ckpt = replace(a, activation_checkpointing=True)
-        options.append(("activation checkpointing (model.activation_checkpointing: true)", method, ckpt, paged))
+        setting = "activation checkpointing (the causal-LM tasks: model.init_args.activation_checkpointing: true)"
+        options.append((setting, method, ckpt, paged))
     if not (paged and a.optimizer == "adamw-8bit"):
         where = ", its state paged to host memory when short" if device.pages else ""
         eight = replace(a, optimizer="adamw-8bit", state_bytes_per_tensor=0)
@@ -191,7 +192,8 @@ def _smaller_batch(
         1,
     )
     steps = math.ceil(batch / smaller)
-    setting = f"data.batch_size: {smaller} (trainer.accumulate_grad_batches: {steps} keeps {smaller * steps} per step)"
+    setting = f"data.init_args.batch_size: {smaller} (with trainer.accumulate_grad_batches: {steps}, {smaller * steps}"
+    setting += f" sequences per optimizer step; now {batch})"
     return setting, method, replace(a, batch_size=smaller), paged
 
 

@@ -73,7 +73,9 @@ def test_the_largest_batch_that_fits_is_suggested_and_only_changes_that_fit() ->
     check = check_fit(SHAPE, "qlora", a, Device("cuda:0", room, "free", pages=True))
     assert check.verdict == "may not fit"
     settings = [change.setting for change in check.changes]
-    assert settings[0] == "data.batch_size: 3 (trainer.accumulate_grad_batches: 3 keeps 9 per step)"
+    assert settings[0] == (
+        "data.init_args.batch_size: 3 (with trainer.accumulate_grad_batches: 3, 9 sequences per optimizer step; now 8)"
+    )
     assert settings[1].startswith("activation checkpointing")
     assert all(change.fits for change in check.changes), "only the changes that fit, when some do"
     assert not any(s.startswith("paged_optimizer") for s in settings), "8-bit state of 8M adapter values: not enough"
