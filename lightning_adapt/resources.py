@@ -44,13 +44,13 @@ def reset_peak_rss() -> bool:
     return True
 
 
-def available_memory_bytes(device: str = "cpu") -> tuple[int, str] | None:
+def available_memory_bytes(device: str = "cpu", cgroup: Path = Path("/sys/fs/cgroup")) -> tuple[int, str] | None:
     """What a new allocation on ``device`` can still take now, and where that was read; ``None`` where it cannot be.
 
     ``cuda`` / ``cuda:N``: the driver's free memory (``torch.cuda.mem_get_info``; the CUDA context and other
     processes already out of it) plus what PyTorch's caching allocator holds unused. ``cpu``: ``MemAvailable`` of
     ``/proc/meminfo`` (free memory plus the page cache the kernel can drop; swap not counted), or less where a cgroup
-    v2 limit leaves less (``memory.max`` - ``memory.current``).
+    v2 limit leaves less (``memory.max`` - ``memory.current`` under ``cgroup``).
     """
     if device.startswith("cuda"):
         import torch
@@ -65,16 +65,15 @@ def available_memory_bytes(device: str = "cpu") -> tuple[int, str] | None:
         meminfo = Path("/proc/meminfo").read_text().splitlines()
         available = 1024 * int(next(line for line in meminfo if line.startswith("MemAvailable:")).split()[1])
         where = "available RAM (MemAvailable)"
-        limit = _cgroup_room()
+        limit = _cgroup_room(cgroup)
         if limit is not None and limit < available:
             available, where = limit, "the cgroup's memory.max less memory.current"
         return available, where
     return None
 
 
-def _cgroup_room() -> int | None:
+def _cgroup_room(root: Path) -> int | None:
     with contextlib.suppress(OSError, ValueError):
-        root = Path("/sys/fs/cgroup")
         limit = (root / "memory.max").read_text().strip()
         if limit != "max":
             return max(0, int(limit) - int((root / "memory.current").read_text()))

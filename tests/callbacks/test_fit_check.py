@@ -259,3 +259,29 @@ def test_off_checks_nothing_and_a_module_without_a_config_is_skipped_with_the_re
     )
     with pytest.raises(ConfigError, match=r"fit_check='maybe' is not one of error, warn, off\. Fix: "):
         FitCheckCallback("maybe")  # type: ignore[arg-type]
+
+
+def test_the_free_memory_of_the_cpu_is_memavailable_or_a_smaller_cgroup_room(tmp_path: Path) -> None:
+    from lightning_adapt.resources import available_memory_bytes
+
+    meminfo = Path("/proc/meminfo")
+    if not meminfo.is_file():
+        pytest.skip("no /proc/meminfo")
+    plain = available_memory_bytes("cpu", cgroup=tmp_path / "none")
+    assert plain is not None and plain[0] > 0 and plain[1] == "available RAM (MemAvailable)"
+    (tmp_path / "memory.max").write_text("1000000\n")
+    (tmp_path / "memory.current").write_text("400000\n")
+    assert available_memory_bytes("cpu", cgroup=tmp_path) == (600_000, "the cgroup's memory.max less memory.current")
+    (tmp_path / "memory.max").write_text("max\n")  # no limit: the machine's figure
+    unlimited = available_memory_bytes("cpu", cgroup=tmp_path)
+    assert unlimited is not None and unlimited[1] == "available RAM (MemAvailable)"
+    assert available_memory_bytes("mps") is None, "a device it cannot read: the check is skipped, not guessed"
+
+
+def test_the_first_optimizer_of_anything_configure_optimizers_may_return() -> None:
+    from lightning_adapt.callbacks.fit_check import _first_optimizer
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    shapes: list[Any] = [opt, {"optimizer": opt}, [opt], ([opt], []), [{"optimizer": opt, "lr_scheduler": None}]]
+    assert all(_first_optimizer(conf) is opt for conf in shapes)
+    assert _first_optimizer(None) is None and _first_optimizer([]) is None
