@@ -6,6 +6,8 @@ Callbacks (add them to any ``Trainer``, or use the recipe keys of the ``lightnin
 * :class:`LoRAInjectionCallback` (``lora:``): LoRA / rsLoRA / DoRA adapters on the chosen layers.
 * :class:`PagedOptimizerPlugin` (``paged_optimizer:``): bitsandbytes (paged, 8-bit) optimizers.
 * :class:`MergeOnSaveCallback` (``merge:``): the PEFT-format adapter and the merged model as safetensors.
+* :class:`FitCheckCallback` (``fit_check: error | warn | off``, on by default in the CLI): before the base is read,
+  will the run fit its device?
 * :class:`MemoryReportCallback` (``memory_report:``): measured memory beside the estimator's prediction.
 * :class:`PredictionWriter` (``predictions:``): ``predict``'s outputs as JSON Lines plus a short table.
 * :class:`NonFiniteGuardCallback` (``guard:``): stop, or skip the step, on a NaN/Inf loss or gradient.
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
     from lightning_adapt.adapters.switch import adapters_disabled
     from lightning_adapt.callbacks.atomic_checkpoint import AtomicCheckpointIO
     from lightning_adapt.callbacks.exact_resume import ExactResumeCallback
+    from lightning_adapt.callbacks.fit_check import FitCheckCallback
     from lightning_adapt.callbacks.lora import LoRAInjectionCallback
     from lightning_adapt.callbacks.memory_report import MemoryReportCallback
     from lightning_adapt.callbacks.merge import MergeOnSaveCallback
@@ -48,6 +51,7 @@ _EXPORTS: dict[str, str] = {
     "AtomicCheckpointIO": "lightning_adapt.callbacks.atomic_checkpoint",
     "ConfigError": "lightning_adapt.errors",
     "ExactResumeCallback": "lightning_adapt.callbacks.exact_resume",
+    "FitCheckCallback": "lightning_adapt.callbacks.fit_check",
     "LoRAInjectionCallback": "lightning_adapt.callbacks.lora",
     "LoRALinear": "lightning_adapt.adapters.lora",
     "MemoryReportCallback": "lightning_adapt.callbacks.memory_report",
@@ -64,6 +68,7 @@ __all__ = [
     "AtomicCheckpointIO",
     "ConfigError",
     "ExactResumeCallback",
+    "FitCheckCallback",
     "LoRAInjectionCallback",
     "LoRALinear",
     "MemoryReportCallback",

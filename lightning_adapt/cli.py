@@ -3,7 +3,8 @@
 ``lightning-adapt fit --config recipes/sentiment/qlora.yaml`` trains any LightningModule/DataModule named
 under ``model:`` / ``data:``; the recipe's top-level keys (``quantize:``, ``lora:``, ``paged_optimizer:``,
 ``merge:``, ``memory_report:``) each add one callback, so the same module trains as full fine-tuning, LoRA
-or QLoRA by configuration alone. The console script (:mod:`lightning_adapt.entry`) sends ``estimate``,
+or QLoRA by configuration alone; ``fit_check: error | warn | off`` (default ``error``) checks before the base is read
+that the run fits its device. The console script (:mod:`lightning_adapt.entry`) sends ``estimate``,
 ``inspect`` and ``compare`` elsewhere without importing this module (or Lightning).
 """
 
@@ -27,6 +28,7 @@ from typing_extensions import override
 from lightning_adapt.adapters.checkpoint import FINGERPRINT_KEY
 from lightning_adapt.callbacks._transform import build_model, transform_specs
 from lightning_adapt.callbacks.atomic_checkpoint import install_atomic_checkpoint_io
+from lightning_adapt.callbacks.fit_check import FitCheckCallback, FitMode
 from lightning_adapt.callbacks.merge import MergeOnSaveCallback
 from lightning_adapt.checks import (
     check_strategy,
@@ -56,6 +58,11 @@ RECIPE_KEYS: dict[str, str] = {
     "guard": "lightning_adapt.callbacks.nonfinite_guard.NonFiniteGuardCallback",
     "exact_resume": "lightning_adapt.callbacks.exact_resume.ExactResumeCallback",
 }
+FIT_CHECK_HELP = (
+    "Before the base is read, estimate the run's weights, gradients, optimizer state and activations on its device: "
+    "error refuses a run whose weights, gradients and optimizer state alone exceed the free memory (GPU memory, or "
+    "the available RAM on CPU) by over 5%, naming the changes that would fit; warn only warns; off skips the check."
+)
 #: ``--ckpt_path`` values Lightning resolves itself (``last``: the newest checkpoint of the run's folder).
 _SPECIAL_CKPT = ("last", "best", "hpc")
 
@@ -266,12 +273,16 @@ class AdaptCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for key, class_path in RECIPE_KEYS.items():
             parser.add_lightning_class_args(_load_class(class_path), key, subclass_mode=True, required=False)
+        # a plain value, on unless turned off: every fit is checked before its base is read (callbacks/fit_check.py)
+        parser.add_argument("--fit_check", type=FitMode, default="error", help=FIT_CHECK_HELP)
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # Recipe keys left out of the config are None: they add no callback.
         keys = self._parser(self.subcommand).callback_keys
         extra = [cb for cb in (self._get(self.config_init, k) for k in keys) if cb is not None]
+        if (mode := self._get(self.config_init, "fit_check", default="error")) != "off":
+            extra.append(FitCheckCallback(mode))
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         try:
             trainer = self._instantiate_trainer(trainer_config, extra)

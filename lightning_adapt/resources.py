@@ -1,4 +1,5 @@
-"""What this process uses: resident memory now and at its peak. Imports nothing else of ours.
+"""What this process uses, resident memory now and at its peak, and what its device has left. Imports nothing else
+of ours.
 
 Peak resident memory is ``VmHWM`` from ``/proc/self/status``: ``ru_maxrss`` is carried over ``exec`` on Linux
 (a child spawned by an 800 MB parent reports 795 MB), so it is only the fallback where there is no ``/proc``.
@@ -13,7 +14,7 @@ import resource
 import sys
 from pathlib import Path
 
-__all__ = ["current_rss_bytes", "peak_rss_bytes", "reset_peak_rss"]
+__all__ = ["available_memory_bytes", "current_rss_bytes", "peak_rss_bytes", "reset_peak_rss"]
 
 
 def current_rss_bytes() -> int:
@@ -41,3 +42,39 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
     return True
+
+
+def available_memory_bytes(device: str = "cpu", cgroup: Path = Path("/sys/fs/cgroup")) -> tuple[int, str] | None:
+    """What a new allocation on ``device`` can still take now, and where that was read; ``None`` where it cannot be.
+
+    ``cuda`` / ``cuda:N``: the driver's free memory (``torch.cuda.mem_get_info``; the CUDA context and other
+    processes already out of it) plus what PyTorch's caching allocator holds unused. ``cpu``: ``MemAvailable`` of
+    ``/proc/meminfo`` (free memory plus the page cache the kernel can drop; swap not counted), or less where a cgroup
+    v2 limit leaves less (``memory.max`` - ``memory.current`` under ``cgroup``).
+    """
+    if device.startswith("cuda"):
+        import torch
+
+        index = torch.device(device).index or 0
+        free, _ = torch.cuda.mem_get_info(index)
+        unused = torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
+        return int(free + unused), f"free memory of {device} (torch.cuda.mem_get_info)"
+    if device != "cpu":
+        return None
+    with contextlib.suppress(OSError, StopIteration, ValueError, IndexError):
+        meminfo = Path("/proc/meminfo").read_text().splitlines()
+        available = 1024 * int(next(line for line in meminfo if line.startswith("MemAvailable:")).split()[1])
+        where = "available RAM (MemAvailable)"
+        limit = _cgroup_room(cgroup)
+        if limit is not None and limit < available:
+            available, where = limit, "the cgroup's memory.max less memory.current"
+        return available, where
+    return None
+
+
+def _cgroup_room(root: Path) -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        limit = (root / "memory.max").read_text().strip()
+        if limit != "max":
+            return max(0, int(limit) - int((root / "memory.current").read_text()))
+    return None

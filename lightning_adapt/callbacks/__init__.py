@@ -6,6 +6,7 @@ model's structure (quantize, lora); the others find them through it.
 
 from lightning_adapt.callbacks.atomic_checkpoint import AtomicCheckpointIO
 from lightning_adapt.callbacks.exact_resume import ExactResumeCallback
+from lightning_adapt.callbacks.fit_check import FitCheckCallback
 from lightning_adapt.callbacks.lora import LoRAInjectionCallback
 from lightning_adapt.callbacks.memory_report import MemoryReportCallback
 from lightning_adapt.callbacks.merge import MergeOnSaveCallback
@@ -17,6 +18,7 @@ from lightning_adapt.callbacks.quantize import QuantizeBaseCallback
 __all__ = [
     "AtomicCheckpointIO",
     "ExactResumeCallback",
+    "FitCheckCallback",
     "LoRAInjectionCallback",
     "MemoryReportCallback",
     "MergeOnSaveCallback",

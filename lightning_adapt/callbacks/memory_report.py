@@ -13,7 +13,7 @@ from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
 from lightning_adapt.callbacks._transform import transform_specs
-from lightning_adapt.callbacks.shard import ShardSpec
+from lightning_adapt.callbacks.shard import estimate_sharding
 from lightning_adapt.errors import ConfigError
 from lightning_adapt.layers import adapter_param_ids, dtype_name, quant_storage_bytes, quantized_layers
 from lightning_adapt.memory.estimator import Estimate, format_bytes, format_params
@@ -54,8 +54,10 @@ class MemoryReportCallback(L.Callback):
     :class:`~lightning_adapt.tasks.PreferenceTask` does for DPO without adapters) is counted as ``reference copy``
     beside the base's size (the estimator's model holds one copy).
 
-    Measured peak is ``torch.cuda.max_memory_allocated`` on GPU and the process's peak resident set size
-    on CPU (Python, libraries and data included, so it exceeds any estimate there).
+    The ``peak`` row compares like with like: the process's measured peak (``torch.cuda.max_memory_allocated`` on
+    GPU, the peak resident set size on CPU, both reset at setup) against the process before the model was built
+    (measured at setup: interpreter, libraries, data; its own row) plus the estimate. What remains above 1 is what the
+    estimator does not model: allocator slack, temporaries, framework buffers, the data loader's batches.
 
     Example::
 
@@ -105,10 +107,16 @@ class MemoryReportCallback(L.Callback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # the process before the model: now, less what a module built in __init__ already holds
-        reset_peak_rss()  # the peak is this run's, not an earlier job's in the same process
-        built = sum(_nbytes(p) for p in pl_module.parameters() if not p.is_meta)
-        self._baseline = max(0, current_rss_bytes() - built)
+        # the process before the model: now, less what a module built in __init__ already holds; the peak is this
+        # run's, not an earlier job's in the same process
+        device = trainer.strategy.root_device
+        built = sum(_nbytes(p) for p in pl_module.parameters() if p.device == device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            self._baseline = max(0, torch.cuda.memory_allocated(device) - built)
+        else:
+            reset_peak_rss()
+            self._baseline = max(0, current_rss_bytes() - built)
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -144,14 +152,17 @@ class MemoryReportCallback(L.Callback):
     def _report(self, stage: str, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         specs = transform_specs(trainer)
-        self.estimate, self.no_estimate_reason = predict(pl_module, specs, optimizer, self._tokens, _sharding(trainer))
-        predicted = _predicted(self.estimate, optimizer is not None) if self.estimate else {}
-        measured = _measure(pl_module, optimizer, self._grad_bytes, self._peak(pl_module)[0])
+        self.estimate, self.no_estimate_reason = predict(
+            pl_module, specs, optimizer, self._tokens, estimate_sharding(trainer)
+        )
+        peak, baseline, how = self._peak(pl_module)
+        predicted = _predicted(self.estimate, optimizer is not None, baseline) if self.estimate else {}
+        measured = _measure(pl_module, optimizer, self._grad_bytes, (peak, baseline))
         if "reference copy" in measured and self.estimate is not None:  # the base once more, frozen
             predicted["reference copy"] = self.estimate.base_weights_bytes
         self.reports[stage] = report = _pair(measured, predicted)
         if stage in self.show:
-            text = _format(stage, report, self.estimate, self.no_estimate_reason, self._peak(pl_module)[1])
+            text = _format(stage, report, self.estimate, self.no_estimate_reason, how)
             rank_zero_info(text)
         if self.log_metrics and trainer.loggers and trainer.is_global_zero:
             metrics = {
@@ -163,17 +174,14 @@ class MemoryReportCallback(L.Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
 
-    def _peak(self, module: nn.Module) -> tuple[int | None, str]:
-        """Peak bytes on the estimate's footing, and how they were measured."""
+    def _peak(self, module: nn.Module) -> tuple[int, int, str]:
+        """The process's peak on the model's device, its size there before the model was built, and how measured."""
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
         if device.type == "cuda":
-            return int(torch.cuda.max_memory_allocated(device)), "torch.cuda.max_memory_allocated"
-        load = getattr(module, "load_report", None)  # a streaming build measured the process before it
+            return int(torch.cuda.max_memory_allocated(device)), self._baseline, "torch.cuda.max_memory_allocated"
+        load = getattr(module, "load_report", None)  # a streaming build measured the process right before it
         baseline = load.baseline_rss_bytes if load is not None else self._baseline
-        return max(0, peak_rss_bytes() - baseline), _RSS
-
-
-_RSS = "peak RSS above the process before the model was built (activations, data and buffers included)"
+        return peak_rss_bytes(), baseline, "the process's peak RSS"
 
 
 # --------------------------------------------------------------------------- measuring
@@ -185,22 +193,11 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return local.numel() * local.element_size()
 
 
-def _sharding(trainer: L.Trainer) -> dict[str, Any]:
-    """The estimator's per-rank settings: FSDP2 when the model is sharded (``shard:``), else replicated."""
-    shard = next((spec for spec in transform_specs(trainer) if isinstance(spec, ShardSpec)), None)
-    strategy = "ddp" if shard is None else "fsdp"
-    return {
-        "world_size": trainer.world_size,
-        "strategy": strategy,
-        "shard_quantized": shard is None or shard.quantized == "shard",
-    }
-
-
 def _measure(
-    module: nn.Module, optimizer: torch.optim.Optimizer | None, grads: int | None, peak: int | None
+    module: nn.Module, optimizer: torch.optim.Optimizer | None, grads: int | None, peak: tuple[int, int]
 ) -> dict[str, int | None]:
     """Measured bytes: weights (per dtype; a quantized layer as codes + quant state), adapter weights,
-    the trainable count, gradients, optimizer state and peak memory."""
+    the trainable count, gradients, optimizer state, and ``peak``: the process's peak and its size before the model."""
     layers = [layer for _, layer in quantized_layers(module)]
     packed, adapters = {id(layer.weight) for layer in layers}, adapter_param_ids(module)
     by_dtype: dict[str, int] = {}
@@ -219,7 +216,7 @@ def _measure(
     out["trainable params"] = sum(p.numel() for p in module.parameters() if p.requires_grad)
     out["gradients"] = grads
     out["optimizer state"] = optimizer_state_bytes(optimizer) if optimizer is not None else None
-    out["peak"] = peak
+    out["peak"], out[BEFORE] = peak
     load = getattr(module, "load_report", None)
     if load is not None:
         out["load peak"] = load.load_peak_bytes
@@ -229,8 +226,13 @@ def _measure(
 # --------------------------------------------------------------------------- the table
 
 
-def _predicted(est: Estimate, has_optimizer: bool) -> dict[str, int | None]:
-    """The estimate in the report's components."""
+#: The process before the model was built: the part of the measured peak the estimator does not model, added to its
+#: estimate so that the ``peak`` row compares the whole process with the whole process.
+BEFORE = "process before the model"
+
+
+def _predicted(est: Estimate, has_optimizer: bool, baseline: int) -> dict[str, int | None]:
+    """The estimate in the report's components; the peak on the process's footing (``baseline`` + the estimate)."""
     a, quantized = est.assumptions, est.quantized_weights_bytes
     return {
         "weights": est.weights_bytes,
@@ -240,7 +242,7 @@ def _predicted(est: Estimate, has_optimizer: bool) -> dict[str, int | None]:
         "trainable params": est.trainable_params,
         "gradients": est.gradient_bytes,
         "optimizer state": est.optimizer_bytes if has_optimizer else None,
-        "peak": est.total_bytes,
+        "peak": baseline + est.total_bytes,
     }
 
 
@@ -283,5 +285,8 @@ def _format(stage: str, report: _Report, est: Estimate | None, reason: str | Non
         comparable = measured is not None and predicted
         ratio = f"{measured / predicted:.3f}" if comparable else "-"  # type: ignore[operator]
         lines.append(f"| {component} | {_cell(component, measured)} | {_cell(component, predicted)} | {ratio} |")
-    lines.append(f"measured peak: {peak}; estimated: weights + gradients + optimizer state + activations")
+    lines.append(
+        f"peak: {peak}, against the {BEFORE} (measured at setup) + the estimate (weights + gradients + optimizer "
+        "state + activations); above 1: what the estimator does not model (allocator slack, temporaries, the data)"
+    )
     return "\n".join(lines)

@@ -17,7 +17,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from typing_extensions import override
 
-from lightning_adapt.callbacks._transform import SHARD, ModelTransformCallback, check_same_base
+from lightning_adapt.callbacks._transform import SHARD, ModelTransformCallback, check_same_base, transform_specs
 from lightning_adapt.errors import ConfigError
 from lightning_adapt.layers import quantized_layers
 from lightning_adapt.shard4bit import is_4bit, make_shardable
@@ -282,3 +282,14 @@ def _prepare_quantized(module: nn.Module, how: str, device: torch.device) -> set
         else:
             replicated.add(layer.get_parameter("weight"))
     return replicated
+
+
+def estimate_sharding(trainer: L.Trainer) -> dict[str, Any]:
+    """The estimator's per-rank settings for ``trainer``: FSDP2 when the model is sharded (``shard:``), else
+    replicated (:class:`~lightning_adapt.memory.Assumptions` ``world_size``, ``strategy``, ``shard_quantized``)."""
+    shard = next((spec for spec in transform_specs(trainer) if isinstance(spec, ShardSpec)), None)
+    return {
+        "world_size": trainer.world_size,
+        "strategy": "ddp" if shard is None else "fsdp",
+        "shard_quantized": shard is None or shard.quantized == "shard",
+    }

@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast, get_args
 
 import torch
@@ -34,7 +35,7 @@ from lightning_adapt.memory.estimator import (
 )
 from lightning_adapt.quantize import QuantPlan
 
-__all__ = ["predict"]
+__all__ = ["Run", "describe_run", "predict"]
 
 _T = TypeVar("_T")
 
@@ -46,22 +47,38 @@ def _hf_model(module: nn.Module) -> Any:
     return next((m for m in module.modules() if isinstance(m, transformers.PreTrainedModel)), None)
 
 
-def predict(
+@dataclass(frozen=True)
+class Run:
+    """A live run as the estimator sees it: the shape, the method, the assumptions and their estimate."""
+
+    shape: ModelShape
+    method: Method
+    assumptions: Assumptions
+    estimate: Estimate
+
+
+def describe_run(
     module: nn.Module,
     specs: Sequence[object],
     optimizer: torch.optim.Optimizer | None,
     tokens: tuple[int, int] | None = None,
-    sharding: dict[str, Any] | None = None,
-) -> tuple[Estimate | None, str | None]:
-    """The estimator's prediction for a live run, or ``(None, why not)``.
+    settings: Mapping[str, Any] | None = None,
+    planned: bool = False,
+) -> tuple[Run | None, str | None]:
+    """The estimator's description of a live run, or ``(None, why not)``.
 
     Args:
-        module: the trained module (it holds the Hugging Face model whose config is the shape).
+        module: the trained module (it holds the Hugging Face model whose config is the shape; its parameters may
+            be on the meta device: only their shapes and dtypes are read).
         specs: the settings of the run's model transforms (a :class:`LoRASpec`, a :class:`QuantPlan`).
         optimizer: the run's optimizer, if built (its class gives the optimizer kind).
         tokens: ``(batch size, sequence length)`` of a training batch, for the activation term.
-        sharding: ``world_size``, ``strategy`` (``ddp`` / ``fsdp``) and ``shard_quantized`` of
-            :class:`~lightning_adapt.memory.Assumptions`; the estimate is then per rank.
+        settings: further :class:`~lightning_adapt.memory.Assumptions` fields the caller knows, applied last:
+            ``world_size``, ``strategy`` (``ddp`` / ``fsdp``) and ``shard_quantized`` (the estimate is then per
+            rank), a ``base_dtype`` the precision plugin will cast the weights to, an ``optimizer`` kind.
+        planned: the run is not built yet (``module`` is what ``configure_model`` builds, before the transforms;
+            ``optimizer`` was built over its parameters): the optimizer's moments are taken in the dtypes the run
+            will train, fp32 adapters and the base dtype for full fine-tuning and ``modules_to_save``.
     """
     model = _hf_model(module)
     if model is None:
@@ -72,13 +89,38 @@ def predict(
         shape = ModelShape.from_config({**model.config.to_dict(), "architectures": [name]}, name=name)
         _check_accounted(module, model, shape)
         method, options = _method_options(specs, model, shape)
-        options.update(_optimizer_options(optimizer))
+        options["activation_checkpointing"] = _checkpointing(model)
         if tokens is not None:
             options["batch_size"], options["seq_len"] = tokens
-        options.update(sharding or {})
-        return estimate(shape, method, Assumptions(**options)), None
+        options.update(settings or {})
+        trained = _planned_dtypes(method, options) if planned else None
+        options.update(_optimizer_options(optimizer, trained) | dict(settings or {}))
+        assumptions = Assumptions(**options)
+        return Run(shape, method, assumptions, estimate(shape, method, assumptions)), None
     except ValueError as err:
         return None, f"the estimator cannot describe this run: {err}"
+
+
+def predict(
+    module: nn.Module,
+    specs: Sequence[object],
+    optimizer: torch.optim.Optimizer | None,
+    tokens: tuple[int, int] | None = None,
+    settings: Mapping[str, Any] | None = None,
+) -> tuple[Estimate | None, str | None]:
+    """The estimator's prediction for a live run, or ``(None, why not)``; the arguments of :func:`describe_run`."""
+    run, why = describe_run(module, specs, optimizer, tokens, settings)
+    return (run.estimate if run is not None else None), why
+
+
+def _checkpointing(model: Any) -> bool:
+    """Whether the Hugging Face model recomputes its blocks' activations (transformers 5 renamed the flag)."""
+    name = (
+        "is_activation_checkpointing"
+        if hasattr(type(model), "is_activation_checkpointing")
+        else "is_gradient_checkpointing"
+    )
+    return bool(getattr(model, name, False))
 
 
 def _check_accounted(module: nn.Module, model: nn.Module, shape: ModelShape) -> None:
@@ -183,8 +225,21 @@ def _quant_options(quant: QuantPlan, saved: Sequence[str]) -> dict[str, Any]:
     return {"quant": kind, "quant_blocksize": config.blocksize, "quant_compute_dtype": compute}
 
 
-def _optimizer_options(optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-    """AdamW kind and per-tensor scalars from the optimizer's class (torch keeps moments in the param dtype)."""
+_TORCH_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _planned_dtypes(method: Method, options: Mapping[str, Any]) -> set[torch.dtype]:
+    """The dtypes of what a run not yet transformed will train: adapters (fp32, ``LoRALinear`` keeps them so), the
+    base for full fine-tuning, ``modules_to_save`` in the base dtype."""
+    dtypes = {torch.float32} if method != "full" else set()
+    if method == "full" or options.get("modules_to_save"):
+        dtypes.add(_TORCH_DTYPES[options["base_dtype"]])
+    return dtypes
+
+
+def _optimizer_options(optimizer: torch.optim.Optimizer | None, trained: set[torch.dtype] | None) -> dict[str, Any]:
+    """AdamW kind and per-tensor scalars from the optimizer's class (torch keeps moments in the param dtype: those of
+    ``trained``, else of the optimizer's trainable parameters)."""
     if optimizer is None:
         return {}
     cls = type(optimizer)
@@ -195,6 +250,10 @@ def _optimizer_options(optimizer: torch.optim.Optimizer | None) -> dict[str, Any
         return {"optimizer": kind}
     if not issubclass(cls, (torch.optim.Adam, torch.optim.AdamW)):
         raise ValueError(f"optimizer {cls.__name__} is not modeled (AdamW only)")
-    dtypes = {p.dtype for g in optimizer.param_groups for p in g["params"] if p.requires_grad}
+    dtypes = (
+        trained
+        if trained is not None
+        else {p.dtype for g in optimizer.param_groups for p in g["params"] if p.requires_grad}
+    )
     kind = "adamw-fp32" if dtypes <= {torch.float32} else "adamw-16bit"
     return {"optimizer": kind, "state_bytes_per_tensor": 4}  # an fp32 `step` tensor per parameter

@@ -3,7 +3,9 @@ metric summary, the source model path."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,8 @@ from lightning_adapt.resources import current_rss_bytes
 #: ``model_name_or_path`` (setting ``model_name_or_path``, or the ``source`` of ``load_pretrained``) reads
 #: ``model.model_name_or_path``.
 AS_RECIPE = setting_names(model_name_or_path="model.model_name_or_path", source="model.model_name_or_path")
+#: True while :meth:`TaskModule.planned_model` runs ``configure_model``: the model is built, no weight is read.
+_PLANNING: ContextVar[bool] = ContextVar("lightning_adapt_planning", default=False)
 
 
 class TaskModule(L.LightningModule):
@@ -95,6 +99,8 @@ class TaskModule(L.LightningModule):
                     f"model from this config.json ({str(err).splitlines()[0]}). Fix: use a model of an architecture "
                     "transformers has that head for."
                 ) from None
+        if _PLANNING.get():  # planned_model: the structure on the meta device, nothing read
+            return True
         source = WeightSource(self.source_path, prefix="model")
         plan = quant_plan(self)  # on error the loader resets self.model to None: a later call tries again
         with AS_RECIPE:
@@ -108,6 +114,25 @@ class TaskModule(L.LightningModule):
             "above the resident memory before the build"
         )
         return True
+
+    @contextmanager
+    def planned_model(self) -> Iterator[Any]:
+        """Within the block ``self.model`` is the model ``configure_model`` builds, on the meta device, with no weight
+        read (the class's own ``configure_model``: the transforms registered on the instance do not run); then
+        ``None`` again. What the fit check estimates before the base is loaded (``callbacks/fit_check.py``)."""
+        if self.model is not None:
+            yield self.model
+            return
+        token = _PLANNING.set(True)
+        try:
+            try:
+                type(self).configure_model(self)
+            finally:
+                _PLANNING.reset(token)
+            yield self.model
+        finally:  # never left behind: the real configure_model would take it for a loaded model
+            del self.model  # a plain attribute again, as __init__ left it
+            self.model = None
 
     @override
     def configure_optimizers(self) -> Any:

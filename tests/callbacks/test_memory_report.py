@@ -17,7 +17,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from lightning_adapt.callbacks.lora import LoRAInjectionCallback
-from lightning_adapt.callbacks.memory_report import MemoryReportCallback
+from lightning_adapt.callbacks.memory_report import BEFORE, MemoryReportCallback
 from lightning_adapt.errors import ConfigError
 from lightning_adapt.memory.estimator import ModelShape, format_bytes
 from lightning_adapt.memory.live import _saved
@@ -287,21 +287,34 @@ def test_a_load_peak_of_zero_is_reported_and_empty_rows_are_not() -> None:
     assert rows["load peak"] == (0, None) and "weights: quantized" not in rows
 
 
-def test_one_table_by_default_with_the_peak_on_the_estimates_footing(caplog: pytest.LogCaptureFixture) -> None:
-    """By default only the fit-end table is printed (every stage is still measured); the CPU peak counts from the
-    process's size before the model, so a ratio is given."""
+def test_one_table_by_default_and_the_peak_compares_the_process_with_the_process(
+    tiny_llama_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """By default only the fit-end table is printed (every stage is still measured). The peak row sets the process's
+    measured peak against the process before the model (its own row, no ratio) plus the estimate; the peak is this
+    run's, not an earlier job's in the same process."""
     caplog.set_level(logging.INFO)
     report = MemoryReportCallback()
-    module = ToyModule()
     earlier = torch.ones(250_000_000)  # an earlier job of this process peaked 1 GB higher: not this run's peak
     del earlier
-    trainer(callbacks=[report], max_steps=2).fit(module, loader())
+    module = CausalLMTask(model_name_or_path=str(tiny_llama_dir), learning_rate=1e-3)
+    trainer(callbacks=[LoRAInjectionCallback(r=4), report], max_steps=2).fit(module, _tokens())
     assert caplog.text.count("| component | measured | estimated | ratio |") == 1
     assert "memory report at fit end" in caplog.text and "at fit start" not in caplog.text
     assert set(report.reports) == {"fit_start", "first_step", "fit_end"}
-    weights = report.reports["fit_end"]["weights"][0]
-    peak = report.reports["fit_end"]["peak"][0]
-    assert peak is not None and weights is not None and weights <= peak < 5e8, "the model's weights, not the process"
+    rows, est = report.reports["fit_end"], report.estimate
+    assert est is not None and module.load_report is not None
+    (peak, estimated), (before, nothing) = rows["peak"], rows[BEFORE]
+    assert peak is not None and estimated is not None and before is not None and nothing is None
+    assert before == module.load_report.baseline_rss_bytes, "measured right before the streaming build"
+    assert estimated == before + est.total_bytes, "the estimate on the process's footing"
+    assert before < peak < before + 5e8, "this run's peak, not the earlier job's (1 GB above)"
+    ratio = f"{peak / estimated:.3f}"
+    assert f"| peak | {format_bytes(peak)} | {format_bytes(estimated)} | {ratio} |" in caplog.text
+    assert f"| {BEFORE} | {format_bytes(before)} | - | - |" in caplog.text
+    assert (
+        "peak: the process's peak RSS, against the process before the model (measured at setup) + the " in caplog.text
+    )
     with pytest.raises(ConfigError, match=r"show=\['fit_begin'\].*allowed"):
         MemoryReportCallback(show=["fit_begin"])  # type: ignore[list-item]
 

@@ -150,7 +150,14 @@ def _disk_full(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(atomic.shutil, "disk_usage", lambda path: real(path)._replace(free=1_000_000))
 
 
+def _no_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_adapt.callbacks import fit_check
+
+    monkeypatch.setattr(fit_check, "available_memory_bytes", lambda device: (100_000, "free memory (patched)"))
+
+
 ENVIRONMENTS: dict[str | None, Callable[[pytest.MonkeyPatch], None]] = {
+    "no-memory": _no_memory,
     None: lambda monkeypatch: None,
     "disk-full": _disk_full,
     "no-bnb": _no_bitsandbytes,
