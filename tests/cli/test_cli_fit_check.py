@@ -50,6 +50,11 @@ def test_every_recipe_gets_a_verdict_before_its_base_is_read(
     tiny = config["model"]["init_args"]["model_name_or_path"] == TINY_FOR
     model = [f"--model.init_args.model_name_or_path={tiny_llama_dir}"] if tiny else []
     cli = AdaptCLI(args=["--config", recipe, *model], run=False)
+    if "num_labels" not in config["model"]["init_args"] and "Classification" in config["model"]["class_path"]:
+        # the head's size comes from the data's label names: set the data up first, as fit does before the check
+        cli.trainer.strategy.connect(cli.model)
+        cli.trainer._data_connector.attach_data(cli.model, datamodule=cli.datamodule)
+        cli.datamodule.setup("fit")
     _room(monkeypatch, 1000)
     small, why = plan_fit(cli.trainer, cli.model, cli.datamodule)
     _room(monkeypatch, 10**12)
