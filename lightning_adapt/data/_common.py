@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_adapt.data.resumable import ResumableDataLoader
-from lightning_adapt.data.sources import split_indices as split_indices  # re-exported: the demo paths split with it
+from lightning_adapt.data.sources import split_indices as split_indices
+from lightning_adapt.data.sources import train_val_tables  # re-exported: the demo paths split with it
 from lightning_adapt.errors import SETTING, DataError, setting_names
 from lightning_adapt.models import resolve_model
 
@@ -116,6 +117,14 @@ class SplitDataModule(L.LightningDataModule):
     :class:`ResumableDataLoader`, so a resumed run continues bit for bit (``docs/reliability.md``).
     """
 
+    #: where a module that reads your data takes it from (set by its constructor; see :meth:`source_tables`)
+    source: str | None = None
+    split: str | None = None
+    subset: str | None = None
+    revision: str | None = None
+    val_source: str | None = None
+    val_split: str | None = None
+
     def __init__(
         self,
         tokenizer: str | None,
@@ -149,6 +158,27 @@ class SplitDataModule(L.LightningDataModule):
         train_idx, val_idx = split_indices(len(examples), self.val_size, self.train_size, self.seed)
         for name, idx in (("train", train_idx), ("val", val_idx)):
             self._splits[name] = self.encode([examples[i] for i in idx])
+
+    def source_tables(self, prepare: Callable[[Any, str, str], Any], **options: Any) -> tuple[Any, Any]:
+        """The training and validation tables of this module's ``source`` settings (``source``, ``split``,
+        ``subset``, ``revision``, ``val_source``, ``val_split``, ``val_size``, ``train_size``, ``seed``), each mapped
+        by ``prepare`` as it is loaded (:func:`~lightning_adapt.data.sources.train_val_tables`; ``options``:
+        ``streaming``, ``encoding``)."""
+        if self.source is None:
+            raise DataError(f"{type(self).__name__}: data.source is not set. Fix: point it at your data.")
+        return train_val_tables(
+            self.source,
+            split=self.split,
+            subset=self.subset,
+            revision=self.revision,
+            val_source=self.val_source,
+            val_split=self.val_split,
+            val_size=self.val_size,
+            train_size=self.train_size,
+            seed=self.seed,
+            prepare=prepare,
+            **options,
+        )
 
     def read_examples(self) -> list[Any]:
         """Every example of the corpus, in a fixed order (``self.tokenizer`` is loaded already)."""

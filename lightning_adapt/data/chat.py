@@ -38,7 +38,7 @@ from lightning_adapt.data.formats import (
     to_conversation,
 )
 from lightning_adapt.data.resumable import ResumableDataLoader
-from lightning_adapt.data.sources import column_names, train_val_tables
+from lightning_adapt.data.sources import column_names
 from lightning_adapt.data.streaming import StreamingLoader
 from lightning_adapt.data.tokenized import Rows, bad_records_error, map_cached, tokenizer_key
 from lightning_adapt.errors import DataError
@@ -199,16 +199,7 @@ class ChatDataModule(SplitDataModule):
         if self.source is None:
             train, val = self._demo_tables()
         else:
-            train, val = train_val_tables(
-                self.source,
-                split=self.split,
-                subset=self.subset,
-                revision=self.revision,
-                val_source=self.val_source,
-                val_split=self.val_split,
-                val_size=self.val_size,
-                train_size=self.train_size,
-                seed=self.seed,
+            train, val = self.source_tables(
                 streaming=self.streaming,
                 prepare=self._encode_table,
             )

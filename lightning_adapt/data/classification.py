@@ -29,7 +29,7 @@ from lightning_adapt.data._common import (
     shared_arguments_doc,
     tokenizer_source,
 )
-from lightning_adapt.data.sources import column_names, train_val_tables
+from lightning_adapt.data.sources import column_names
 from lightning_adapt.data.tokenized import map_cached, tokenizer_key
 from lightning_adapt.errors import SETTING, DataError, setting_names
 
@@ -242,16 +242,7 @@ class TextClassificationDataModule(SplitDataModule):
         if self._splits:
             return
         self.tokenizer = load_tokenizer(tokenizer_source(self), "data.tokenizer")
-        self._splits["train"], self._splits["val"] = train_val_tables(
-            self.source,
-            split=self.split,
-            subset=self.subset,
-            revision=self.revision,
-            val_source=self.val_source,
-            val_split=self.val_split,
-            val_size=self.val_size,
-            train_size=self.train_size,
-            seed=self.seed,
+        self._splits["train"], self._splits["val"] = self.source_tables(
             encoding=self.encoding,
             prepare=self.prepare,
         )

@@ -37,7 +37,7 @@ from lightning_adapt.data._common import (
 from lightning_adapt.data.batching import IGNORE_INDEX, left_padded_prompts
 from lightning_adapt.data.chat import NoResponseLeftWarning, read_chat_pairs
 from lightning_adapt.data.conversation import ROLES, encode_conversation
-from lightning_adapt.data.sources import column_names, train_val_tables
+from lightning_adapt.data.sources import column_names
 from lightning_adapt.data.tokenized import Rows, bad_records_error, map_cached, tokenizer_key
 from lightning_adapt.errors import DataError
 
@@ -258,16 +258,7 @@ class PreferenceDataModule(SplitDataModule):
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise DataError(f"data.tokenizer={self.tokenizer_name!r} has no chat template. Fix: use a chat model.")
         if self.source is not None:
-            train, val = train_val_tables(
-                self.source,
-                split=self.split,
-                subset=self.subset,
-                revision=self.revision,
-                val_source=self.val_source,
-                val_split=self.val_split,
-                val_size=self.val_size,
-                train_size=self.train_size,
-                seed=self.seed,
+            train, val = self.source_tables(
                 prepare=self._encode_table,
             )
         else:

@@ -20,7 +20,7 @@ from typing_extensions import override
 
 from lightning_adapt.data._common import SplitDataModule, load_tokenizer, tokenizer_source
 from lightning_adapt.data.batching import IGNORE_INDEX, left_padded_prompts
-from lightning_adapt.data.sources import column_names, train_val_tables
+from lightning_adapt.data.sources import column_names
 from lightning_adapt.data.tokenized import bad_records_error, map_cached, tokenizer_key
 from lightning_adapt.errors import DataError
 
@@ -137,16 +137,7 @@ class TextDataModule(SplitDataModule):
                 f"data.tokenizer={self.tokenizer_name!r} has no EOS token to end each document with. Fix: use a "
                 "tokenizer with an eos_token (a causal LM's)."
             )
-        tables = train_val_tables(
-            self.source,
-            split=self.split,
-            subset=self.subset,
-            revision=self.revision,
-            val_source=self.val_source,
-            val_split=self.val_split,
-            val_size=self.val_size,
-            train_size=self.train_size,
-            seed=self.seed,
+        tables = self.source_tables(
             prepare=self._tokenize,
         )
         train, val = (PackedRows(table, self.max_length) for table in tables)
