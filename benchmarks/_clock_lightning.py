@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from bench_vs_trl import batch_digest, response_tokens
+from bench_vs_trl import batch_digest, memory_now, response_tokens, start_profile, stop_profile
 from typing_extensions import override
 
 
@@ -21,12 +21,16 @@ class StepClock(L.Callback):
     """Record the end of every optimizer step (``perf_counter``, ``process_time``, wall clock), a digest of every
     training and validation batch, and ``val_loss`` after the last validation; write them to ``out`` at fit end."""
 
-    def __init__(self, out: str) -> None:
+    def __init__(self, out: str, profile_step: int | None = None) -> None:
         """
         Args:
             out: the JSON file to write.
+            profile_step: profile this step (0-based) with ``torch.profiler``; its tables go beside ``out``.
         """
         self.out = out
+        self.profile_step = profile_step
+        self.profiler: Any = None
+        self.memory_start: dict[str, int] = {}
         self.step_ends: list[float] = []
         self.step_cpu: list[float] = []
         self.step_walls: list[float] = []
@@ -38,7 +42,11 @@ class StepClock(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if not self.train_digests:
+            self.memory_start = memory_now()
         self.train_digests.append(batch_digest(batch))
+        if batch_idx == self.profile_step:
+            self.profiler = start_profile()
 
     @override
     def on_train_batch_end(
@@ -47,6 +55,9 @@ class StepClock(L.Callback):
         self.step_ends.append(time.perf_counter())
         self.step_cpu.append(time.process_time())
         self.step_walls.append(time.time())
+        if self.profiler is not None:
+            stop_profile(self.profiler, Path(self.out).with_name("profile.txt"))
+            self.profiler = None
 
     @override
     def on_validation_batch_start(
@@ -68,6 +79,8 @@ class StepClock(L.Callback):
             "val_tokens": self.val_tokens,
             "val_loss": None if val_loss is None else float(val_loss),
             "trainable": sum(p.numel() for p in pl_module.parameters() if p.requires_grad),
+            "memory_start": self.memory_start,
+            "memory_end": memory_now(),
             "fit_end_wall": time.time(),
         }
         Path(self.out).write_text(json.dumps(record))

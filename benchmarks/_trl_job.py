@@ -38,23 +38,36 @@ from typing_extensions import override
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_vs_trl import batch_digest, recipe_lambda, response_tokens
+from bench_vs_trl import batch_digest, memory_now, recipe_lambda, response_tokens, start_profile, stop_profile
 
 
 class StepClock(TrainerCallback):
     """Record the end of every optimizer step (``perf_counter``, ``process_time``, wall clock): transformers calls
     ``on_step_end`` after the optimizer step, the scheduler step and ``zero_grad``."""
 
-    def __init__(self) -> None:
+    def __init__(self, profile_step: int | None = None, profile_out: Path | None = None) -> None:
         self.step_ends: list[float] = []
         self.step_cpu: list[float] = []
         self.step_walls: list[float] = []
+        self.memory_start: dict[str, int] = {}
+        self.profile_step, self.profile_out = profile_step, profile_out
+        self.profiler: Any = None
+
+    @override
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not self.step_ends and not self.memory_start:
+            self.memory_start = memory_now()
+        if state.global_step == self.profile_step:
+            self.profiler = start_profile()
 
     @override
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.step_ends.append(time.perf_counter())
         self.step_cpu.append(time.process_time())
         self.step_walls.append(time.time())
+        if self.profiler is not None and self.profile_out is not None:
+            stop_profile(self.profiler, self.profile_out)
+            self.profiler = None
 
 
 class DigestingCollator:
@@ -191,7 +204,7 @@ def validation_loss(trainer: Any) -> tuple[float, int, list[str]]:
 def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     torch.manual_seed(spec["seed"])
-    clock = StepClock()
+    clock = StepClock(spec["profile_step"], Path(spec["out"]).with_name("profile.txt"))
     trainer = build_trainer(spec, clock)
     if trainer.args.gradient_checkpointing or getattr(trainer.model, "is_gradient_checkpointing", False):
         raise SystemExit("TRL turned gradient checkpointing on; the recipe runs without it")
@@ -211,6 +224,8 @@ def main(spec_path: str) -> None:
         "val_tokens": val_tokens,
         "val_loss": val_loss,
         "trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "memory_start": clock.memory_start,
+        "memory_end": memory_now(),
         "fit_end_wall": time.time(),
     }
     Path(spec["out"]).write_text(json.dumps(record))

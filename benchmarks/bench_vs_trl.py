@@ -102,6 +102,34 @@ def recipe_lambda(warmup: int) -> Callable[[int], float]:
     return lambda step: min(1.0, (step + 1) / (warmup + 1))
 
 
+def memory_now() -> dict[str, int]:
+    """This process's resident set now and its high-water mark so far (``VmRSS``, ``VmHWM``), in bytes."""
+    found = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            found[key] = int(value.split()[0]) * 1024
+    return found
+
+
+def start_profile() -> Any:
+    """A started ``torch.profiler`` (CPU ops, with memory) for one step; :func:`stop_profile` ends it."""
+    import torch
+
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+    profiler.__enter__()
+    return profiler
+
+
+def stop_profile(profiler: Any, path: Path) -> None:
+    """End ``profiler`` and write its op tables to ``path``: by self CPU time, then by memory allocated."""
+    profiler.__exit__(None, None, None)
+    ops = profiler.key_averages()
+    by_time = ops.table(sort_by="self_cpu_time_total", row_limit=25)
+    by_memory = ops.table(sort_by="self_cpu_memory_usage", row_limit=12)
+    path.write_text(f"{by_time}\n\n{by_memory}\n")
+
+
 @dataclass(frozen=True)
 class Recipe:
     """The settings of a chat recipe both jobs use (read from its YAML)."""
@@ -227,12 +255,14 @@ def prepare(recipe: Recipe, steps: int, work: Path, model_dir: Path | None = Non
 # --------------------------------------------------------------------------- the two jobs
 
 
-def ours_command(recipe: Recipe, steps: int, out: Path) -> list[str]:
+def ours_command(recipe: Recipe, steps: int, out: Path, profile_step: int | None = None) -> list[str]:
     """``lightning-adapt fit`` with the recipe: ``steps`` steps ending the epoch (so validation runs once, at the
     end), no sanity pass, one checkpoint, the export / memory report / prediction writer off, and the probe."""
+    clock: dict[str, Any] = {"out": str(out / "record.json")}
+    clock.update({"profile_step": profile_step} if profile_step is not None else {})
     callbacks = [
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": False}},
-        {"class_path": "_clock_lightning.StepClock", "init_args": {"out": str(out / "record.json")}},
+        {"class_path": "_clock_lightning.StepClock", "init_args": clock},
     ]
     return [
         *("lightning-adapt", "fit", "--config", recipe.path),
@@ -249,8 +279,9 @@ def ours_command(recipe: Recipe, steps: int, out: Path) -> list[str]:
     ]
 
 
-def trl_spec(recipe: Recipe, prepared: Prepared, steps: int, out: Path) -> Path:
+def trl_spec(recipe: Recipe, prepared: Prepared, steps: int, out: Path, profile_step: int | None = None) -> Path:
     spec = {
+        "profile_step": profile_step,
         "model_dir": str(prepared.model_dir),
         "data_dir": str(prepared.data_dir),
         "reference": str(prepared.reference),
@@ -301,6 +332,10 @@ class Job:
 
     def step_cpu_s(self, skip: int) -> float:
         return statistics.median(self.step_times(skip, "step_cpu"))
+
+    def memory(self, when: str, key: str) -> float:
+        """MiB of ``key`` (``VmRSS`` / ``VmHWM``) the probe read at ``when`` (``start``: before step 1; ``end``)."""
+        return float(self.record[f"memory_{when}"][key]) / 2**20
 
     @property
     def startup_s(self) -> float:
@@ -358,10 +393,11 @@ def run_rounds(recipe: Recipe, prepared: Prepared, args: argparse.Namespace, wor
         for name in order:
             out = work / f"round{i}-{name}"
             out.mkdir()
+            spec = trl_spec(recipe, prepared, args.steps, out, args.profile_step)
             command = (
-                ours_command(recipe, args.steps, out)
+                ours_command(recipe, args.steps, out, args.profile_step)
                 if name == "ours"
-                else [sys.executable, str(HERE / "_trl_job.py"), str(trl_spec(recipe, prepared, args.steps, out))]
+                else [sys.executable, str(HERE / "_trl_job.py"), str(spec)]
             )
             jobs[name] = job = run_job(name, command, env, out)
             verify(job, prepared)
@@ -391,6 +427,8 @@ def metrics(skip: int) -> list[Metric]:
         Metric(f"time per optimizer step (median of steps {skip + 2}..)", lambda j: j.step_s(skip), "s", GOALS["step"]),
         Metric("CPU time per optimizer step (same steps)", lambda j: j.step_cpu_s(skip), "s"),
         Metric("peak RSS (ru_maxrss of the job)", lambda j: j.peak_bytes / 2**20, "MiB", GOALS["peak"]),
+        Metric("RSS before step 1 (imports, model, adapters, data)", lambda j: j.memory("start", "VmRSS"), "MiB"),
+        Metric("peak RSS before step 1 (the load's peak)", lambda j: j.memory("start", "VmHWM"), "MiB"),
         Metric("start to end of step 1 (imports, load, adapters, step 1)", lambda j: j.startup_s, "s"),
         Metric("end of last step to exit (validation, checkpoint, teardown)", lambda j: j.tail_s, "s"),
     ]
@@ -494,10 +532,20 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--results", type=Path, default=None, help="write the table into this markdown file")
     p.add_argument("--keep", type=Path, default=None, help="keep the jobs' logs, records and checkpoints here")
     p.add_argument("--prepare-only", action="store_true", help="prepare and check the data, run no job")
+    p.add_argument(
+        "--profile-step",
+        type=int,
+        default=None,
+        help="profile this step (0-based) of each job with torch.profiler: one round, tables to stdout, no results",
+    )
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.steps < args.skip + 2:
         p.error(f"--steps {args.steps} leaves no step after --skip {args.skip}")
+    if args.profile_step is not None:
+        if not 0 <= args.profile_step < args.steps:
+            p.error(f"--profile-step {args.profile_step} is not one of the {args.steps} steps")
+        args.rounds, args.results = 1, None
     return args
 
 
@@ -516,6 +564,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             return
         args.load_before = ", ".join(f"{x:.2f}" for x in os.getloadavg())
         rounds = run_rounds(recipe, prepared, args, work)
+        if args.profile_step is not None:
+            for name in ("ours", "trl"):
+                print(
+                    f"\n=== {name}: step {args.profile_step}\n{(work / f'round0-{name}' / 'profile.txt').read_text()}"
+                )
         block = report(rounds, recipe, prepared, args)
         print(block)
         if args.results:
