@@ -31,6 +31,7 @@ class StepClock(L.Callback):
         self.profile_step = profile_step
         self.profiler: Any = None
         self.memory_start: dict[str, int] = {}
+        self.step_begins: list[float] = []
         self.step_ends: list[float] = []
         self.step_cpu: list[float] = []
         self.step_walls: list[float] = []
@@ -45,6 +46,7 @@ class StepClock(L.Callback):
         if not self.train_digests:
             self.memory_start = memory_now()
         self.train_digests.append(batch_digest(batch))
+        self.step_begins.append(time.perf_counter())
         if batch_idx == self.profile_step:
             self.profiler = start_profile()
 
@@ -71,6 +73,7 @@ class StepClock(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         val_loss = trainer.callback_metrics.get("val_loss")
         record = {
+            "step_begins": self.step_begins,
             "step_ends": self.step_ends,
             "step_cpu": self.step_cpu,
             "step_walls": self.step_walls,

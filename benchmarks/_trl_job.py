@@ -46,6 +46,7 @@ class StepClock(TrainerCallback):
     ``on_step_end`` after the optimizer step, the scheduler step and ``zero_grad``."""
 
     def __init__(self, profile_step: int | None = None, profile_out: Path | None = None) -> None:
+        self.step_begins: list[float] = []
         self.step_ends: list[float] = []
         self.step_cpu: list[float] = []
         self.step_walls: list[float] = []
@@ -59,6 +60,7 @@ class StepClock(TrainerCallback):
             self.memory_start = memory_now()
         if state.global_step == self.profile_step:
             self.profiler = start_profile()
+        self.step_begins.append(time.perf_counter())
 
     @override
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -216,6 +218,7 @@ def main(spec_path: str) -> None:
     trainer.data_collator = collator.collate  # validation batches are digested by validation_loss
     val_loss, val_tokens, val_digests = validation_loss(trainer)
     record = {
+        "step_begins": clock.step_begins,
         "step_ends": clock.step_ends,
         "step_cpu": clock.step_cpu,
         "step_walls": clock.step_walls,

@@ -103,11 +103,12 @@ def recipe_lambda(warmup: int) -> Callable[[int], float]:
 
 
 def memory_now() -> dict[str, int]:
-    """This process's resident set now and its high-water mark so far (``VmRSS``, ``VmHWM``), in bytes."""
+    """This process's resident set now, its anonymous and file-backed parts (a memory-mapped checkpoint is the
+    latter) and its high-water mark so far (``VmRSS``, ``RssAnon``, ``RssFile``, ``VmHWM``), in bytes."""
     found = {}
     for line in Path("/proc/self/status").read_text().splitlines():
         key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
+        if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
             found[key] = int(value.split()[0]) * 1024
     return found
 
@@ -333,6 +334,12 @@ class Job:
     def step_cpu_s(self, skip: int) -> float:
         return statistics.median(self.step_times(skip, "step_cpu"))
 
+    def in_step_s(self, skip: int) -> float:
+        """Median time from a step's first hook (Lightning ``on_train_batch_start``, transformers ``on_step_begin``)
+        to its end: forward, backward, optimizer; the rest of an interval is the loop between steps."""
+        spans = [end - begin for begin, end in zip(self.record["step_begins"], self.record["step_ends"], strict=True)]
+        return statistics.median(spans[skip + 1 :])
+
     def memory(self, when: str, key: str) -> float:
         """MiB of ``key`` (``VmRSS`` / ``VmHWM``) the probe read at ``when`` (``start``: before step 1; ``end``)."""
         return float(self.record[f"memory_{when}"][key]) / 2**20
@@ -426,9 +433,16 @@ def metrics(skip: int) -> list[Metric]:
         Metric("whole job (process start to exit)", lambda j: j.wall_s, "s"),
         Metric(f"time per optimizer step (median of steps {skip + 2}..)", lambda j: j.step_s(skip), "s", GOALS["step"]),
         Metric("CPU time per optimizer step (same steps)", lambda j: j.step_cpu_s(skip), "s"),
+        Metric("of which inside the step hooks (batch start to step end)", lambda j: j.in_step_s(skip), "s"),
         Metric("peak RSS (ru_maxrss of the job)", lambda j: j.peak_bytes / 2**20, "MiB", GOALS["peak"]),
         Metric("RSS before step 1 (imports, model, adapters, data)", lambda j: j.memory("start", "VmRSS"), "MiB"),
         Metric("peak RSS before step 1 (the load's peak)", lambda j: j.memory("start", "VmHWM"), "MiB"),
+        Metric("RSS at the end: anonymous", lambda j: j.memory("end", "RssAnon"), "MiB"),
+        Metric(
+            "RSS at the end: file-backed (libraries, a memory-mapped checkpoint)",
+            lambda j: j.memory("end", "RssFile"),
+            "MiB",
+        ),
         Metric("start to end of step 1 (imports, load, adapters, step 1)", lambda j: j.startup_s, "s"),
         Metric("end of last step to exit (validation, checkpoint, teardown)", lambda j: j.tail_s, "s"),
     ]
