@@ -457,7 +457,7 @@ def report(rounds: list[dict[str, Job]], recipe: Recipe, prepared: Prepared, arg
     """The markdown block: the command, versions, machine note, the ratio table and the validation losses."""
     fmt = {"s": "{:.3f} s", "MiB": "{:.0f} MiB"}
     lines = [
-        f"### {recipe.mode.upper() if recipe.mode == 'qlora' else 'LoRA'}: `{recipe.path}` vs TRL `SFTTrainer` + PEFT",
+        f"### {'QLoRA' if recipe.mode == 'qlora' else 'LoRA'}: `{recipe.path}` vs TRL `SFTTrainer` + PEFT",
         "",
         f"Command: `{' '.join(['python', 'benchmarks/bench_vs_trl.py', *args.argv])}`",
         "",
