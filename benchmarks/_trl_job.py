@@ -102,7 +102,7 @@ def check_first_batch(batch: dict[str, Any], reference: dict[str, torch.Tensor])
 
 
 def trainer_settings(spec: dict[str, Any]) -> Any:
-    from trl import SFTConfig
+    from trl import SFTConfig  # type: ignore[attr-defined]
 
     steps = spec["steps"]
     return SFTConfig(
@@ -136,7 +136,7 @@ def build_trainer(spec: dict[str, Any], clock: StepClock) -> Any:
     import datasets
     from peft import LoraConfig
     from transformers import AutoTokenizer
-    from trl import SFTTrainer
+    from trl import SFTTrainer  # type: ignore[attr-defined]
 
     data = Path(spec["data_dir"])
     quantization = None
@@ -176,7 +176,9 @@ def recipe_optimizer(trainer: Any, spec: dict[str, Any]) -> None:
     if spec["qlora"]:
         import bitsandbytes as bnb
 
-        optimizer: torch.optim.Optimizer = bnb.optim.AdamW8bit(params, lr=spec["lr"], weight_decay=spec["weight_decay"])
+        optimizer: torch.optim.Optimizer = bnb.optim.AdamW8bit(  # type: ignore[attr-defined]
+            params, lr=spec["lr"], weight_decay=spec["weight_decay"]
+        )
     else:
         optimizer = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=spec["weight_decay"])
     trainer.optimizer = optimizer

@@ -338,7 +338,7 @@ class Job:
         """Median time from a step's first hook (Lightning ``on_train_batch_start``, transformers ``on_step_begin``)
         to its end: forward, backward, optimizer; the rest of an interval is the loop between steps."""
         spans = [end - begin for begin, end in zip(self.record["step_begins"], self.record["step_ends"], strict=True)]
-        return statistics.median(spans[skip + 1 :])
+        return float(statistics.median(spans[skip + 1 :]))
 
     def memory(self, when: str, key: str) -> float:
         """MiB of ``key`` (``VmRSS`` / ``VmHWM``) the probe read at ``when`` (``start``: before step 1; ``end``)."""
