@@ -322,7 +322,7 @@ def _learnable(row: dict[str, Any]) -> bool:
     """A streamed row to train on: one with a learned token (a bad record stops the run with its reason)."""
     if row["problem"]:
         raise DataError(f"data.source: a streamed record is not a usable conversation ({row['problem']}).")
-    return any(x != IGNORE_INDEX for x in row["labels"])
+    return bool(row["learned"])
 
 
 def _present(format: str, columns: list[str]) -> list[str]:
@@ -346,9 +346,10 @@ def encode_chat_batch(
     batch: dict[str, list[Any]], *, tokenizer: Any, format: str, max_length: int
 ) -> dict[str, list[Any]]:
     """A batch of records in ``format`` -> rows of ``input_ids``, ``labels``, ``prompt_ids``, ``prompt``,
-    ``reference``, ``length`` and ``problem`` (the reason a record is unusable, else empty)."""
+    ``reference``, ``length``, ``learned`` (a label token survives ``max_length``) and ``problem`` (the reason a
+    record is unusable, else empty)."""
     out: dict[str, list[Any]] = {
-        k: [] for k in ("input_ids", "labels", "prompt_ids", "prompt", "reference", "length", "problem")
+        k: [] for k in ("input_ids", "labels", "prompt_ids", "prompt", "reference", "length", "learned", "problem")
     }
     size = len(next(iter(batch.values())))
     for i in range(size):
@@ -363,6 +364,7 @@ def encode_chat_batch(
         out["prompt"].append(messages[last - 1]["content"] if last else "")
         out["reference"].append(messages[last]["content"] if messages else "")
         out["length"].append(len(row["input_ids"]))
+        out["learned"].append(any(x != IGNORE_INDEX for x in row["labels"]))
         out["problem"].append(problem)
         for k in ("input_ids", "labels", "prompt_ids"):
             out[k].append(row[k])
@@ -374,8 +376,10 @@ def drop_responseless(splits: dict[str, Any], max_length: int) -> dict[str, Any]
     warning counts them all); a split left empty is refused."""
 
     def learned(rows: Any) -> Any:
-        labels = rows.table["labels"] if isinstance(rows, Rows) else [r["labels"] for r in rows]
-        keep = [i for i, row in enumerate(labels) if any(x != IGNORE_INDEX for x in row)]
+        if isinstance(rows, Rows):  # a tokenized table says it per row: no label is read back
+            keep = [i for i, ok in enumerate(rows.table["learned"]) if ok]
+        else:
+            keep = [i for i, r in enumerate(rows) if any(x != IGNORE_INDEX for x in r["labels"])]
         if len(keep) == len(rows):
             return rows
         return Rows(rows.table.select(keep)) if isinstance(rows, Rows) else [rows[i] for i in keep]

@@ -81,7 +81,7 @@ def map_cached(
     """
     import datasets
 
-    columns = list(table.column_names or []) if table.column_names is not None else None
+    columns = table.column_names  # None for a stream that has not read its first record
     if isinstance(table, datasets.IterableDataset):
         return table.map(function, batched=True, remove_columns=columns)
     parts = json.dumps([table._fingerprint, _code_digest(), *key], default=str)
