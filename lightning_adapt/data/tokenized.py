@@ -25,7 +25,6 @@ from lightning_adapt.errors import SETTING, DataError
 __all__ = ["Rows", "bad_records_error", "map_cached", "tokenizer_key"]
 
 _SHOWN = 3  # bad records quoted in an error (all are counted)
-_ENCODING_CODE = ("conversation.py", "formats.py", "tokenized.py", "text.py", "classification.py", "preference.py")
 
 
 def bad_records_error(problems: list[str], source: str, setting: str, what: str, fix: str) -> DataError | None:
@@ -54,11 +53,11 @@ def tokenizer_key(tokenizer: Any) -> str:
 
 
 def _code_digest() -> str:
-    here = Path(__file__).parent
+    """A digest of every module of this folder: the encoding functions and everything they call live here, so a
+    change to any of them tokenizes again (a new release's cache is never read as the old one's)."""
     digest = hashlib.sha256()
-    for name in _ENCODING_CODE:
-        if (here / name).is_file():
-            digest.update((here / name).read_bytes())
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:16]
 
 

@@ -225,3 +225,22 @@ def test_a_tokenizer_without_chat_template_names_chat_template(
     )
     train, _ = encoded(tiny_bert_dir, path, chat_template=str(template))
     assert all(any(t != IGNORE_INDEX for t in r["labels"]) for r in train)
+
+
+def test_the_cache_key_changes_with_any_data_module_s_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The encoders live in several modules of lightning_adapt/data (chat.py holds the chat one): each is keyed."""
+    import shutil
+
+    from lightning_adapt.data import tokenized
+
+    folder = Path(tokenized.__file__).parent
+    copy = tmp_path / "data"
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(tokenized, "__file__", str(copy / "tokenized.py"))
+    before = tokenized._code_digest()
+    assert tokenized._code_digest() == before
+    for name in ("chat.py", "formats.py", "conversation.py", "preference.py", "text.py", "classification.py"):
+        (copy / name).write_text((copy / name).read_text() + "\n# changed\n")
+        after = tokenized._code_digest()
+        assert after != before, name
+        before = after
